@@ -1,0 +1,190 @@
+//! The one error type at the HTTP edge.
+//!
+//! Every failure a request can meet maps to a status, an error `type` and
+//! `code`, and a message fit for the client, in the protocol's own format
+//! (OpenAI `{"error":{"message","type","code"}}` or Anthropic
+//! `{"type":"error","error":{"type","message"}}`). The cause is logged once,
+//! by the [`log_errors`] middleware, never here.
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::config::Protocol;
+use crate::store::StoreError;
+use crate::upstream::UpstreamError;
+
+/// Whose fault an error is: the client's, the provider's, or ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("missing or invalid API key: send Authorization: Bearer <key>")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no upstream serves model `{0}`")]
+    ModelNotFound(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the gateway is draining and accepts no new streams; retry on another instance")]
+    Draining,
+    #[error("the gateway is restarting; retry the request")]
+    ServerRestarting,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    UpstreamNotAStream(String),
+    #[error("the partial-response store is unavailable")]
+    Store(#[from] StoreError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// Put in a response's extensions so the middleware can log the cause once.
+#[derive(Clone, Debug)]
+pub struct ErrorLog {
+    pub source: Source,
+    pub status: StatusCode,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Draining | ApiError::ServerRestarting | ApiError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Upstream(UpstreamError::Connect { .. }) | ApiError::UpstreamNotAStream(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ApiError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Upstream(UpstreamError::Status { status, .. }) => *status,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::MalformedJson(_) => ("invalid_request_error", "invalid_json"),
+            ApiError::InvalidRequest(_) => ("invalid_request_error", "invalid_request"),
+            ApiError::Unauthorized => ("authentication_error", "invalid_api_key"),
+            ApiError::NotFound(_) => ("not_found_error", "not_found"),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            ApiError::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            ApiError::Conflict(_) => ("invalid_request_error", "idempotency_conflict"),
+            ApiError::Draining => ("server_draining", "draining"),
+            ApiError::ServerRestarting => ("server_restarting", "server_restarting"),
+            ApiError::Upstream(UpstreamError::Connect { .. }) | ApiError::UpstreamNotAStream(_) => {
+                ("upstream_error", "upstream_unavailable")
+            }
+            ApiError::Upstream(UpstreamError::Timeout { .. }) => ("upstream_error", "upstream_timeout"),
+            ApiError::Upstream(UpstreamError::Status { .. }) => ("upstream_error", "upstream_error"),
+            ApiError::Store(_) => ("server_error", "store_unavailable"),
+            ApiError::Internal(_) => ("server_error", "internal_error"),
+        }
+    }
+
+    fn source(&self) -> Source {
+        match self {
+            ApiError::Upstream(_) | ApiError::UpstreamNotAStream(_) => Source::Upstream,
+            ApiError::Store(_) | ApiError::Internal(_) => Source::Internal,
+            _ => Source::Downstream,
+        }
+    }
+
+    /// The message a client may see: internal details stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Upstream(UpstreamError::Connect { upstream, .. }) => {
+                format!("cannot reach upstream `{upstream}`")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            ApiError::Internal(detail) => detail.clone(),
+            ApiError::Store(e) => e.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn render(self, protocol: Protocol) -> Response {
+        let status = self.status_code();
+        let (kind, code) = self.kind_and_code();
+        let message = self.public_message();
+        // An upstream's own error body, when it is in the protocol's shape,
+        // tells the client more than we could.
+        let passthrough = match &self {
+            ApiError::Upstream(UpstreamError::Status { body, .. }) => upstream_error_body(body, protocol),
+            _ => None,
+        };
+        let body = passthrough.unwrap_or_else(|| match protocol {
+            Protocol::OpenAi => json!({"error": {"message": message, "type": kind, "code": code}}),
+            Protocol::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}}),
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if matches!(self, ApiError::Draining | ApiError::ServerRestarting) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response.extensions_mut().insert(ErrorLog {
+            source: self.source(),
+            status,
+            detail: self.detail(),
+        });
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.render(Protocol::OpenAi)
+    }
+}
+
+fn upstream_error_body(body: &Bytes, protocol: Protocol) -> Option<Value> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let shaped = match protocol {
+        Protocol::OpenAi => v.get("error").is_some_and(Value::is_object),
+        Protocol::Anthropic => v.get("type").and_then(Value::as_str) == Some("error"),
+    };
+    shaped.then_some(v)
+}
+
+/// Log each error response once, with its cause and whose fault it was.
+pub async fn log_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    if let Some(log) = response.extensions().get::<ErrorLog>() {
+        match log.source {
+            Source::Downstream => tracing::debug!(%method, %path, status = log.status.as_u16(), "{}", log.detail),
+            Source::Upstream => tracing::warn!(%method, %path, status = log.status.as_u16(), source = "upstream", "{}", log.detail),
+            Source::Internal => tracing::error!(%method, %path, status = log.status.as_u16(), source = "internal", "{}", log.detail),
+        }
+    }
+    response
+}

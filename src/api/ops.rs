@@ -1,0 +1,87 @@
+//! Operations routes: health probes, metrics, the admin drain trigger, the
+//! demo page, and the JSON 404 for everything else.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Liveness: 200 until the process exits, drain or not.
+pub async fn live() -> Response {
+    axum::Json(json!({"status": "live"})).into_response()
+}
+
+/// Readiness: 503 from the first moment of the drain, so load balancers
+/// stop sending new work.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.drain.ready() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "draining"}))).into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .relay
+        .metrics
+        .render(state.registry().len(), state.drain.requested());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// `POST /admin/drain`: start the drain without a signal (a spot
+/// preemption notice). Needs the admin token; absent without one.
+pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let Some(expected) = &state.config.admin_token else {
+        return ApiError::NotFound("admin routes are disabled: set [admin] token_env".into()).into_response();
+    };
+    let presented = super::bearer(&headers).unwrap_or("");
+    let matches = crate::store::hash_hex(presented.as_bytes()) == crate::store::hash_hex(expected.as_bytes());
+    if presented.is_empty() || !matches {
+        return ApiError::Unauthorized.into_response();
+    }
+    state.drain.begin("POST /admin/drain");
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"status": "draining", "grace_ms": state.config.drain.grace.as_millis() as u64})),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> Response {
+    ApiError::NotFound("no such route".into()).into_response()
+}
+
+const UI_FILES: &[(&str, &str, &str)] = &[
+    ("index.html", "text/html; charset=utf-8", include_str!("../../examples/chat-ui/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_str!("../../examples/chat-ui/app.js")),
+    ("style.css", "text/css; charset=utf-8", include_str!("../../examples/chat-ui/style.css")),
+    ("client.js", "text/javascript; charset=utf-8", include_str!("../../examples/chat-ui/client.js")),
+];
+
+fn ui(name: &str) -> Response {
+    match UI_FILES.iter().find(|(file, _, _)| *file == name) {
+        Some((_, content_type, body)) => {
+            let mut response = (*body).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+        }
+        None => ApiError::NotFound("no such file".into()).into_response(),
+    }
+}
+
+pub async fn ui_index() -> Response {
+    ui("index.html")
+}
+
+pub async fn ui_file(Path(file): Path<String>) -> Response {
+    ui(&file)
+}

@@ -1,0 +1,279 @@
+//! The drain: from SIGTERM (or `POST /admin/drain`) to a clean exit, with
+//! every stream ending on purpose.
+//!
+//! One [`Drain`] lives in the app state. It owns the phase every handler
+//! reads, the root token every stream's token is a child of, and the
+//! `TaskTracker` every background task is spawned on, so nothing escapes
+//! the drain. [`Drain::timeline`] walks the phases of DESIGN.md:
+//!
+//! ```text
+//! signal ─▶ Draining (ready 503, still accepting) ─ pre_stop_delay ─▶
+//! Refusing (new streams 503) ─ grace (from the signal) or idle ─▶
+//! Deadline (streams get `server_restarting`, upstreams dropped, listener
+//! closed) ─ exit_timeout ─▶ exit 0
+//! ```
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::DrainConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Readiness is 503; new streams are still accepted while load
+    /// balancers notice.
+    Draining,
+    /// New streams are refused with 503; active ones go on.
+    Refusing,
+    /// The hard deadline passed: every stream has been told to resume.
+    Deadline,
+}
+
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    /// Cancelled by the first signal or `/admin/drain`.
+    requested: CancellationToken,
+    /// Cancelled by a second signal: skip to the deadline.
+    hurry: CancellationToken,
+    /// The parent of every stream's token: cancelled at the deadline.
+    pub streams: CancellationToken,
+    /// Cancelled when the listener should close (after the deadline).
+    pub close_listener: CancellationToken,
+    /// Every background task; waited for before exit.
+    pub tracker: TaskTracker,
+    /// Non-streaming requests in flight (streams are counted by the registry).
+    in_flight: AtomicUsize,
+    started_at: Mutex<Option<Instant>>,
+}
+
+/// What the drain did, for the final log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DrainReport {
+    pub active_at_signal: usize,
+    pub aborted_at_deadline: usize,
+    pub hurried: bool,
+    pub idle_early: bool,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
+impl Drain {
+    pub fn new() -> Drain {
+        Drain {
+            phase: watch::Sender::new(Phase::Serving),
+            requested: CancellationToken::new(),
+            hurry: CancellationToken::new(),
+            streams: CancellationToken::new(),
+            close_listener: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            in_flight: AtomicUsize::new(0),
+            started_at: Mutex::new(None),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.phase() == Phase::Serving
+    }
+
+    /// Whether new streams (and resumes that start a new upstream call) are
+    /// accepted.
+    pub fn accepting(&self) -> bool {
+        self.phase() <= Phase::Draining
+    }
+
+    /// Start the drain; a second call skips to the deadline.
+    pub fn begin(&self, why: &str) {
+        if self.requested.is_cancelled() {
+            tracing::warn!(trigger = why, "second drain trigger: skipping to the deadline");
+            self.hurry.cancel();
+            return;
+        }
+        if let Ok(mut at) = self.started_at.lock() {
+            *at = Some(Instant::now());
+        }
+        tracing::info!(trigger = why, "drain requested");
+        self.requested.cancel();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started_at
+            .lock()
+            .ok()
+            .and_then(|at| at.map(|t| t.elapsed()))
+            .unwrap_or_default()
+    }
+
+    /// Count a non-streaming request for as long as the guard lives.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// SIGTERM and SIGINT: the first starts the drain, the second hurries
+    /// it. Ends when the listener closes.
+    pub async fn listen_for_signals(&self) {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                tracing::error!("cannot install signal handlers; only /admin/drain can start a drain");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    // Kubernetes, systemd and most supervisors stop with SIGTERM.
+                    _ = term.recv() => self.begin("SIGTERM"),
+                    // Ctrl-C in a terminal.
+                    _ = int.recv() => self.begin("SIGINT"),
+                    _ = self.close_listener.cancelled() => return,
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => self.begin("ctrl-c"),
+                _ = self.close_listener.cancelled() => {}
+            }
+        }
+    }
+
+    /// Walk the timeline once the drain is requested. `active` counts the
+    /// streams running now. Returns when the deadline has passed and the
+    /// listener has been told to close.
+    pub async fn timeline(&self, config: DrainConfig, active: impl Fn() -> usize) -> DrainReport {
+        self.requested.cancelled().await;
+        let start = Instant::now();
+        let mut report = DrainReport { active_at_signal: active(), ..Default::default() };
+        self.phase.send_replace(Phase::Draining);
+        tracing::info!(
+            active_streams = report.active_at_signal,
+            pre_stop_delay = ?config.pre_stop_delay,
+            grace = ?config.grace,
+            "drain: readiness is 503; still accepting during pre_stop_delay"
+        );
+
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + config.pre_stop_delay) => {}
+            _ = self.hurry.cancelled() => report.hurried = true,
+        }
+        self.phase.send_replace(Phase::Refusing);
+        tracing::info!(active_streams = active(), "drain: refusing new streams; active streams go on");
+
+        let deadline = start + config.grace;
+        let mut tick = tokio::time::interval(Duration::from_millis(25));
+        loop {
+            if report.hurried {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.hurry.cancelled() => { report.hurried = true; break }
+                _ = tick.tick() => {
+                    if active() == 0 && self.in_flight.load(Ordering::Acquire) == 0 {
+                        report.idle_early = true;
+                        break;
+                    }
+                }
+            }
+        }
+        report.aborted_at_deadline = active();
+        self.phase.send_replace(Phase::Deadline);
+        tracing::info!(
+            finished_during_grace = report.active_at_signal.saturating_sub(report.aborted_at_deadline),
+            aborting = report.aborted_at_deadline,
+            early = report.idle_early,
+            hurried = report.hurried,
+            after = ?start.elapsed(),
+            "drain: deadline; remaining streams get server_restarting and their upstreams are dropped"
+        );
+        self.streams.cancel();
+        self.close_listener.cancel();
+        report
+    }
+}
+
+pub struct InFlight<'a>(&'a Drain);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    fn config() -> DrainConfig {
+        DrainConfig {
+            pre_stop_delay: Duration::from_secs(2),
+            grace: Duration::from_secs(10),
+            exit_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn phases_follow_the_timeline() {
+        let drain = Arc::new(Drain::new());
+        let active = Arc::new(AtomicUsize::new(3));
+        let (d, a) = (drain.clone(), active.clone());
+        let run = tokio::spawn(async move { d.timeline(config(), move || a.load(Ordering::Relaxed)).await });
+        assert!(drain.ready());
+        drain.begin("test");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(drain.phase(), Phase::Draining);
+        assert!(drain.accepting());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(drain.phase(), Phase::Refusing);
+        assert!(!drain.accepting());
+        assert!(!drain.streams.is_cancelled());
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let report = run.await.unwrap();
+        assert!(drain.streams.is_cancelled());
+        assert_eq!(report.aborted_at_deadline, 3);
+        assert!(!report.idle_early);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ends_early_when_idle_and_hurries_on_second_signal() {
+        let drain = Arc::new(Drain::new());
+        let d = drain.clone();
+        let run = tokio::spawn(async move { d.timeline(config(), || 0).await });
+        drain.begin("test");
+        let report = run.await.unwrap();
+        assert!(report.idle_early);
+
+        let drain = Arc::new(Drain::new());
+        let d = drain.clone();
+        let started = Instant::now();
+        let run = tokio::spawn(async move { d.timeline(config(), || 5).await });
+        drain.begin("first");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain.begin("second");
+        let report = run.await.unwrap();
+        assert!(report.hurried);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}

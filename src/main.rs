@@ -1,0 +1,196 @@
+//! The `tidegate` binary: parse arguments, load config, set up logging, and
+//! hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidegate::config::{Config, ProcessEnv};
+
+/// Exit code for a configuration error (EX_USAGE in sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code for a dependency that is not there (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(name = "tidegate", version, about = "A streaming SSE gateway for LLM traffic that drains, stores and resumes streams")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML config file; without one, embedded defaults (see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, overriding the config's `listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Serve the demo chat page at `/`.
+        #[arg(long)]
+        ui: bool,
+    },
+    /// Run the deterministic mock provider (OpenAI and Anthropic APIs).
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+    },
+    /// Validate a config, print the effective settings and drain timeline.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Serve { config, listen, ui } => serve(config, listen, ui),
+        Command::MockUpstream { listen } => mock(listen),
+        Command::CheckConfig { config } => check(config),
+    }
+}
+
+fn load(path: Option<PathBuf>, listen: Option<String>) -> Result<Config, ExitCode> {
+    let mut config = Config::load(path.as_deref(), &ProcessEnv).map_err(|e| {
+        eprintln!("tidegate: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    if let Some(listen) = listen {
+        config.listen = listen.parse().map_err(|_| {
+            eprintln!("tidegate: invalid value for `--listen`: `{listen}` is not an address like 127.0.0.1:8080");
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    }
+    Ok(config)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("tidegate: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
+    let config = match load(path, listen) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // Many concurrent streams need many descriptors: take what we may.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tidegate: cannot listen on {}: {e}", config.listen);
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        if let Ok(address) = listener.local_addr() {
+            println!("listening on http://{address}");
+        }
+        match tidegate::server::run(listener, config, tidegate::server::RunOptions { ui }).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tidegate: {e}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+        }
+    })
+}
+
+fn mock(listen: String) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(&listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tidegate mock-upstream: cannot listen on {listen}: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        if let Ok(address) = listener.local_addr() {
+            println!("listening on http://{address}");
+            tracing::info!(%address, "mock provider serving /v1/chat/completions, /v1/messages, /mock/stats");
+        }
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! { _ = term.recv() => {}, _ = stop => {} },
+                Err(_) => stop.await,
+            }
+        };
+        match axum::serve(listener, tidegate::mock::router()).with_graceful_shutdown(stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tidegate mock-upstream: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let config = match load(path, None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("config OK");
+    println!("listen: {}", config.listen);
+    println!("store: {:?} (ttl {})", config.store.kind, humantime::format_duration(config.store.ttl));
+    println!(
+        "client keys: {}",
+        match &config.auth_keys {
+            Some(keys) => format!("{} configured", keys.len()),
+            None => "none (the gateway is open)".into(),
+        }
+    );
+    println!("routing (first match wins):");
+    if config.builtin_mock {
+        println!("  *  -> built-in mock provider (no upstream configured, OPENAI_API_KEY unset)");
+    }
+    for u in &config.upstreams {
+        println!(
+            "  {:<24} -> {} ({}, {}, continuation = {}, credential {})",
+            u.models.join(", "),
+            u.name,
+            u.base_url,
+            u.protocol.as_str(),
+            u.continuation.as_str(),
+            match &u.api_key_env {
+                Some(var) => format!("from ${var}"),
+                None => "passed through from the client".into(),
+            }
+        );
+    }
+    print!("{}", tidegate::config::describe_timeline(&config.drain, config.stop_budget()));
+    for warning in tidegate::config::warnings(&config) {
+        println!("warning: {warning}");
+    }
+    ExitCode::SUCCESS
+}

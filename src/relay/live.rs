@@ -1,0 +1,298 @@
+//! Streams running in this process.
+//!
+//! A [`LiveStream`] holds the events its pump has made durable since it
+//! started (`seq > base`) and how it ended, and wakes every subscriber when
+//! either changes. The original client, a resume and an idempotent retry are
+//! all subscribers of the same `LiveStream`: there is one generation however
+//! many clients watch it.
+//!
+//! **Invariant:** an event is pushed here only after the store acknowledged
+//! it, so whatever a subscriber sends is replayable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::event::{AbortKind, End, Event, StreamIdentity};
+use crate::config::DisconnectPolicy;
+
+pub struct LiveStream {
+    pub who: StreamIdentity,
+    pub owner: String,
+    /// Events up to `base` were stored before this run started (a
+    /// continuation); this run's events are numbered from `base + 1`.
+    pub base: u64,
+    state: Mutex<LiveState>,
+    changed: watch::Sender<()>,
+    /// Cancels this stream's pump: a child of the drain's stream token, so
+    /// the drain deadline reaches every pump.
+    pub token: CancellationToken,
+    subscribers: AtomicUsize,
+    policy: DisconnectPolicy,
+    tracker: TaskTracker,
+}
+
+#[derive(Default)]
+struct LiveState {
+    events: Vec<Event>,
+    end: Option<End>,
+    /// Why the token was cancelled, when it was cancelled on purpose.
+    cancel_reason: Option<AbortKind>,
+}
+
+/// What a subscriber sees when it looks.
+pub struct Snapshot {
+    pub events: Vec<Event>,
+    pub end: Option<End>,
+}
+
+impl LiveStream {
+    pub fn new(
+        who: StreamIdentity,
+        owner: String,
+        base: u64,
+        token: CancellationToken,
+        policy: DisconnectPolicy,
+        tracker: TaskTracker,
+    ) -> LiveStream {
+        LiveStream {
+            who,
+            owner,
+            base,
+            state: Mutex::new(LiveState::default()),
+            changed: watch::Sender::new(()),
+            token,
+            subscribers: AtomicUsize::new(0),
+            policy,
+            tracker,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LiveState> {
+        // A panic while holding this lock would be a bug in a few lines of
+        // bookkeeping; the state stays consistent, so keep serving it.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The pump publishes a durable event.
+    pub fn push(&self, event: Event) {
+        self.lock().events.push(event);
+        self.changed.send_replace(());
+    }
+
+    /// The pump says how the stream ended. Only the first end counts.
+    pub fn finish(&self, end: End) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.end = Some(end);
+        }
+        drop(state);
+        self.changed.send_replace(());
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.base + self.lock().events.len() as u64
+    }
+
+    pub fn end(&self) -> Option<End> {
+        self.lock().end
+    }
+
+    /// Events after `cursor` (only those of this run) and the end, if any.
+    pub fn snapshot_after(&self, cursor: u64) -> Snapshot {
+        let state = self.lock();
+        let skip = cursor.saturating_sub(self.base) as usize;
+        Snapshot {
+            events: state.events.get(skip..).map(<[Event]>::to_vec).unwrap_or_default(),
+            end: state.end,
+        }
+    }
+
+    pub fn watch(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
+    /// Stop the pump for `reason`; the pump ends the stream with it.
+    pub fn cancel(&self, reason: AbortKind) {
+        {
+            let mut state = self.lock();
+            if state.end.is_some() {
+                return;
+            }
+            state.cancel_reason.get_or_insert(reason);
+        }
+        self.token.cancel();
+    }
+
+    /// Why the token was cancelled: a reason given to [`cancel`](Self::cancel),
+    /// else the drain deadline (the parent token).
+    pub fn cancel_reason(&self) -> AbortKind {
+        self.lock().cancel_reason.unwrap_or(AbortKind::ServerRestarting)
+    }
+
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.subscribers.fetch_add(1, Ordering::AcqRel);
+        Subscription { live: self.clone() }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Acquire)
+    }
+}
+
+/// A client following a live stream. When the last one goes, the stream's
+/// disconnect policy decides whether the upstream is dropped.
+pub struct Subscription {
+    live: Arc<LiveStream>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let live = &self.live;
+        if live.subscribers.fetch_sub(1, Ordering::AcqRel) != 1 || live.end().is_some() {
+            return;
+        }
+        match live.policy {
+            DisconnectPolicy::Cancel => live.cancel(AbortKind::ClientGone),
+            DisconnectPolicy::Grace(wait) => {
+                let live = live.clone();
+                live.tracker.clone().spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {
+                            if live.subscribers() == 0 {
+                                live.cancel(AbortKind::ClientGone);
+                            }
+                        }
+                        _ = live.token.cancelled() => {}
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Every stream this process runs, by id.
+#[derive(Default)]
+pub struct Registry {
+    streams: Mutex<HashMap<String, Arc<LiveStream>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<LiveStream>>> {
+        self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<LiveStream>> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Insert the stream `make` builds unless one runs under that id:
+    /// returns the running one and whether it was made now. This is what
+    /// makes two concurrent resumes start one continuation.
+    pub fn get_or_insert(
+        &self,
+        id: &str,
+        make: impl FnOnce() -> Arc<LiveStream>,
+    ) -> (Arc<LiveStream>, bool) {
+        let mut map = self.lock();
+        if let Some(existing) = map.get(id) {
+            return (existing.clone(), false);
+        }
+        let live = make();
+        map.insert(id.to_owned(), live.clone());
+        (live, true)
+    }
+
+    /// Remove `live` (and not a newer run under the same id).
+    pub fn remove(&self, live: &Arc<LiveStream>) {
+        let mut map = self.lock();
+        if map.get(&live.who.id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            map.remove(&live.who.id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+    use bytes::Bytes;
+
+    fn live(policy: DisconnectPolicy) -> Arc<LiveStream> {
+        Arc::new(LiveStream::new(
+            StreamIdentity { id: "s".into(), resume_token: "t".into(), protocol: Protocol::OpenAi },
+            "o".into(),
+            5,
+            CancellationToken::new(),
+            policy,
+            TaskTracker::new(),
+        ))
+    }
+
+    fn event(seq: u64) -> Event {
+        Event { seq, name: None, data: Bytes::from_static(b"x") }
+    }
+
+    #[test]
+    fn snapshots_respect_base_and_cursor() {
+        let l = live(DisconnectPolicy::Cancel);
+        l.push(event(6));
+        l.push(event(7));
+        assert_eq!(l.last_seq(), 7);
+        assert_eq!(l.snapshot_after(0).events.len(), 2);
+        assert_eq!(l.snapshot_after(6).events[0].seq, 7);
+        assert!(l.snapshot_after(7).events.is_empty());
+        assert!(l.snapshot_after(99).events.is_empty());
+    }
+
+    #[test]
+    fn last_subscriber_leaving_cancels() {
+        let l = live(DisconnectPolicy::Cancel);
+        let a = l.subscribe();
+        let b = l.subscribe();
+        drop(a);
+        assert!(!l.token.is_cancelled());
+        drop(b);
+        assert!(l.token.is_cancelled());
+        assert_eq!(l.cancel_reason(), AbortKind::ClientGone);
+    }
+
+    #[test]
+    fn a_finished_stream_is_not_cancelled() {
+        let l = live(DisconnectPolicy::Cancel);
+        let a = l.subscribe();
+        l.finish(End::Done);
+        drop(a);
+        assert!(!l.token.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grace_policy_waits_for_a_returning_client() {
+        let l = live(DisconnectPolicy::Grace(std::time::Duration::from_secs(10)));
+        drop(l.subscribe());
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert!(!l.token.is_cancelled());
+        let back = l.subscribe();
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        assert!(!l.token.is_cancelled());
+        drop(back);
+        tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+        assert!(l.token.is_cancelled());
+    }
+}

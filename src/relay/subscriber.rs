@@ -1,0 +1,108 @@
+//! A client's SSE body: replay what the store holds after the client's
+//! cursor, then follow the live stream until it ends.
+//!
+//! **Invariant:** every body ends on purpose — with the stream's own end
+//! (`[DONE]` / `message_stop`) or an in-band abort event carrying the id of
+//! the last event this client was sent. The drain deadline ends it too, so a
+//! graceful shutdown never waits on an open body.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
+
+use super::event::{AbortKind, End, StreamIdentity, end_frame, write_frame};
+use super::live::{LiveStream, Subscription};
+use crate::store::SharedStore;
+
+/// How long a body waits, after the drain deadline, for its pump to record
+/// the stream's end before it says `server_restarting` itself.
+const DEADLINE_SETTLE: Duration = Duration::from_millis(500);
+
+pub struct Follow {
+    pub who: StreamIdentity,
+    /// The last event id the client has.
+    pub cursor: u64,
+    /// The run to follow after the replay; `None` for a stream that is over.
+    pub live: Option<(Arc<LiveStream>, Subscription)>,
+    /// How a stream that is over ends after its replay.
+    pub end_after_replay: End,
+    pub store: SharedStore,
+    pub heartbeat: Duration,
+    /// `retry:` hint for a browser `EventSource` (resume streams).
+    pub retry_hint: Option<Duration>,
+    /// The drain deadline.
+    pub deadline: CancellationToken,
+}
+
+pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    async_stream::stream! {
+        let Follow { who, mut cursor, live, end_after_replay, store, heartbeat, retry_hint, deadline } = f;
+        let mut buf = BytesMut::with_capacity(1024);
+        if let Some(hint) = retry_hint {
+            buf.put_slice(format!("retry: {}\n\n", hint.as_millis()).as_bytes());
+        }
+
+        // Replay what only the store has: events before this run started.
+        let replay_to = live.as_ref().map_or(u64::MAX, |(l, _)| l.base);
+        if cursor < replay_to {
+            match store.events_after(&who.id, cursor).await {
+                Ok(events) => {
+                    for event in events.iter().take_while(|e| e.seq <= replay_to) {
+                        write_frame(&mut buf, event);
+                        cursor = event.seq;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(stream = %who.id, error = %e, "replay failed");
+                    end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor);
+                    yield Ok(buf.split().freeze());
+                    return;
+                }
+            }
+        }
+        let Some((live, _subscription)) = live else {
+            end_frame(&mut buf, end_after_replay, &who, cursor);
+            yield Ok(buf.split().freeze());
+            return;
+        };
+
+        let mut changes = live.watch();
+        let mut settle: Option<tokio::time::Instant> = None;
+        loop {
+            changes.borrow_and_update();
+            let snapshot = live.snapshot_after(cursor);
+            for event in &snapshot.events {
+                write_frame(&mut buf, event);
+                cursor = event.seq;
+            }
+            if let Some(end) = snapshot.end {
+                end_frame(&mut buf, end, &who, cursor);
+                yield Ok(buf.split().freeze());
+                return;
+            }
+            if !buf.is_empty() {
+                yield Ok(buf.split().freeze());
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = changes.changed() => {}
+                _ = deadline.cancelled(), if settle.is_none() => {
+                    settle = Some(tokio::time::Instant::now() + DEADLINE_SETTLE);
+                }
+                _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
+                    end_frame(&mut buf, End::Abort(AbortKind::ServerRestarting), &who, cursor);
+                    yield Ok(buf.split().freeze());
+                    return;
+                }
+                _ = tokio::time::sleep(heartbeat) => {
+                    yield Ok(Bytes::from_static(b": ping\n\n"));
+                }
+            }
+        }
+    }
+}

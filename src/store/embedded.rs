@@ -1,0 +1,338 @@
+//! The `embedded` store (the default): fjall, an LSM-tree key-value engine,
+//! in a directory on local disk.
+//!
+//! Why an LSM tree: the workload is many small appends per second from many
+//! streams, per-stream range reads on resume, and whole-stream deletes at
+//! expiry. An LSM engine turns the appends into sequential journal writes
+//! and serves prefix ranges from sorted runs; a copy-on-write B-tree
+//! (redb) would rewrite pages on every commit.
+//!
+//! Durability: all writes go through one writer thread that group-commits
+//! whatever every stream has pending into one batch and pushes the journal
+//! into the OS (`PersistMode::Buffer`) before acknowledging. That survives a
+//! SIGKILL of the gateway (the page cache outlives the process); a machine
+//! crash may lose the last few hundred milliseconds, which the OS flushes on
+//! its own schedule. fjall locks the directory: one process at a time.
+//!
+//! Keys: `streams`: id → JSON record; `events`: id ‖ 0x00 ‖ seq (big endian)
+//! → encoded event; `idempotency`: owner ‖ 0x00 ‖ key → JSON entry.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_event, encode_event, now_ms,
+};
+use crate::config::StoreConfig;
+use crate::relay::event::Event;
+
+#[derive(Clone, Copy)]
+enum Space {
+    Streams,
+    Events,
+    Idempotency,
+}
+
+enum Op {
+    Put(Space, Vec<u8>, Vec<u8>),
+    Remove(Space, Vec<u8>),
+}
+
+struct Write {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct EmbeddedStore {
+    db: Database,
+    streams: Keyspace,
+    events: Keyspace,
+    idempotency: Keyspace,
+    writer: mpsc::UnboundedSender<Write>,
+    ttl_ms: u64,
+    secret: Vec<u8>,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn event_key(stream_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream_id.len() + 9);
+    key.extend_from_slice(stream_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(a.len() + b.len() + 1);
+    key.extend_from_slice(a.as_bytes());
+    key.push(0);
+    key.extend_from_slice(b.as_bytes());
+    key
+}
+
+impl EmbeddedStore {
+    pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", path.display())))?;
+        let db = Database::builder(path.join("db")).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Unavailable(format!(
+                "{} is in use by another tidegate process (the embedded store serves one process; use store.kind = \"redis\" for replicas)",
+                path.display()
+            )),
+            other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
+        })?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(io);
+        let streams = open("streams")?;
+        let events = open("events")?;
+        let idempotency = open("idempotency")?;
+        let secret = load_or_create_secret(&path.join("resume-secret"))?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let spaces = [streams.clone(), events.clone(), idempotency.clone()];
+        let writer_db = db.clone();
+        let interval = config.commit_interval;
+        std::thread::Builder::new()
+            .name("tidegate-store-writer".into())
+            .spawn(move || writer_loop(writer_db, spaces, rx, interval))
+            .map_err(io)?;
+        Ok(EmbeddedStore {
+            db,
+            streams,
+            events,
+            idempotency,
+            writer: tx,
+            ttl_ms: config.ttl.as_millis() as u64,
+            secret,
+        })
+    }
+
+    async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(Write { ops, done })
+            .map_err(|_| StoreError::Unavailable("store writer has stopped".into()))?;
+        wait.await
+            .map_err(|_| StoreError::Unavailable("store writer has stopped".into()))?
+            .map_err(StoreError::Io)
+    }
+
+    fn read_record(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
+        match self.streams.get(stream_id).map_err(io)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The group commit: take one write, then everything else already waiting
+/// (from every stream), commit them as one batch, acknowledge them all.
+fn writer_loop(
+    db: Database,
+    spaces: [Keyspace; 3],
+    mut rx: mpsc::UnboundedReceiver<Write>,
+    interval: Duration,
+) {
+    let mut pending = Vec::with_capacity(1024);
+    while let Some(first) = rx.blocking_recv() {
+        pending.push(first);
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+        while pending.len() < 8192 {
+            match rx.try_recv() {
+                Ok(w) => pending.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut batch = db.batch().durability(Some(PersistMode::Buffer));
+        for write in &pending {
+            for op in &write.ops {
+                match op {
+                    Op::Put(space, k, v) => batch.insert(&spaces[*space as usize], k.as_slice(), v.as_slice()),
+                    Op::Remove(space, k) => batch.remove(&spaces[*space as usize], k.as_slice()),
+                }
+            }
+        }
+        let result = batch.commit().map_err(|e| e.to_string());
+        for write in pending.drain(..) {
+            let _ = write.done.send(result.clone());
+        }
+    }
+    let _ = db.persist(PersistMode::SyncAll);
+}
+
+fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
+    if let Ok(bytes) = std::fs::read(path) {
+        if bytes.len() >= 32 {
+            return Ok(bytes);
+        }
+    }
+    let secret = super::token::random_string(32).into_bytes();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &secret).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(secret)
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(io)?;
+        self.write(vec![Op::Put(Space::Streams, record.id.as_bytes().to_vec(), value)])
+            .await
+    }
+
+    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
+        self.write(vec![Op::Put(
+            Space::Events,
+            event_key(stream_id, event.seq),
+            encode_event(event),
+        )])
+        .await
+    }
+
+    async fn set_status(
+        &self,
+        stream_id: &str,
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let Some(mut record) = self.read_record(stream_id)? else {
+            return Ok(());
+        };
+        record.status = status;
+        record.reason = reason.map(str::to_owned);
+        record.updated_ms = now_ms();
+        record.instance = instance.to_owned();
+        let value = serde_json::to_vec(&record).map_err(io)?;
+        self.write(vec![Op::Put(Space::Streams, stream_id.as_bytes().to_vec(), value)])
+            .await
+    }
+
+    async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
+        Ok(self
+            .read_record(stream_id)?
+            .filter(|r| r.updated_ms + self.ttl_ms > now_ms()))
+    }
+
+    async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
+        let start = event_key(stream_id, after.saturating_add(1));
+        let end = event_key(stream_id, u64::MAX);
+        let mut out = Vec::new();
+        for guard in self.events.range(start..=end) {
+            let (key, value) = guard.into_inner().map_err(io)?;
+            let seq_bytes: [u8; 8] = key[key.len() - 8..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("short event key".into()))?;
+            out.push(decode_event(u64::from_be_bytes(seq_bytes), &value)?);
+        }
+        Ok(out)
+    }
+
+    async fn claim_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        entry: &IdempotencyEntry,
+    ) -> Result<Option<IdempotencyEntry>, StoreError> {
+        let k = pair_key(owner, key);
+        if let Some(bytes) = self.idempotency.get(&k).map_err(io)? {
+            if let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes) {
+                if at + self.ttl_ms > now_ms() {
+                    return Ok(Some(existing));
+                }
+            }
+        }
+        let value = serde_json::to_vec(&(entry, now_ms())).map_err(io)?;
+        self.write(vec![Op::Put(Space::Idempotency, k, value)]).await?;
+        Ok(None)
+    }
+
+    async fn try_lease(&self, _stream_id: &str, _instance: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn lease_alive(&self, _stream_id: &str) -> Result<bool, StoreError> {
+        // The directory lock means this process is the store's only user: a
+        // run this process does not hold belonged to a process that is gone.
+        Ok(false)
+    }
+
+    async fn renew_leases(&self, _ids: &[String], _instance: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn release_lease(&self, _stream_id: &str, _instance: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn sweep(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let mut ops = Vec::new();
+        let mut gone = 0;
+        for guard in self.streams.iter() {
+            let (key, value) = guard.into_inner().map_err(io)?;
+            let expired = match serde_json::from_slice::<StreamRecord>(&value) {
+                Ok(record) => record.updated_ms + self.ttl_ms <= now,
+                Err(_) => true,
+            };
+            if expired {
+                gone += 1;
+                let mut prefix = key.to_vec();
+                prefix.push(0);
+                for event in self.events.prefix(&prefix) {
+                    ops.push(Op::Remove(Space::Events, event.key().map_err(io)?.to_vec()));
+                }
+                ops.push(Op::Remove(Space::Streams, key.to_vec()));
+            }
+        }
+        for guard in self.idempotency.iter() {
+            let (key, value) = guard.into_inner().map_err(io)?;
+            let expired = serde_json::from_slice::<(IdempotencyEntry, u64)>(&value)
+                .map(|(_, at)| at + self.ttl_ms <= now)
+                .unwrap_or(true);
+            if expired {
+                ops.push(Op::Remove(Space::Idempotency, key.to_vec()));
+            }
+        }
+        if !ops.is_empty() {
+            self.write(ops).await?;
+        }
+        Ok(gone)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncAll))
+            .await
+            .map_err(io)?
+            .map_err(io)
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn local_secret(&self) -> Option<Vec<u8>> {
+        Some(self.secret.clone())
+    }
+
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+}

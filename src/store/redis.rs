@@ -1,0 +1,357 @@
+//! The `redis` store: shared by every replica.
+//!
+//! Per stream, under one hash tag so Redis Cluster keeps them on one slot:
+//! - `tg:{id}:ev`: a Redis Stream, one entry per event with the explicit id
+//!   `<seq>-0` (XADD to append, XRANGE to replay, XREAD BLOCK to follow live
+//!   from another replica);
+//! - `tg:{id}:rec`: the record as JSON;
+//! - `tg:{id}:lease`: the replica running it, with a TTL it renews;
+//! - `tg:{id}:cancel`: a `DELETE` that arrived at another replica.
+//!
+//! Idempotency keys live under `tg:idem:{<owner>:<key>}`. Every key has a
+//! TTL. Appends from all streams share one multiplexed connection, which
+//! pipelines whatever is in flight: that is the group commit.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+
+use super::{IdempotencyEntry, Status, Store, StoreError, StreamRecord, now_ms};
+use crate::config::StoreConfig;
+use crate::relay::event::Event;
+
+/// How long one Redis command may take before the store reports itself
+/// unavailable (a stream then ends with `store_failed`, never hangs).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    ttl_ms: u64,
+    lease_ms: u64,
+    url_for_errors: String,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn events_key(id: &str) -> String {
+    format!("tg:{{{id}}}:ev")
+}
+fn record_key(id: &str) -> String {
+    format!("tg:{{{id}}}:rec")
+}
+fn lease_key(id: &str) -> String {
+    format!("tg:{{{id}}}:lease")
+}
+fn cancel_key(id: &str) -> String {
+    format!("tg:{{{id}}}:cancel")
+}
+
+/// Renew or release a lease only if we still hold it.
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+impl RedisStore {
+    pub async fn connect(url: &str, config: &StoreConfig) -> Result<RedisStore, StoreError> {
+        // Never echo credentials from the URL.
+        let shown = redact_url(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis url {shown}: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_connection_manager_with_config(manager_config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("cannot connect to redis at {shown}: timed out")))?
+        .map_err(|e| StoreError::Unavailable(format!("cannot connect to redis at {shown}: {e}")))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis at {shown} does not answer PING: {e}")))?;
+        Ok(RedisStore {
+            client,
+            conn,
+            ttl_ms: config.ttl.as_millis() as u64,
+            lease_ms: config.lease_ttl.as_millis() as u64,
+            url_for_errors: shown,
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis at {}: {e}", self.url_for_errors))),
+            Err(_) => Err(StoreError::Unavailable(format!("redis at {}: command timed out", self.url_for_errors))),
+        }
+    }
+
+    fn parse_entries(ids: Vec<redis::streams::StreamId>) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for entry in ids {
+            let seq: u64 = entry
+                .id
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("bad stream id {}", entry.id)))?;
+            let data: Vec<u8> = entry.get("d").unwrap_or_default();
+            let name: Option<String> = entry.get("n");
+            out.push(Event {
+                seq,
+                name: name.filter(|n| !n.is_empty()).map(Into::into),
+                data: data.into(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_string(record).map_err(unavailable)?;
+        let mut conn = self.conn.clone();
+        self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms)).await
+    }
+
+    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
+        let key = events_key(stream_id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg(format!("{}-0", event.seq))
+            .arg("n")
+            .arg(event.name.as_deref().unwrap_or(""))
+            .arg("d")
+            .arg(event.data.as_ref())
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.ttl_ms)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn set_status(
+        &self,
+        stream_id: &str,
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let Some(mut record) = self.get(stream_id).await? else {
+            return Ok(());
+        };
+        record.status = status;
+        record.reason = reason.map(str::to_owned);
+        record.updated_ms = now_ms();
+        record.instance = instance.to_owned();
+        let value = serde_json::to_string(&record).map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(record_key(stream_id))
+            .arg(value)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(events_key(stream_id))
+            .arg(self.ttl_ms)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = self.run(conn.get(record_key(stream_id))).await?;
+        value
+            .map(|v| serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: StreamRangeReply = self
+            .run(conn.xrange(events_key(stream_id), format!("{}-0", after.saturating_add(1)), "+"))
+            .await?;
+        Self::parse_entries(reply.ids)
+    }
+
+    async fn claim_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        entry: &IdempotencyEntry,
+    ) -> Result<Option<IdempotencyEntry>, StoreError> {
+        let redis_key = format!("tg:idem:{{{owner}:{key}}}");
+        let value = serde_json::to_string(entry).map_err(unavailable)?;
+        let mut conn = self.conn.clone();
+        let set: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(&value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.ttl_ms)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(None);
+        }
+        let existing: Option<String> = self.run(conn.get(&redis_key)).await?;
+        Ok(existing.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    async fn try_lease(&self, stream_id: &str, instance: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(lease_key(stream_id))
+                    .arg(instance)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.lease_ms)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(true);
+        }
+        let holder: Option<String> = self.run(conn.get(lease_key(stream_id))).await?;
+        Ok(holder.as_deref() == Some(instance))
+    }
+
+    async fn lease_alive(&self, stream_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(conn.exists(lease_key(stream_id))).await
+    }
+
+    async fn renew_leases(&self, stream_ids: &[String], instance: &str) -> Result<(), StoreError> {
+        if stream_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in stream_ids {
+            pipe.cmd("EVAL").arg(RENEW).arg(1).arg(lease_key(id)).arg(instance).arg(self.lease_ms).ignore();
+        }
+        let mut conn = self.conn.clone();
+        self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn release_lease(&self, stream_id: &str, instance: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(
+            redis::cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(lease_key(stream_id))
+                .arg(instance)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn follow(&self, stream_id: &str, after: u64, wait: Duration) -> Result<Vec<Event>, StoreError> {
+        // XREAD BLOCK holds its connection: followers get one of their own
+        // so the shared connection never waits behind them.
+        let mut conn = self
+            .run(self.client.get_multiplexed_async_connection())
+            .await?;
+        let options = StreamReadOptions::default().block(wait.as_millis() as usize).count(512);
+        let reply: Option<StreamReadReply> = match tokio::time::timeout(
+            wait + COMMAND_TIMEOUT,
+            conn.xread_options(&[events_key(stream_id)], &[format!("{after}-0")], &options),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(unavailable)?,
+            Err(_) => return Err(unavailable("XREAD timed out")),
+        };
+        let ids = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default();
+        Self::parse_entries(ids)
+    }
+
+    async fn request_cancel(&self, stream_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(conn.pset_ex::<_, _, ()>(cancel_key(stream_id), 1, 60_000)).await
+    }
+
+    async fn cancel_requested(&self, stream_ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if stream_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in stream_ids {
+            pipe.exists(cancel_key(id));
+        }
+        let mut conn = self.conn.clone();
+        let flags: Vec<bool> = self.run(pipe.query_async(&mut conn)).await?;
+        Ok(stream_ids
+            .iter()
+            .zip(flags)
+            .filter(|(_, f)| *f)
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    async fn sweep(&self) -> Result<usize, StoreError> {
+        Ok(0) // every key carries its own TTL
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(()) // every acknowledged write is already in Redis
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        for key in [events_key("s1"), record_key("s1"), lease_key("s1"), cancel_key("s1")] {
+            assert!(key.contains("{s1}"), "{key}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://user:pw@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}
