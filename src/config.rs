@@ -326,9 +326,12 @@ impl Config {
 
     fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|_| ConfigError::invalid("listen", format!("`{listen_text}` is not an address like 127.0.0.1:8080")))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::invalid(
+                "listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
+            )
+        })?;
 
         let drain = DrainConfig {
             pre_stop_delay: duration("drain.pre_stop_delay", raw.drain.pre_stop_delay, "0s")?,
@@ -342,20 +345,30 @@ impl Config {
             ));
         }
         if drain.exit_timeout.is_zero() {
-            return Err(ConfigError::invalid("drain.exit_timeout", "must be more than 0s"));
+            return Err(ConfigError::invalid(
+                "drain.exit_timeout",
+                "must be more than 0s",
+            ));
         }
 
         let kind = match raw.store.kind.as_deref().unwrap_or("embedded") {
             "memory" => StoreKind::Memory,
             "embedded" => StoreKind::Embedded {
-                path: PathBuf::from(raw.store.path.unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned())),
+                path: PathBuf::from(
+                    raw.store
+                        .path
+                        .unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
+                ),
             },
             "redis" => {
                 let url = raw.store.url.ok_or_else(|| {
                     ConfigError::invalid("store.url", "required with store.kind = \"redis\"")
                 })?;
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err(ConfigError::invalid("store.url", "must start with redis:// or rediss://"));
+                    return Err(ConfigError::invalid(
+                        "store.url",
+                        "must start with redis:// or rediss://",
+                    ));
                 }
                 StoreKind::Redis { url }
             }
@@ -376,7 +389,10 @@ impl Config {
             return Err(ConfigError::invalid("store.ttl", "must be more than 0s"));
         }
         if store.lease_ttl < Duration::from_millis(500) {
-            return Err(ConfigError::invalid("store.lease_ttl", "must be at least 500ms"));
+            return Err(ConfigError::invalid(
+                "store.lease_ttl",
+                "must be at least 500ms",
+            ));
         }
 
         let secret = match &raw.resume.secret_env {
@@ -404,19 +420,24 @@ impl Config {
 
         let on_client_disconnect = match raw.streams.on_client_disconnect.as_deref() {
             None | Some("cancel") => DisconnectPolicy::Cancel,
-            Some(text) => DisconnectPolicy::Grace(parse_duration("streams.on_client_disconnect", text).map_err(|_| {
-                ConfigError::invalid(
-                    "streams.on_client_disconnect",
-                    format!("`{text}` is neither \"cancel\" nor a duration like \"10s\""),
-                )
-            })?),
+            Some(text) => DisconnectPolicy::Grace(
+                parse_duration("streams.on_client_disconnect", text).map_err(|_| {
+                    ConfigError::invalid(
+                        "streams.on_client_disconnect",
+                        format!("`{text}` is neither \"cancel\" nor a duration like \"10s\""),
+                    )
+                })?,
+            ),
         };
         let streams = StreamsConfig {
             heartbeat: duration("streams.heartbeat", raw.streams.heartbeat, "15s")?,
             on_client_disconnect,
         };
         if streams.heartbeat.is_zero() {
-            return Err(ConfigError::invalid("streams.heartbeat", "must be more than 0s"));
+            return Err(ConfigError::invalid(
+                "streams.heartbeat",
+                "must be more than 0s",
+            ));
         }
 
         let auth_keys = match &raw.auth.keys_env {
@@ -432,7 +453,10 @@ impl Config {
                     .filter(|k| !k.is_empty())
                     .collect();
                 if keys.is_empty() {
-                    return Err(ConfigError::invalid("auth.keys_env", format!("{var} holds no key")));
+                    return Err(ConfigError::invalid(
+                        "auth.keys_env",
+                        format!("{var} holds no key"),
+                    ));
                 }
                 Some(keys)
             }
@@ -514,12 +538,17 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
     };
     let base_url = raw.base_url.trim_end_matches('/').to_owned();
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        return Err(ConfigError::invalid(key("base_url"), "must start with http:// or https://"));
+        return Err(ConfigError::invalid(
+            key("base_url"),
+            "must start with http:// or https://",
+        ));
     }
     let api_key = match &raw.api_key_env {
-        Some(var) => Some(Secret(env.var(var).ok_or_else(|| ConfigError::MissingSecret {
-            var: var.clone(),
-            key: key("api_key_env"),
+        Some(var) => Some(Secret(env.var(var).ok_or_else(|| {
+            ConfigError::MissingSecret {
+                var: var.clone(),
+                key: key("api_key_env"),
+            }
         })?)),
         None => None,
     };
@@ -535,7 +564,9 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
         other => {
             return Err(ConfigError::invalid(
                 key("continuation"),
-                format!("`{other}` is not one of continue_final_message, prefix, assistant_prefix, none"),
+                format!(
+                    "`{other}` is not one of continue_final_message, prefix, assistant_prefix, none"
+                ),
             ));
         }
     };
@@ -559,7 +590,10 @@ fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration,
 
 fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(text.trim()).map_err(|e| {
-        ConfigError::invalid(key, format!("`{text}` is not a duration like \"250ms\" or \"25s\": {e}"))
+        ConfigError::invalid(
+            key,
+            format!("`{text}` is not a duration like \"250ms\" or \"25s\": {e}"),
+        )
     })
 }
 
@@ -593,13 +627,19 @@ fn apply_env_overrides(root: &mut toml::Table, env: &dyn Env) -> Result<(), Conf
     let mut vars = env.vars();
     vars.sort();
     for (name, value) in vars {
-        let Some(rest) = name.strip_prefix("TIDEGATE_") else { continue };
+        let Some(rest) = name.strip_prefix("TIDEGATE_") else {
+            continue;
+        };
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
         if !SECTIONS.contains(&path[0].as_str()) {
             if path.len() > 1 {
                 return Err(ConfigError::invalid(
                     name.as_str(),
-                    format!("`{}` is not a config section (one of {})", path[0], SECTIONS.join(", ")),
+                    format!(
+                        "`{}` is not a config section (one of {})",
+                        path[0],
+                        SECTIONS.join(", ")
+                    ),
                 ));
             }
             continue; // a secret such as TIDEGATE_API_KEYS, not an override
@@ -608,7 +648,8 @@ fn apply_env_overrides(root: &mut toml::Table, env: &dyn Env) -> Result<(), Conf
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.clone()));
-        set_path(root, &path, parsed).map_err(|message| ConfigError::invalid(name.as_str(), message))?;
+        set_path(root, &path, parsed)
+            .map_err(|message| ConfigError::invalid(name.as_str(), message))?;
     }
     Ok(())
 }
@@ -625,9 +666,13 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
     match child {
         toml::Value::Table(t) => set_path(t, rest, value),
         toml::Value::Array(items) => {
-            let index: usize = rest[0]
-                .parse()
-                .map_err(|_| format!("`{}` is a list: name an index, e.g. {}__0__…", head, head.to_uppercase()))?;
+            let index: usize = rest[0].parse().map_err(|_| {
+                format!(
+                    "`{}` is a list: name an index, e.g. {}__0__…",
+                    head,
+                    head.to_uppercase()
+                )
+            })?;
             let item = items
                 .get_mut(index)
                 .ok_or_else(|| format!("`{head}` has no entry {index}"))?;
@@ -693,7 +738,9 @@ pub fn warnings(config: &Config) -> Vec<String> {
         ));
     }
     if matches!(config.store.kind, StoreKind::Memory) {
-        out.push("store.kind = \"memory\": interrupted answers cannot be resumed after a restart".into());
+        out.push(
+            "store.kind = \"memory\": interrupted answers cannot be resumed after a restart".into(),
+        );
     }
     for u in &config.upstreams {
         if u.continuation == Continuation::None {
@@ -711,7 +758,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -720,7 +770,12 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.drain.grace, Duration::from_secs(25));
         assert_eq!(c.drain.exit_timeout, Duration::from_secs(3));
-        assert_eq!(c.store.kind, StoreKind::Embedded { path: "./tidegate-data".into() });
+        assert_eq!(
+            c.store.kind,
+            StoreKind::Embedded {
+                path: "./tidegate-data".into()
+            }
+        );
         assert!(c.builtin_mock);
     }
 
@@ -762,10 +817,15 @@ mod tests {
 
     #[test]
     fn missing_secret_names_the_variable() {
-        let file = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\napi_key_env = \"VLLM_KEY\"\n";
+        let file =
+            "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\napi_key_env = \"VLLM_KEY\"\n";
         let err = Config::from_toml(file, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("VLLM_KEY"), "{err}");
-        let err = Config::from_toml("[store]\nkind=\"redis\"\nurl=\"redis://127.0.0.1\"", &env(&[])).unwrap_err();
+        let err = Config::from_toml(
+            "[store]\nkind=\"redis\"\nurl=\"redis://127.0.0.1\"",
+            &env(&[]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("resume.secret_env"), "{err}");
     }
 

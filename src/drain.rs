@@ -99,7 +99,10 @@ impl Drain {
     /// Start the drain; a second call skips to the deadline.
     pub fn begin(&self, why: &str) {
         if self.requested.is_cancelled() {
-            tracing::warn!(trigger = why, "second drain trigger: skipping to the deadline");
+            tracing::warn!(
+                trigger = why,
+                "second drain trigger: skipping to the deadline"
+            );
             self.hurry.cancel();
             return;
         }
@@ -134,8 +137,13 @@ impl Drain {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                tracing::error!("cannot install signal handlers; only /admin/drain can start a drain");
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!(
+                    "cannot install signal handlers; only /admin/drain can start a drain"
+                );
                 return;
             };
             loop {
@@ -163,7 +171,10 @@ impl Drain {
     pub async fn timeline(&self, config: DrainConfig, active: impl Fn() -> usize) -> DrainReport {
         self.requested.cancelled().await;
         let start = Instant::now();
-        let mut report = DrainReport { active_at_signal: active(), ..Default::default() };
+        let mut report = DrainReport {
+            active_at_signal: active(),
+            ..Default::default()
+        };
         self.phase.send_replace(Phase::Draining);
         tracing::info!(
             active_streams = report.active_at_signal,
@@ -177,7 +188,10 @@ impl Drain {
             _ = self.hurry.cancelled() => report.hurried = true,
         }
         self.phase.send_replace(Phase::Refusing);
-        tracing::info!(active_streams = active(), "drain: refusing new streams; active streams go on");
+        tracing::info!(
+            active_streams = active(),
+            "drain: refusing new streams; active streams go on"
+        );
 
         let deadline = start + config.grace;
         let mut tick = tokio::time::interval(Duration::from_millis(25));
@@ -239,7 +253,10 @@ mod tests {
         let drain = Arc::new(Drain::new());
         let active = Arc::new(AtomicUsize::new(3));
         let (d, a) = (drain.clone(), active.clone());
-        let run = tokio::spawn(async move { d.timeline(config(), move || a.load(Ordering::Relaxed)).await });
+        let run = tokio::spawn(async move {
+            d.timeline(config(), move || a.load(Ordering::Relaxed))
+                .await
+        });
         assert!(drain.ready());
         drain.begin("test");
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -13,7 +13,11 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
-#[command(name = "tidegate", version, about = "A streaming SSE gateway for LLM traffic that drains, stores and resumes streams")]
+#[command(
+    name = "tidegate",
+    version,
+    about = "A streaming SSE gateway for LLM traffic that drains, stores and resumes streams"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,10 +81,13 @@ fn load(path: Option<PathBuf>, listen: Option<String>) -> Result<Config, ExitCod
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("tidegate: cannot start the runtime: {e}");
-        ExitCode::FAILURE
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("tidegate: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
@@ -162,7 +169,11 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     };
     println!("config OK");
     println!("listen: {}", config.listen);
-    println!("store: {:?} (ttl {})", config.store.kind, humantime::format_duration(config.store.ttl));
+    println!(
+        "store: {:?} (ttl {})",
+        config.store.kind,
+        humantime::format_duration(config.store.ttl)
+    );
     println!(
         "client keys: {}",
         match &config.auth_keys {
@@ -188,7 +199,10 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             }
         );
     }
-    print!("{}", tidegate::config::describe_timeline(&config.drain, config.stop_budget()));
+    print!(
+        "{}",
+        tidegate::config::describe_timeline(&config.drain, config.stop_budget())
+    );
     for warning in tidegate::config::warnings(&config) {
         println!("warning: {warning}");
     }

@@ -66,24 +66,82 @@ impl Metrics {
     pub fn render(&self, active_streams: usize, draining: bool) -> String {
         let mut out = String::with_capacity(2048);
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter("tidegate_streams_started_total", "Streams started (first runs).", self.streams_started.get());
-        counter("tidegate_streams_completed_total", "Runs that finished with the provider's end.", self.streams_completed.get());
-        counter("tidegate_events_relayed_total", "Events written ahead to the store and relayed.", self.events_relayed.get());
-        counter("tidegate_upstream_requests_total", "Requests sent to providers (first runs and continuations).", self.upstream_requests.get());
-        counter("tidegate_upstream_errors_total", "Provider failures before or during a stream.", self.upstream_errors.get());
-        counter("tidegate_store_errors_total", "Failed store writes.", self.store_errors.get());
-        counter("tidegate_resumes_total", "Resume requests served.", self.resumes.get());
-        counter("tidegate_continuations_total", "Continuation calls started for interrupted streams.", self.continuations.get());
-        counter("tidegate_rejected_draining_total", "Requests refused with 503 while draining.", self.rejected_draining.get());
-        counter("tidegate_non_streaming_requests_total", "Non-streaming requests passed through.", self.non_streaming.get());
-        let _ = writeln!(out, "# HELP tidegate_streams_aborted_total Runs that ended with an in-band abort, by type.\n# TYPE tidegate_streams_aborted_total counter");
+        counter(
+            "tidegate_streams_started_total",
+            "Streams started (first runs).",
+            self.streams_started.get(),
+        );
+        counter(
+            "tidegate_streams_completed_total",
+            "Runs that finished with the provider's end.",
+            self.streams_completed.get(),
+        );
+        counter(
+            "tidegate_events_relayed_total",
+            "Events written ahead to the store and relayed.",
+            self.events_relayed.get(),
+        );
+        counter(
+            "tidegate_upstream_requests_total",
+            "Requests sent to providers (first runs and continuations).",
+            self.upstream_requests.get(),
+        );
+        counter(
+            "tidegate_upstream_errors_total",
+            "Provider failures before or during a stream.",
+            self.upstream_errors.get(),
+        );
+        counter(
+            "tidegate_store_errors_total",
+            "Failed store writes.",
+            self.store_errors.get(),
+        );
+        counter(
+            "tidegate_resumes_total",
+            "Resume requests served.",
+            self.resumes.get(),
+        );
+        counter(
+            "tidegate_continuations_total",
+            "Continuation calls started for interrupted streams.",
+            self.continuations.get(),
+        );
+        counter(
+            "tidegate_rejected_draining_total",
+            "Requests refused with 503 while draining.",
+            self.rejected_draining.get(),
+        );
+        counter(
+            "tidegate_non_streaming_requests_total",
+            "Non-streaming requests passed through.",
+            self.non_streaming.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_streams_aborted_total Runs that ended with an in-band abort, by type.\n# TYPE tidegate_streams_aborted_total counter"
+        );
         for (i, kind) in ABORT_KINDS.iter().enumerate() {
-            let _ = writeln!(out, "tidegate_streams_aborted_total{{type=\"{}\"}} {}", kind.as_str(), self.aborted[i].get());
+            let _ = writeln!(
+                out,
+                "tidegate_streams_aborted_total{{type=\"{}\"}} {}",
+                kind.as_str(),
+                self.aborted[i].get()
+            );
         }
-        let _ = writeln!(out, "# HELP tidegate_streams_active Streams running in this process.\n# TYPE tidegate_streams_active gauge\ntidegate_streams_active {active_streams}");
-        let _ = writeln!(out, "# HELP tidegate_draining Whether the drain has begun.\n# TYPE tidegate_draining gauge\ntidegate_draining {}", u8::from(draining));
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_streams_active Streams running in this process.\n# TYPE tidegate_streams_active gauge\ntidegate_streams_active {active_streams}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_draining Whether the drain has begun.\n# TYPE tidegate_draining gauge\ntidegate_draining {}",
+            u8::from(draining)
+        );
         out
     }
 }

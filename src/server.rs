@@ -40,7 +40,11 @@ pub struct RunOptions {
 
 /// Serve on `listener` until a drain completes. Returns when it is time to
 /// exit 0.
-pub async fn run(listener: TcpListener, mut config: Config, options: RunOptions) -> Result<(), ServeError> {
+pub async fn run(
+    listener: TcpListener,
+    mut config: Config,
+    options: RunOptions,
+) -> Result<(), ServeError> {
     let drain = Arc::new(Drain::new());
     let store = store::open(&config.store).await?;
 
@@ -84,14 +88,17 @@ pub async fn run(listener: TcpListener, mut config: Config, options: RunOptions)
         (Some(secret), _) => secret.clone(),
         (None, Some(local)) => local,
         (None, None) => {
-            tracing::info!("no resume secret configured: resume tokens are valid for this process only");
+            tracing::info!(
+                "no resume secret configured: resume tokens are valid for this process only"
+            );
             random_string(32).into_bytes()
         }
     };
-    let key_hashes = config
-        .auth_keys
-        .as_ref()
-        .map(|keys| keys.iter().map(|k| hash_hex(k.as_bytes())).collect::<HashSet<_>>());
+    let key_hashes = config.auth_keys.as_ref().map(|keys| {
+        keys.iter()
+            .map(|k| hash_hex(k.as_bytes()))
+            .collect::<HashSet<_>>()
+    });
     let relay = Arc::new(RelayContext {
         store: store.clone(),
         registry: Arc::new(Registry::default()),
@@ -114,11 +121,16 @@ pub async fn run(listener: TcpListener, mut config: Config, options: RunOptions)
 
     {
         let drain = drain.clone();
-        drain.tracker.clone().spawn(async move { drain.listen_for_signals().await });
+        drain
+            .tracker
+            .clone()
+            .spawn(async move { drain.listen_for_signals().await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
     if store.shared() {
-        drain.tracker.spawn(keep_leases(relay.clone(), drain.clone(), lease_every));
+        drain
+            .tracker
+            .spawn(keep_leases(relay.clone(), drain.clone(), lease_every));
     }
 
     let serve = axum::serve(listener, api::app(state))
@@ -167,7 +179,10 @@ pub async fn run(listener: TcpListener, mut config: Config, options: RunOptions)
 }
 
 fn log_startup(config: &Config, listener: &TcpListener, store: &str) {
-    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     for u in &config.upstreams {
         tracing::info!(
             upstream = %u.name,
@@ -181,9 +196,13 @@ fn log_startup(config: &Config, listener: &TcpListener, store: &str) {
     }
     if config.auth_keys.is_none() {
         if config.listen.ip().is_loopback() {
-            tracing::info!("no client keys ([auth] keys_env): the gateway is open to anyone who can reach {address}");
+            tracing::info!(
+                "no client keys ([auth] keys_env): the gateway is open to anyone who can reach {address}"
+            );
         } else {
-            tracing::warn!("NO CLIENT KEYS on a non-loopback address ({address}): anyone who reaches it can spend your provider credit; set [auth] keys_env");
+            tracing::warn!(
+                "NO CLIENT KEYS on a non-loopback address ({address}): anyone who reaches it can spend your provider credit; set [auth] keys_env"
+            );
         }
     }
     for warning in crate::config::warnings(config) {

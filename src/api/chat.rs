@@ -24,13 +24,21 @@ use crate::store::token::random_string;
 use crate::store::{IdempotencyEntry, Status, StreamRecord, hash_hex, now_ms};
 use crate::upstream::Upstream;
 
-pub async fn openai(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn openai(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(state, Protocol::OpenAi, headers, body)
         .await
         .unwrap_or_else(|e| e.render(Protocol::OpenAi))
 }
 
-pub async fn anthropic(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn anthropic(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(state, Protocol::Anthropic, headers, body)
         .await
         .unwrap_or_else(|e| e.render(Protocol::Anthropic))
@@ -44,38 +52,75 @@ struct ChatRequest {
 }
 
 fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRequest, ApiError> {
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let object = value
         .as_object()
         .ok_or_else(|| ApiError::InvalidRequest("the request body must be a JSON object".into()))?;
     let model = match object.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.as_str(),
-        Some(_) => return Err(ApiError::InvalidRequest("`model` must be a non-empty string".into())),
-        None => return Err(ApiError::InvalidRequest("missing required field `model`".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`model` must be a non-empty string".into(),
+            ));
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "missing required field `model`".into(),
+            ));
+        }
     };
     match object.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => {}
-        Some(Value::Array(_)) => return Err(ApiError::InvalidRequest("`messages` must not be empty".into())),
-        Some(_) => return Err(ApiError::InvalidRequest("`messages` must be an array".into())),
-        None => return Err(ApiError::InvalidRequest("missing required field `messages`".into())),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "`messages` must not be empty".into(),
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`messages` must be an array".into(),
+            ));
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "missing required field `messages`".into(),
+            ));
+        }
     }
-    if protocol == Protocol::Anthropic && object.get("max_tokens").and_then(Value::as_u64).is_none() {
-        return Err(ApiError::InvalidRequest("missing required field `max_tokens`".into()));
+    if protocol == Protocol::Anthropic && object.get("max_tokens").and_then(Value::as_u64).is_none()
+    {
+        return Err(ApiError::InvalidRequest(
+            "missing required field `max_tokens`".into(),
+        ));
     }
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::InvalidRequest("`stream` must be a boolean".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`stream` must be a boolean".into(),
+            ));
+        }
     };
     let index = state
         .config
         .route(model)
         .filter(|i| state.upstreams[*i].config.protocol == protocol)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-    Ok(ChatRequest { bytes, stream, upstream: state.upstreams[index].clone() })
+    Ok(ChatRequest {
+        bytes,
+        stream,
+        upstream: state.upstreams[index].clone(),
+    })
 }
 
-async fn handle(state: Arc<AppState>, protocol: Protocol, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    state: Arc<AppState>,
+    protocol: Protocol,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
     let bytes = super::read_body(&headers, body, state.config.max_body_bytes).await?;
     let request = validate(&state, protocol, bytes)?;
@@ -88,7 +133,10 @@ async fn handle(state: Arc<AppState>, protocol: Protocol, headers: HeaderMap, bo
     }
     let id = format!("tg_{}", random_string(15));
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        let entry = IdempotencyEntry { stream_id: id.clone(), body_hash: hash_hex(&request.bytes) };
+        let entry = IdempotencyEntry {
+            stream_id: id.clone(),
+            body_hash: hash_hex(&request.bytes),
+        };
         if let Some(existing) = state.store.claim_idempotency(&owner, key, &entry).await? {
             if existing.body_hash != entry.body_hash {
                 return Err(ApiError::Conflict(
@@ -127,7 +175,11 @@ async fn start(
     };
     state.store.create(&record).await?;
     state.store.try_lease(&id, &state.relay.instance).await?;
-    let who = StreamIdentity { id: id.clone(), resume_token: state.signer.sign(&id, &owner), protocol };
+    let who = StreamIdentity {
+        id: id.clone(),
+        resume_token: state.signer.sign(&id, &owner),
+        protocol,
+    };
     let live = Arc::new(LiveStream::new(
         who.clone(),
         owner,
@@ -155,12 +207,23 @@ async fn start(
     match started_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(StartError::Upstream(e))) => return Err(ApiError::Upstream(e)),
-        Ok(Err(StartError::NotAStream(message))) => return Err(ApiError::UpstreamNotAStream(message)),
-        Ok(Err(StartError::Cancelled(AbortKind::ServerRestarting))) => return Err(ApiError::ServerRestarting),
-        Ok(Err(StartError::Cancelled(kind))) => {
-            return Err(ApiError::Internal(format!("stream cancelled before it started: {}", kind.as_str())));
+        Ok(Err(StartError::NotAStream(message))) => {
+            return Err(ApiError::UpstreamNotAStream(message));
         }
-        Err(_) => return Err(ApiError::Internal("the stream's pump ended without a word".into())),
+        Ok(Err(StartError::Cancelled(AbortKind::ServerRestarting))) => {
+            return Err(ApiError::ServerRestarting);
+        }
+        Ok(Err(StartError::Cancelled(kind))) => {
+            return Err(ApiError::Internal(format!(
+                "stream cancelled before it started: {}",
+                kind.as_str()
+            )));
+        }
+        Err(_) => {
+            return Err(ApiError::Internal(
+                "the stream's pump ended without a word".into(),
+            ));
+        }
     }
     let follow = Follow {
         who: who.clone(),
@@ -172,7 +235,10 @@ async fn start(
         retry_hint: None,
         deadline: state.drain.streams.clone(),
     };
-    Ok(sse_response(&who, Body::from_stream(subscriber::body(follow))))
+    Ok(sse_response(
+        &who,
+        Body::from_stream(subscriber::body(follow)),
+    ))
 }
 
 /// The head of every SSE answer: the stream id and resume token come before
@@ -180,11 +246,20 @@ async fn start(
 pub fn sse_response(who: &StreamIdentity, body: Body) -> Response {
     let mut response = Response::new(body);
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    h.insert("x-tidegate-stream-id", crate::upstream::header_value(&who.id));
-    h.insert("x-tidegate-resume-token", crate::upstream::header_value(&who.resume_token));
+    h.insert(
+        "x-tidegate-stream-id",
+        crate::upstream::header_value(&who.id),
+    );
+    h.insert(
+        "x-tidegate-resume-token",
+        crate::upstream::header_value(&who.resume_token),
+    );
     response
 }
 
@@ -203,22 +278,30 @@ async fn passthrough(
     let upstream = request.upstream.clone();
     let call = async {
         let response = upstream.send(protocol, request.bytes, headers).await?;
-        let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .cloned();
         let after = upstream.config.idle_timeout;
         let body = match tokio::time::timeout(after, response.bytes()).await {
             Ok(Ok(body)) => body,
             Ok(Err(e)) => {
-                return Err(ApiError::Upstream(crate::upstream::UpstreamError::Connect {
-                    upstream: upstream.config.name.clone(),
-                    message: crate::upstream::error_chain(&e),
-                }));
+                return Err(ApiError::Upstream(
+                    crate::upstream::UpstreamError::Connect {
+                        upstream: upstream.config.name.clone(),
+                        message: crate::upstream::error_chain(&e),
+                    },
+                ));
             }
             Err(_) => {
-                return Err(ApiError::Upstream(crate::upstream::UpstreamError::Timeout {
-                    upstream: upstream.config.name.clone(),
-                    after,
-                }));
+                return Err(ApiError::Upstream(
+                    crate::upstream::UpstreamError::Timeout {
+                        upstream: upstream.config.name.clone(),
+                        after,
+                    },
+                ));
             }
         };
         let mut out = (status, body).into_response();

@@ -97,8 +97,12 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::Connect { .. }) | ApiError::UpstreamNotAStream(_) => {
                 ("upstream_error", "upstream_unavailable")
             }
-            ApiError::Upstream(UpstreamError::Timeout { .. }) => ("upstream_error", "upstream_timeout"),
-            ApiError::Upstream(UpstreamError::Status { .. }) => ("upstream_error", "upstream_error"),
+            ApiError::Upstream(UpstreamError::Timeout { .. }) => {
+                ("upstream_error", "upstream_timeout")
+            }
+            ApiError::Upstream(UpstreamError::Status { .. }) => {
+                ("upstream_error", "upstream_error")
+            }
             ApiError::Store(_) => ("server_error", "store_unavailable"),
             ApiError::Internal(_) => ("server_error", "internal_error"),
         }
@@ -137,12 +141,16 @@ impl ApiError {
         // An upstream's own error body, when it is in the protocol's shape,
         // tells the client more than we could.
         let passthrough = match &self {
-            ApiError::Upstream(UpstreamError::Status { body, .. }) => upstream_error_body(body, protocol),
+            ApiError::Upstream(UpstreamError::Status { body, .. }) => {
+                upstream_error_body(body, protocol)
+            }
             _ => None,
         };
         let body = passthrough.unwrap_or_else(|| match protocol {
             Protocol::OpenAi => json!({"error": {"message": message, "type": kind, "code": code}}),
-            Protocol::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}}),
+            Protocol::Anthropic => {
+                json!({"type": "error", "error": {"type": kind, "message": message}})
+            }
         });
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
@@ -181,9 +189,15 @@ pub async fn log_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     if let Some(log) = response.extensions().get::<ErrorLog>() {
         match log.source {
-            Source::Downstream => tracing::debug!(%method, %path, status = log.status.as_u16(), "{}", log.detail),
-            Source::Upstream => tracing::warn!(%method, %path, status = log.status.as_u16(), source = "upstream", "{}", log.detail),
-            Source::Internal => tracing::error!(%method, %path, status = log.status.as_u16(), source = "internal", "{}", log.detail),
+            Source::Downstream => {
+                tracing::debug!(%method, %path, status = log.status.as_u16(), "{}", log.detail)
+            }
+            Source::Upstream => {
+                tracing::warn!(%method, %path, status = log.status.as_u16(), source = "upstream", "{}", log.detail)
+            }
+            Source::Internal => {
+                tracing::error!(%method, %path, status = log.status.as_u16(), source = "internal", "{}", log.detail)
+            }
         }
     }
     response

@@ -56,21 +56,35 @@ impl AppState {
             return Ok("anonymous".into());
         };
         let presented = bearer(headers)
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim))
+            .or_else(|| {
+                headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+            })
             .ok_or(ApiError::Unauthorized)?;
         let hash = crate::store::hash_hex(presented.as_bytes());
-        if hashes.contains(&hash) { Ok(hash) } else { Err(ApiError::Unauthorized) }
+        if hashes.contains(&hash) {
+            Ok(hash)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
     }
 
     pub fn upstream_named(&self, name: &str) -> Option<Arc<Upstream>> {
-        self.upstreams.iter().find(|u| u.config.name == name).cloned()
+        self.upstreams
+            .iter()
+            .find(|u| u.config.name == name)
+            .cloned()
     }
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Read a request body up to `limit` bytes: more is a 413, not a cut.
@@ -83,8 +97,8 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(ApiError::PayloadTooLarge(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.to_string().contains("length limit"));
+        let too_large =
+            std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
         if too_large || e.to_string().contains("length limit") {
             ApiError::PayloadTooLarge(limit)
         } else {
@@ -98,7 +112,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/v1/chat/completions", post(chat::openai))
         .route("/v1/messages", post(chat::anthropic))
-        .route("/v1/streams/{id}", get(streams::resume).delete(streams::cancel))
+        .route(
+            "/v1/streams/{id}",
+            get(streams::resume).delete(streams::cancel),
+        )
         .route("/v1/streams/{id}/state", get(streams::state))
         .route("/healthz/live", get(ops::live))
         .route("/healthz/ready", get(ops::ready))

@@ -22,7 +22,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.drain.ready() {
         axum::Json(json!({"status": "ready"})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "draining"})),
+        )
+            .into_response()
     }
 }
 
@@ -38,17 +42,21 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// preemption notice). Needs the admin token; absent without one.
 pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let Some(expected) = &state.config.admin_token else {
-        return ApiError::NotFound("admin routes are disabled: set [admin] token_env".into()).into_response();
+        return ApiError::NotFound("admin routes are disabled: set [admin] token_env".into())
+            .into_response();
     };
     let presented = super::bearer(&headers).unwrap_or("");
-    let matches = crate::store::hash_hex(presented.as_bytes()) == crate::store::hash_hex(expected.as_bytes());
+    let matches =
+        crate::store::hash_hex(presented.as_bytes()) == crate::store::hash_hex(expected.as_bytes());
     if presented.is_empty() || !matches {
         return ApiError::Unauthorized.into_response();
     }
     state.drain.begin("POST /admin/drain");
     (
         StatusCode::ACCEPTED,
-        axum::Json(json!({"status": "draining", "grace_ms": state.config.drain.grace.as_millis() as u64})),
+        axum::Json(
+            json!({"status": "draining", "grace_ms": state.config.drain.grace.as_millis() as u64}),
+        ),
     )
         .into_response()
 }
@@ -58,10 +66,26 @@ pub async fn not_found() -> Response {
 }
 
 const UI_FILES: &[(&str, &str, &str)] = &[
-    ("index.html", "text/html; charset=utf-8", include_str!("../../examples/chat-ui/index.html")),
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../examples/chat-ui/app.js")),
-    ("style.css", "text/css; charset=utf-8", include_str!("../../examples/chat-ui/style.css")),
-    ("client.js", "text/javascript; charset=utf-8", include_str!("../../examples/chat-ui/client.js")),
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../examples/chat-ui/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../examples/chat-ui/app.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../examples/chat-ui/style.css"),
+    ),
+    (
+        "client.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../examples/chat-ui/client.js"),
+    ),
 ];
 
 fn ui(name: &str) -> Response {
@@ -71,7 +95,9 @@ fn ui(name: &str) -> Response {
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             response
         }
         None => ApiError::NotFound("no such file".into()).into_response(),

@@ -59,14 +59,18 @@ fn cursor(headers: &HeaderMap, after: Option<&str>) -> Result<u64, ApiError> {
         .filter(|t| !t.is_empty());
     match text {
         None => Ok(0),
-        Some(t) => t
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest(format!("`{t}` is not an event id (a whole number)"))),
+        Some(t) => t.parse().map_err(|_| {
+            ApiError::InvalidRequest(format!("`{t}` is not an event id (a whole number)"))
+        }),
     }
 }
 
 fn protocol_of(record: &StreamRecord) -> Protocol {
-    if record.protocol == "anthropic" { Protocol::Anthropic } else { Protocol::OpenAi }
+    if record.protocol == "anthropic" {
+        Protocol::Anthropic
+    } else {
+        Protocol::OpenAi
+    }
 }
 
 /// Check the token against the stream's owner; return the owner.
@@ -76,7 +80,11 @@ async fn authorize(state: &AppState, id: &str, token: Option<&str>) -> Result<St
         Some(live) => live.owner.clone(),
         None => state.store.get(id).await?.ok_or_else(not_found)?.owner,
     };
-    if state.signer.verify(id, &owner, token) { Ok(owner) } else { Err(not_found()) }
+    if state.signer.verify(id, &owner, token) {
+        Ok(owner)
+    } else {
+        Err(not_found())
+    }
 }
 
 pub async fn resume(
@@ -87,7 +95,12 @@ pub async fn resume(
 ) -> Response {
     let result = async {
         let cursor = cursor(&headers, query.after.as_deref())?;
-        let owner = authorize(&state, &id, presented_token(&headers, query.token.as_deref())).await?;
+        let owner = authorize(
+            &state,
+            &id,
+            presented_token(&headers, query.token.as_deref()),
+        )
+        .await?;
         state.relay.metrics.resumes.inc();
         attach(&state, &id, &owner, cursor, true).await
     }
@@ -131,20 +144,31 @@ pub async fn attach(
         }
         let record = state.store.get(id).await?.ok_or_else(not_found)?;
         let protocol = protocol_of(&record);
-        let who = StreamIdentity { id: id.to_owned(), resume_token: state.signer.sign(id, owner), protocol };
+        let who = StreamIdentity {
+            id: id.to_owned(),
+            resume_token: state.signer.sign(id, owner),
+            protocol,
+        };
         let reason = record.reason.as_deref().and_then(AbortKind::parse);
         match record.status {
             Status::Completed => return Ok(follow(who, None, End::Done)),
             Status::Cancelled => return Ok(follow(who, None, End::Abort(AbortKind::Cancelled))),
             Status::Failed => {
-                let kind = if reason == Some(AbortKind::StoreFailed) { AbortKind::StoreFailed } else { AbortKind::Incomplete };
+                let kind = if reason == Some(AbortKind::StoreFailed) {
+                    AbortKind::StoreFailed
+                } else {
+                    AbortKind::Incomplete
+                };
                 return Ok(follow(who, None, End::Abort(kind)));
             }
             Status::Running if state.store.lease_alive(id).await? => {
                 let live = new_live(state, who, owner, last_stored_seq(state, id).await?);
                 let (live, created) = state.registry().get_or_insert(id, || live);
                 if created {
-                    state.drain.tracker.spawn(follow_remote(live, state.relay.clone()));
+                    state
+                        .drain
+                        .tracker
+                        .spawn(follow_remote(live, state.relay.clone()));
                 }
             }
             Status::Running | Status::Interrupted => {
@@ -158,11 +182,18 @@ pub async fn attach(
             }
         }
     }
-    Err(ApiError::Internal(format!("stream {id} changed hands three times during one resume")))
+    Err(ApiError::Internal(format!(
+        "stream {id} changed hands three times during one resume"
+    )))
 }
 
 async fn last_stored_seq(state: &AppState, id: &str) -> Result<u64, ApiError> {
-    Ok(state.store.events_after(id, 0).await?.last().map_or(0, |e| e.seq))
+    Ok(state
+        .store
+        .events_after(id, 0)
+        .await?
+        .last()
+        .map_or(0, |e| e.seq))
 }
 
 fn new_live(state: &AppState, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
@@ -192,17 +223,24 @@ async fn continue_stream(
     };
     let upstream = state.upstream_named(&record.upstream).or_else(|| {
         let model = original.get("model").and_then(Value::as_str)?;
-        state.config.route(model).map(|i| state.upstreams[i].clone())
+        state
+            .config
+            .route(model)
+            .map(|i| state.upstreams[i].clone())
     });
     let Some(upstream) = upstream else {
         return Ok(Some(End::Abort(AbortKind::Incomplete)));
     };
     let events = state.store.events_after(id, 0).await?;
     let partial = continuation::partial(protocol, &events);
-    let body = match continuation::plan(&original, protocol, upstream.config.continuation, &partial) {
+    let body = match continuation::plan(&original, protocol, upstream.config.continuation, &partial)
+    {
         Plan::Continue(body) => body,
         Plan::AlreadyComplete => {
-            state.store.set_status(id, Status::Completed, None, &state.relay.instance).await?;
+            state
+                .store
+                .set_status(id, Status::Completed, None, &state.relay.instance)
+                .await?;
             return Ok(Some(End::Done));
         }
         Plan::Unsupported => return Ok(Some(End::Abort(AbortKind::Incomplete))),
@@ -218,18 +256,26 @@ async fn continue_stream(
         let follower = new_live(state, live.who.clone(), owner, partial.last_seq);
         let (follower, created) = state.registry().get_or_insert(id, || follower);
         if created {
-            state.drain.tracker.spawn(follow_remote(follower, state.relay.clone()));
+            state
+                .drain
+                .tracker
+                .spawn(follow_remote(follower, state.relay.clone()));
         }
         return Ok(None);
     }
-    state.store.set_status(id, Status::Running, None, &state.relay.instance).await?;
+    state
+        .store
+        .set_status(id, Status::Running, None, &state.relay.instance)
+        .await?;
     state.relay.metrics.continuations.inc();
     tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, "continuing an interrupted stream");
     let pump = Pump {
         live,
         upstream,
         protocol,
-        body: serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?.into(),
+        body: serde_json::to_vec(&body)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into(),
         // The resume request's credentials are a resume token, never a
         // provider key: continuations use the upstream's configured key.
         client_headers: HeaderMap::new(),
@@ -249,14 +295,21 @@ pub async fn state(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        authorize(&state, &id, presented_token(&headers, query.token.as_deref())).await?;
+        authorize(
+            &state,
+            &id,
+            presented_token(&headers, query.token.as_deref()),
+        )
+        .await?;
         let record = state.store.get(&id).await?.ok_or_else(not_found)?;
         let events = state.store.events_after(&id, 0).await?;
         let protocol = protocol_of(&record);
         let partial = continuation::partial(protocol, &events);
         let local = state.registry().get(&id).is_some();
         let status = match record.status {
-            Status::Running if !local && !state.store.lease_alive(&id).await? => Status::Interrupted,
+            Status::Running if !local && !state.store.lease_alive(&id).await? => {
+                Status::Interrupted
+            }
             other => other,
         };
         Ok::<_, ApiError>(
@@ -286,7 +339,12 @@ pub async fn cancel(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        authorize(&state, &id, presented_token(&headers, query.token.as_deref())).await?;
+        authorize(
+            &state,
+            &id,
+            presented_token(&headers, query.token.as_deref()),
+        )
+        .await?;
         if let Some(live) = state.registry().get(&id) {
             live.cancel(AbortKind::Cancelled);
             // Wait (briefly) for the pump to record it, so a state read
@@ -302,13 +360,28 @@ pub async fn cancel(
             .await;
         } else {
             let record = state.store.get(&id).await?.ok_or_else(not_found)?;
-            if state.store.shared() && record.status == Status::Running && state.store.lease_alive(&id).await? {
+            if state.store.shared()
+                && record.status == Status::Running
+                && state.store.lease_alive(&id).await?
+            {
                 state.store.request_cancel(&id).await?;
             } else if matches!(record.status, Status::Running | Status::Interrupted) {
-                state.store.set_status(&id, Status::Cancelled, Some("cancelled"), &state.relay.instance).await?;
+                state
+                    .store
+                    .set_status(
+                        &id,
+                        Status::Cancelled,
+                        Some("cancelled"),
+                        &state.relay.instance,
+                    )
+                    .await?;
             }
         }
-        let status = state.store.get(&id).await?.map_or("cancelled", |r| r.status.as_str());
+        let status = state
+            .store
+            .get(&id)
+            .await?
+            .map_or("cancelled", |r| r.status.as_str());
         Ok::<_, ApiError>(axum::Json(json!({"id": id, "status": status})).into_response())
     }
     .await;

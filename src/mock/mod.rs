@@ -5,8 +5,18 @@
 //! (a trailing assistant prefix left out), the same for the same messages,
 //! one word per chunk. A trailing assistant message is a prefix to continue:
 //! it must be the start of the answer, and only the words after it are sent.
-//! Knobs ride in the request body's `mock` object; `GET /mock/stats` counts
-//! requests so tests can prove an upstream request was really dropped.
+//! Knobs ride in the request body's `mock` object and pass through the
+//! gateway untouched:
+//! - `words`: the answer's natural length (default: prefix + `max_tokens`, else 64);
+//! - `token_interval_ms`: pacing between chunks (0: as fast as possible);
+//! - `delay_ms`: wait before the response head;
+//! - `fail_after` / `stall_after`: once the answer holds that many words
+//!   (prefix included, so a continuation past that point succeeds), cut the
+//!   connection / stop sending while keeping it open;
+//! - `status`: answer with that HTTP status and an error body.
+//!
+//! `GET /mock/stats` counts requests so tests can prove an upstream request
+//! was really dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,7 +82,9 @@ impl Plan {
     }
 
     fn new_text(&self) -> String {
-        (self.skip..self.words.len()).map(|i| self.piece(i)).collect()
+        (self.skip..self.words.len())
+            .map(|i| self.piece(i))
+            .collect()
     }
 }
 
@@ -84,8 +96,12 @@ enum Dialect {
 
 fn error(status: StatusCode, dialect: Dialect, message: &str) -> Response {
     let body = match dialect {
-        Dialect::OpenAi => json!({"error": {"message": message, "type": "invalid_request_error", "code": status.as_u16()}}),
-        Dialect::Anthropic => json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}}),
+        Dialect::OpenAi => {
+            json!({"error": {"message": message, "type": "invalid_request_error", "code": status.as_u16()}})
+        }
+        Dialect::Anthropic => {
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+        }
     };
     (status, axum::Json(body)).into_response()
 }
@@ -119,7 +135,9 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-const FALLBACK: &[&str] = &["the", "tide", "gate", "holds", "every", "stream", "until", "it", "ends"];
+const FALLBACK: &[&str] = &[
+    "the", "tide", "gate", "holds", "every", "stream", "until", "it", "ends",
+];
 
 fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
     let bad = |m: &str| error(StatusCode::BAD_REQUEST, dialect, m);
@@ -134,10 +152,16 @@ fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
                 .and_then(text_of)
                 .ok_or_else(|| bad("the assistant prefix has no text content"))?;
             if dialect == Dialect::OpenAi {
-                let continue_final = body.get("continue_final_message").and_then(Value::as_bool) == Some(true);
-                let generation_prompt = body.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
+                let continue_final =
+                    body.get("continue_final_message").and_then(Value::as_bool) == Some(true);
+                let generation_prompt = body
+                    .get("add_generation_prompt")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
                 if continue_final && generation_prompt {
-                    return Err(bad("continue_final_message requires add_generation_prompt: false"));
+                    return Err(bad(
+                        "continue_final_message requires add_generation_prompt: false",
+                    ));
                 }
             }
             (&messages[..messages.len() - 1], Some(text))
@@ -156,7 +180,10 @@ fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
     }
     let vocab: Vec<String> = joined
         .split_whitespace()
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
         .filter(|w| !w.is_empty())
         .collect();
     let vocab: Vec<String> = if vocab.is_empty() {
@@ -174,7 +201,8 @@ fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
         .map(|v| v as usize);
 
     // Find how many words the prefix covers.
-    let word = |i: usize| vocab[(mix(seed.wrapping_add(i as u64)) % vocab.len() as u64) as usize].clone();
+    let word =
+        |i: usize| vocab[(mix(seed.wrapping_add(i as u64)) % vocab.len() as u64) as usize].clone();
     let mut skip = 0;
     if let Some(prefix) = &prefix {
         let mut built = String::new();
@@ -206,27 +234,42 @@ fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
         fail_after: knob("fail_after").map(|v| v as usize),
         stall_after: knob("stall_after").map(|v| v as usize),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        model: body.get("model").and_then(Value::as_str).unwrap_or("mock").to_owned(),
+        model: body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("mock")
+            .to_owned(),
         id: format!("{:016x}", seed),
     })
 }
 
 async fn chat(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
-    respond(stats, body, Dialect::OpenAi)
+    respond(stats, body, Dialect::OpenAi).await
 }
 
 async fn messages(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
-    respond(stats, body, Dialect::Anthropic)
+    respond(stats, body, Dialect::Anthropic).await
 }
 
-fn respond(stats: Arc<Stats>, body: Bytes, dialect: Dialect) -> Response {
+async fn respond(stats: Arc<Stats>, body: Bytes, dialect: Dialect) -> Response {
     stats.requests_started.fetch_add(1, Ordering::Relaxed);
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, dialect, &format!("malformed JSON: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                dialect,
+                &format!("malformed JSON: {e}"),
+            );
+        }
     };
+    // `delay_ms`: a provider slow to answer at all (first-byte timeouts).
+    if let Some(delay) = parsed.pointer("/mock/delay_ms").and_then(Value::as_u64) {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if let Some(status) = parsed.pointer("/mock/status").and_then(Value::as_u64) {
-        let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error(status, dialect, "the mock was asked to fail");
     }
     let plan = match plan(&parsed, dialect) {
@@ -329,12 +372,15 @@ fn stream(
             yield Ok(sse(Some("content_block_start"), r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#));
         }
         for (sent, index) in (plan.skip..plan.words.len()).enumerate() {
-            if plan.fail_after.is_some_and(|n| index >= n) {
+            if plan.fail_after.is_some_and(|n| n > plan.skip && index >= n) {
                 outcome.ending = Ending::Failed;
+                // Let the chunks already yielded reach the socket: an error
+                // aborts the connection without flushing.
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 yield Err(std::io::Error::other("mock: fail_after reached"));
                 return;
             }
-            if plan.stall_after.is_some_and(|n| index >= n) {
+            if plan.stall_after.is_some_and(|n| n > plan.skip && index >= n) {
                 std::future::pending::<()>().await;
             }
             if !plan.interval.is_zero() && sent > 0 {
@@ -396,7 +442,11 @@ mod tests {
         let b = plan(&body(json!({})), Dialect::OpenAi).unwrap();
         assert_eq!(a.words, b.words);
         assert_eq!(a.words.len(), 10);
-        assert!(a.words.iter().all(|w| ["alpha", "beta", "gamma", "delta"].contains(&w.as_str())));
+        assert!(
+            a.words
+                .iter()
+                .all(|w| ["alpha", "beta", "gamma", "delta"].contains(&w.as_str()))
+        );
     }
 
     #[test]

@@ -67,10 +67,14 @@ impl AbortKind {
     fn message(self) -> &'static str {
         match self {
             AbortKind::ServerRestarting => "the gateway is restarting; resume this stream",
-            AbortKind::UpstreamFailed => "the provider failed mid-stream; resume this stream to continue",
+            AbortKind::UpstreamFailed => {
+                "the provider failed mid-stream; resume this stream to continue"
+            }
             AbortKind::StoreFailed => "the partial-response store failed; the stream cannot go on",
             AbortKind::Cancelled => "the stream was cancelled",
-            AbortKind::Incomplete => "the answer was interrupted and this provider cannot continue it",
+            AbortKind::Incomplete => {
+                "the answer was interrupted and this provider cannot continue it"
+            }
             AbortKind::ClientGone => "the client went away",
         }
     }
@@ -131,7 +135,11 @@ pub fn end_frame(out: &mut BytesMut, end: End, who: &StreamIdentity, last_event_
                 }
                 Protocol::Anthropic => {
                     out.put_slice(b"event: error\ndata: ");
-                    out.put_slice(json!({"type": "error", "error": error}).to_string().as_bytes());
+                    out.put_slice(
+                        json!({"type": "error", "error": error})
+                            .to_string()
+                            .as_bytes(),
+                    );
                 }
             }
             out.put_slice(b"\n\n");
@@ -140,7 +148,11 @@ pub fn end_frame(out: &mut BytesMut, end: End, who: &StreamIdentity, last_event_
 }
 
 /// The error object of an in-band abort event (and of a 503 at the deadline).
-pub fn abort_object(kind: AbortKind, who: &StreamIdentity, last_event_id: u64) -> serde_json::Value {
+pub fn abort_object(
+    kind: AbortKind,
+    who: &StreamIdentity,
+    last_event_id: u64,
+) -> serde_json::Value {
     json!({
         "type": kind.as_str(),
         "code": kind.as_str(),
@@ -158,33 +170,62 @@ mod tests {
     use super::*;
 
     fn who(protocol: Protocol) -> StreamIdentity {
-        StreamIdentity { id: "s1".into(), resume_token: "t".into(), protocol }
+        StreamIdentity {
+            id: "s1".into(),
+            resume_token: "t".into(),
+            protocol,
+        }
     }
 
     #[test]
     fn frames() {
         let mut out = BytesMut::new();
-        write_frame(&mut out, &Event { seq: 3, name: None, data: Bytes::from_static(b"{\"a\":1}") });
+        write_frame(
+            &mut out,
+            &Event {
+                seq: 3,
+                name: None,
+                data: Bytes::from_static(b"{\"a\":1}"),
+            },
+        );
         assert_eq!(&out[..], b"id: 3\ndata: {\"a\":1}\n\n");
         let mut out = BytesMut::new();
-        write_frame(&mut out, &Event { seq: 4, name: Some("ping".into()), data: Bytes::from_static(b"a\nb") });
+        write_frame(
+            &mut out,
+            &Event {
+                seq: 4,
+                name: Some("ping".into()),
+                data: Bytes::from_static(b"a\nb"),
+            },
+        );
         assert_eq!(&out[..], b"id: 4\nevent: ping\ndata: a\ndata: b\n\n");
     }
 
     #[test]
     fn abort_event_shape() {
         let mut out = BytesMut::new();
-        end_frame(&mut out, End::Abort(AbortKind::ServerRestarting), &who(Protocol::OpenAi), 57);
+        end_frame(
+            &mut out,
+            End::Abort(AbortKind::ServerRestarting),
+            &who(Protocol::OpenAi),
+            57,
+        );
         let text = std::str::from_utf8(&out).unwrap();
         assert!(!text.contains("id:"));
-        let v: serde_json::Value = serde_json::from_str(text.trim().strip_prefix("data: ").unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(text.trim().strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(v["error"]["type"], "server_restarting");
         assert_eq!(v["error"]["code"], "server_restarting");
         assert_eq!(v["error"]["resume"], true);
         assert_eq!(v["error"]["last_event_id"], "57");
         assert_eq!(v["error"]["resume_url"], "/v1/streams/s1");
         let mut out = BytesMut::new();
-        end_frame(&mut out, End::Abort(AbortKind::Cancelled), &who(Protocol::Anthropic), 2);
+        end_frame(
+            &mut out,
+            End::Abort(AbortKind::Cancelled),
+            &who(Protocol::Anthropic),
+            2,
+        );
         assert!(out.starts_with(b"event: error\ndata: {"));
         let mut out = BytesMut::new();
         end_frame(&mut out, End::Done, &who(Protocol::Anthropic), 2);

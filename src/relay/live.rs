@@ -75,7 +75,9 @@ impl LiveStream {
     fn lock(&self) -> MutexGuard<'_, LiveState> {
         // A panic while holding this lock would be a bug in a few lines of
         // bookkeeping; the state stays consistent, so keep serving it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The pump publishes a durable event.
@@ -107,7 +109,11 @@ impl LiveStream {
         let state = self.lock();
         let skip = cursor.saturating_sub(self.base) as usize;
         Snapshot {
-            events: state.events.get(skip..).map(<[Event]>::to_vec).unwrap_or_default(),
+            events: state
+                .events
+                .get(skip..)
+                .map(<[Event]>::to_vec)
+                .unwrap_or_default(),
             end: state.end,
         }
     }
@@ -131,7 +137,9 @@ impl LiveStream {
     /// Why the token was cancelled: a reason given to [`cancel`](Self::cancel),
     /// else the drain deadline (the parent token).
     pub fn cancel_reason(&self) -> AbortKind {
-        self.lock().cancel_reason.unwrap_or(AbortKind::ServerRestarting)
+        self.lock()
+            .cancel_reason
+            .unwrap_or(AbortKind::ServerRestarting)
     }
 
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
@@ -183,7 +191,9 @@ pub struct Registry {
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<LiveStream>>> {
-        self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<LiveStream>> {
@@ -236,7 +246,11 @@ mod tests {
 
     fn live(policy: DisconnectPolicy) -> Arc<LiveStream> {
         Arc::new(LiveStream::new(
-            StreamIdentity { id: "s".into(), resume_token: "t".into(), protocol: Protocol::OpenAi },
+            StreamIdentity {
+                id: "s".into(),
+                resume_token: "t".into(),
+                protocol: Protocol::OpenAi,
+            },
             "o".into(),
             5,
             CancellationToken::new(),
@@ -246,7 +260,11 @@ mod tests {
     }
 
     fn event(seq: u64) -> Event {
-        Event { seq, name: None, data: Bytes::from_static(b"x") }
+        Event {
+            seq,
+            name: None,
+            data: Bytes::from_static(b"x"),
+        }
     }
 
     #[test]

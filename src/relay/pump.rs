@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
 use super::event::{AbortKind, End, Event};
@@ -65,9 +65,18 @@ impl Pump {
         let response = match sent {
             Ok(r) if is_event_stream(r.headers()) => r,
             Ok(r) => {
-                let content_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("no content type");
-                let message = format!("upstream `{}` answered with {content_type}, not an event stream", self.upstream.config.name);
-                return self.start_failed(StartError::NotAStream(message), started).await;
+                let content_type = r
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("no content type");
+                let message = format!(
+                    "upstream `{}` answered with {content_type}, not an event stream",
+                    self.upstream.config.name
+                );
+                return self
+                    .start_failed(StartError::NotAStream(message), started)
+                    .await;
             }
             Err(e) => return self.start_failed(e, started).await,
         };
@@ -76,7 +85,11 @@ impl Pump {
         self.finish(end, None).await;
     }
 
-    async fn start_failed(&self, error: StartError, started: oneshot::Sender<Result<(), StartError>>) {
+    async fn start_failed(
+        &self,
+        error: StartError,
+        started: oneshot::Sender<Result<(), StartError>>,
+    ) {
         let kind = match &error {
             StartError::Cancelled(kind) => *kind,
             _ => {
@@ -87,7 +100,11 @@ impl Pump {
         let _ = started.send(Err(error));
         // A first request that never started is over (its client got an
         // error status); a continuation stays resumable.
-        let status = if self.continuation.is_some() { Status::Interrupted } else { Status::Failed };
+        let status = if self.continuation.is_some() {
+            Status::Interrupted
+        } else {
+            Status::Failed
+        };
         self.finish(End::Abort(kind), Some(status)).await;
     }
 
@@ -124,7 +141,9 @@ impl Pump {
             if self.protocol == Protocol::OpenAi && event.data == "[DONE]" {
                 return End::Done;
             }
-            if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event) {
+            if self.continuation.is_some()
+                && continuation::skip_in_continuation(self.protocol, &event)
+            {
                 continue;
             }
             let finished = self.protocol == Protocol::Anthropic && event.event == "message_stop";
@@ -164,23 +183,30 @@ impl Pump {
                 status.unwrap_or(match kind {
                     AbortKind::Cancelled => Status::Cancelled,
                     AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
-                    AbortKind::ServerRestarting | AbortKind::UpstreamFailed | AbortKind::ClientGone => {
-                        Status::Interrupted
-                    }
+                    AbortKind::ServerRestarting
+                    | AbortKind::UpstreamFailed
+                    | AbortKind::ClientGone => Status::Interrupted,
                 }),
                 Some(kind.as_str()),
             ),
         };
         let id = &self.live.who.id;
-        if let Err(e) = self.ctx.store.set_status(id, status, reason, &self.ctx.instance).await {
+        if let Err(e) = self
+            .ctx
+            .store
+            .set_status(id, status, reason, &self.ctx.instance)
+            .await
+        {
             tracing::error!(stream = %id, error = %e, "could not record the stream's end");
             self.ctx.metrics.store_errors.inc();
         }
         if let Err(e) = self.ctx.store.release_lease(id, &self.ctx.instance).await {
             tracing::warn!(stream = %id, error = %e, "could not release the stream's lease");
         }
-        self.live.finish(end);
+        // Out of the registry first: a client that reacts to the end at once
+        // must find the stored status, not this finished run.
         self.ctx.registry.remove(&self.live);
+        self.live.finish(end);
         self.ctx.metrics.stream_ended(end);
         tracing::debug!(stream = %id, status = status.as_str(), "stream ended");
     }
@@ -245,6 +271,6 @@ pub async fn follow_remote(live: Arc<LiveStream>, ctx: Arc<RelayContext>) {
         }
         break end;
     };
-    live.finish(end);
     ctx.registry.remove(&live);
+    live.finish(end);
 }

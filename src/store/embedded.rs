@@ -88,7 +88,10 @@ impl EmbeddedStore {
             )),
             other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
         })?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(io);
+        let open = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(io)
+        };
         let streams = open("streams")?;
         let events = open("events")?;
         let idempotency = open("idempotency")?;
@@ -157,7 +160,9 @@ fn writer_loop(
         for write in &pending {
             for op in &write.ops {
                 match op {
-                    Op::Put(space, k, v) => batch.insert(&spaces[*space as usize], k.as_slice(), v.as_slice()),
+                    Op::Put(space, k, v) => {
+                        batch.insert(&spaces[*space as usize], k.as_slice(), v.as_slice())
+                    }
                     Op::Remove(space, k) => batch.remove(&spaces[*space as usize], k.as_slice()),
                 }
             }
@@ -192,8 +197,12 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
 impl Store for EmbeddedStore {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(record).map_err(io)?;
-        self.write(vec![Op::Put(Space::Streams, record.id.as_bytes().to_vec(), value)])
-            .await
+        self.write(vec![Op::Put(
+            Space::Streams,
+            record.id.as_bytes().to_vec(),
+            value,
+        )])
+        .await
     }
 
     async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
@@ -220,8 +229,12 @@ impl Store for EmbeddedStore {
         record.updated_ms = now_ms();
         record.instance = instance.to_owned();
         let value = serde_json::to_vec(&record).map_err(io)?;
-        self.write(vec![Op::Put(Space::Streams, stream_id.as_bytes().to_vec(), value)])
-            .await
+        self.write(vec![Op::Put(
+            Space::Streams,
+            stream_id.as_bytes().to_vec(),
+            value,
+        )])
+        .await
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
@@ -259,7 +272,8 @@ impl Store for EmbeddedStore {
             }
         }
         let value = serde_json::to_vec(&(entry, now_ms())).map_err(io)?;
-        self.write(vec![Op::Put(Space::Idempotency, k, value)]).await?;
+        self.write(vec![Op::Put(Space::Idempotency, k, value)])
+            .await?;
         Ok(None)
     }
 

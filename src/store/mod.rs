@@ -126,7 +126,12 @@ pub trait Store: Send + Sync {
     async fn release_lease(&self, stream_id: &str, instance: &str) -> Result<(), StoreError>;
     /// Wait for the next events of a stream run by another replica
     /// (`seq > after`), up to `wait`. Local stores never have such streams.
-    async fn follow(&self, stream_id: &str, after: u64, wait: Duration) -> Result<Vec<Event>, StoreError> {
+    async fn follow(
+        &self,
+        stream_id: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<Event>, StoreError> {
         let _ = wait;
         self.events_after(stream_id, after).await
     }

@@ -72,12 +72,16 @@ impl RedisStore {
             client.get_connection_manager_with_config(manager_config),
         )
         .await
-        .map_err(|_| StoreError::Unavailable(format!("cannot connect to redis at {shown}: timed out")))?
+        .map_err(|_| {
+            StoreError::Unavailable(format!("cannot connect to redis at {shown}: timed out"))
+        })?
         .map_err(|e| StoreError::Unavailable(format!("cannot connect to redis at {shown}: {e}")))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("redis at {shown} does not answer PING: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("redis at {shown} does not answer PING: {e}"))
+            })?;
         Ok(RedisStore {
             client,
             conn,
@@ -93,8 +97,14 @@ impl RedisStore {
     {
         match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis at {}: {e}", self.url_for_errors))),
-            Err(_) => Err(StoreError::Unavailable(format!("redis at {}: command timed out", self.url_for_errors))),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "redis at {}: {e}",
+                self.url_for_errors
+            ))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis at {}: command timed out",
+                self.url_for_errors
+            ))),
         }
     }
 
@@ -120,7 +130,9 @@ impl RedisStore {
 
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -130,7 +142,8 @@ impl Store for RedisStore {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_string(record).map_err(unavailable)?;
         let mut conn = self.conn.clone();
-        self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms)).await
+        self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms))
+            .await
     }
 
     async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
@@ -193,7 +206,11 @@ impl Store for RedisStore {
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
         let mut conn = self.conn.clone();
         let reply: StreamRangeReply = self
-            .run(conn.xrange(events_key(stream_id), format!("{}-0", after.saturating_add(1)), "+"))
+            .run(conn.xrange(
+                events_key(stream_id),
+                format!("{}-0", after.saturating_add(1)),
+                "+",
+            ))
             .await?;
         Self::parse_entries(reply.ids)
     }
@@ -256,7 +273,13 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for id in stream_ids {
-            pipe.cmd("EVAL").arg(RENEW).arg(1).arg(lease_key(id)).arg(instance).arg(self.lease_ms).ignore();
+            pipe.cmd("EVAL")
+                .arg(RENEW)
+                .arg(1)
+                .arg(lease_key(id))
+                .arg(instance)
+                .arg(self.lease_ms)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         self.run(pipe.query_async::<()>(&mut conn)).await
@@ -276,13 +299,20 @@ impl Store for RedisStore {
         .map(|_| ())
     }
 
-    async fn follow(&self, stream_id: &str, after: u64, wait: Duration) -> Result<Vec<Event>, StoreError> {
+    async fn follow(
+        &self,
+        stream_id: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<Event>, StoreError> {
         // XREAD BLOCK holds its connection: followers get one of their own
         // so the shared connection never waits behind them.
         let mut conn = self
             .run(self.client.get_multiplexed_async_connection())
             .await?;
-        let options = StreamReadOptions::default().block(wait.as_millis() as usize).count(512);
+        let options = StreamReadOptions::default()
+            .block(wait.as_millis() as usize)
+            .count(512);
         let reply: Option<StreamReadReply> = match tokio::time::timeout(
             wait + COMMAND_TIMEOUT,
             conn.xread_options(&[events_key(stream_id)], &[format!("{after}-0")], &options),
@@ -300,7 +330,8 @@ impl Store for RedisStore {
 
     async fn request_cancel(&self, stream_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        self.run(conn.pset_ex::<_, _, ()>(cancel_key(stream_id), 1, 60_000)).await
+        self.run(conn.pset_ex::<_, _, ()>(cancel_key(stream_id), 1, 60_000))
+            .await
     }
 
     async fn cancel_requested(&self, stream_ids: &[String]) -> Result<Vec<String>, StoreError> {
@@ -344,14 +375,22 @@ mod tests {
 
     #[test]
     fn keys_share_one_hash_tag() {
-        for key in [events_key("s1"), record_key("s1"), lease_key("s1"), cancel_key("s1")] {
+        for key in [
+            events_key("s1"),
+            record_key("s1"),
+            lease_key("s1"),
+            cancel_key("s1"),
+        ] {
             assert!(key.contains("{s1}"), "{key}");
         }
     }
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("redis://user:pw@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(
+            redact_url("redis://user:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -42,10 +42,14 @@ impl TokenSigner {
 
     /// Constant-time check of a presented token.
     pub fn verify(&self, stream_id: &str, owner: &str, token: &str) -> bool {
-        let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim()) else {
+        let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim())
+        else {
             return false;
         };
-        self.mac(stream_id, owner).verify_truncated_left(&bytes).is_ok() && bytes.len() == 24
+        self.mac(stream_id, owner)
+            .verify_truncated_left(&bytes)
+            .is_ok()
+            && bytes.len() == 24
     }
 }
 

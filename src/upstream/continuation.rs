@@ -30,9 +30,14 @@ pub fn event_text(protocol: Protocol, event: &Event) -> Option<String> {
             .pointer("/choices/0/delta/content")
             .and_then(Value::as_str)
             .map(str::to_owned),
-        Protocol::Anthropic => (v.get("type").and_then(Value::as_str) == Some("content_block_delta"))
-            .then(|| v.pointer("/delta/text").and_then(Value::as_str).map(str::to_owned))
-            .flatten(),
+        Protocol::Anthropic => (v.get("type").and_then(Value::as_str)
+            == Some("content_block_delta"))
+        .then(|| {
+            v.pointer("/delta/text")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .flatten(),
     }
 }
 
@@ -40,25 +45,36 @@ pub fn partial(protocol: Protocol, events: &[Event]) -> Partial {
     let mut out = Partial::default();
     for event in events {
         out.last_seq = out.last_seq.max(event.seq);
-        let Ok(v) = serde_json::from_slice::<Value>(&event.data) else { continue };
+        let Ok(v) = serde_json::from_slice::<Value>(&event.data) else {
+            continue;
+        };
         match protocol {
             Protocol::OpenAi => {
                 if out.chunk_id.is_none() {
                     out.chunk_id = v.get("id").and_then(Value::as_str).map(str::to_owned);
                 }
-                if let Some(text) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+                if let Some(text) = v
+                    .pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                {
                     if !text.is_empty() {
                         out.text.push_str(text);
                         out.tokens += 1;
                     }
                 }
-                if let Some(reason) = v.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+                if let Some(reason) = v
+                    .pointer("/choices/0/finish_reason")
+                    .and_then(Value::as_str)
+                {
                     out.finish_reason = Some(reason.to_owned());
                 }
             }
             Protocol::Anthropic => match v.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
-                    out.chunk_id = v.pointer("/message/id").and_then(Value::as_str).map(str::to_owned);
+                    out.chunk_id = v
+                        .pointer("/message/id")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
                 }
                 Some("content_block_delta") => {
                     if let Some(text) = v.pointer("/delta/text").and_then(Value::as_str) {
@@ -92,7 +108,9 @@ pub enum Plan {
 
 pub fn plan(original: &Value, protocol: Protocol, style: Continuation, partial: &Partial) -> Plan {
     let mut body = original.clone();
-    let Some(object) = body.as_object_mut() else { return Plan::Unsupported };
+    let Some(object) = body.as_object_mut() else {
+        return Plan::Unsupported;
+    };
     object.insert("stream".into(), Value::Bool(true));
     if partial.tokens == 0 && partial.text.is_empty() {
         // Nothing was said yet: asking again is a continuation of nothing.
@@ -134,12 +152,18 @@ pub fn plan(original: &Value, protocol: Protocol, style: Continuation, partial: 
 /// Events of a continuation that the client already has from the original
 /// (Anthropic repeats the message and block openers).
 pub fn skip_in_continuation(protocol: Protocol, event: &eventsource_stream::Event) -> bool {
-    protocol == Protocol::Anthropic && matches!(event.event.as_str(), "message_start" | "content_block_start" | "ping")
+    protocol == Protocol::Anthropic
+        && matches!(
+            event.event.as_str(),
+            "message_start" | "content_block_start" | "ping"
+        )
 }
 
 /// Give a continued chunk the original's id, so the answer reads as one.
 pub fn rewrite(protocol: Protocol, data: String, chunk_id: Option<&str>) -> Bytes {
-    let (Protocol::OpenAi, Some(id)) = (protocol, chunk_id) else { return Bytes::from(data) };
+    let (Protocol::OpenAi, Some(id)) = (protocol, chunk_id) else {
+        return Bytes::from(data);
+    };
     match serde_json::from_str::<Value>(&data) {
         Ok(mut v) if v.get("id").and_then(Value::as_str) != Some(id) && v.get("id").is_some() => {
             v["id"] = Value::String(id.to_owned());
@@ -165,7 +189,10 @@ mod tests {
 
     #[test]
     fn reads_back_the_partial_answer() {
-        let p = partial(Protocol::OpenAi, &[chunk(1, "a"), chunk(2, " b"), chunk(3, "")]);
+        let p = partial(
+            Protocol::OpenAi,
+            &[chunk(1, "a"), chunk(2, " b"), chunk(3, "")],
+        );
         assert_eq!(p.text, "a b");
         assert_eq!(p.tokens, 2);
         assert_eq!(p.chunk_id.as_deref(), Some("c1"));
@@ -175,24 +202,65 @@ mod tests {
     #[test]
     fn builds_each_style() {
         let original = json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 10, "stream": true});
-        let p = Partial { text: "a b".into(), tokens: 2, chunk_id: None, finish_reason: None, last_seq: 2 };
-        let Plan::Continue(v) = plan(&original, Protocol::OpenAi, Continuation::ContinueFinalMessage, &p) else { panic!() };
+        let p = Partial {
+            text: "a b".into(),
+            tokens: 2,
+            chunk_id: None,
+            finish_reason: None,
+            last_seq: 2,
+        };
+        let Plan::Continue(v) = plan(
+            &original,
+            Protocol::OpenAi,
+            Continuation::ContinueFinalMessage,
+            &p,
+        ) else {
+            panic!()
+        };
         assert_eq!(v["max_tokens"], 8);
         assert_eq!(v["continue_final_message"], true);
         assert_eq!(v["add_generation_prompt"], false);
-        assert_eq!(v["messages"][1], json!({"role": "assistant", "content": "a b"}));
-        let Plan::Continue(v) = plan(&original, Protocol::OpenAi, Continuation::Prefix, &p) else { panic!() };
+        assert_eq!(
+            v["messages"][1],
+            json!({"role": "assistant", "content": "a b"})
+        );
+        let Plan::Continue(v) = plan(&original, Protocol::OpenAi, Continuation::Prefix, &p) else {
+            panic!()
+        };
         assert_eq!(v["messages"][1]["prefix"], true);
-        let Plan::Continue(v) = plan(&original, Protocol::OpenAi, Continuation::AssistantPrefix, &p) else { panic!() };
-        assert_eq!(v["messages"][1], json!({"role": "assistant", "content": "a b"}));
-        assert_eq!(plan(&original, Protocol::OpenAi, Continuation::None, &p), Plan::Unsupported);
-        let spent = Partial { tokens: 10, ..p.clone() };
-        assert_eq!(plan(&original, Protocol::OpenAi, Continuation::Prefix, &spent), Plan::AlreadyComplete);
+        let Plan::Continue(v) = plan(
+            &original,
+            Protocol::OpenAi,
+            Continuation::AssistantPrefix,
+            &p,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            v["messages"][1],
+            json!({"role": "assistant", "content": "a b"})
+        );
+        assert_eq!(
+            plan(&original, Protocol::OpenAi, Continuation::None, &p),
+            Plan::Unsupported
+        );
+        let spent = Partial {
+            tokens: 10,
+            ..p.clone()
+        };
+        assert_eq!(
+            plan(&original, Protocol::OpenAi, Continuation::Prefix, &spent),
+            Plan::AlreadyComplete
+        );
     }
 
     #[test]
     fn rewrites_chunk_ids() {
-        let out = rewrite(Protocol::OpenAi, r#"{"id":"new","x":1}"#.into(), Some("old"));
+        let out = rewrite(
+            Protocol::OpenAi,
+            r#"{"id":"new","x":1}"#.into(),
+            Some("old"),
+        );
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["id"], "old");
     }
 }

@@ -34,7 +34,12 @@ pub enum UpstreamError {
 
 /// Client headers worth passing to the provider. Everything else (cookies,
 /// hop-by-hop headers, our own) stays behind.
-const FORWARDED: &[&str] = &["anthropic-version", "anthropic-beta", "openai-organization", "openai-project"];
+const FORWARDED: &[&str] = &[
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-organization",
+    "openai-project",
+];
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, reqwest::Error> {
@@ -91,7 +96,10 @@ impl Upstream {
         let after = self.config.first_byte_timeout;
         let response = match tokio::time::timeout(after, request.send()).await {
             Err(_) => {
-                return Err(UpstreamError::Timeout { upstream: self.config.name.clone(), after });
+                return Err(UpstreamError::Timeout {
+                    upstream: self.config.name.clone(),
+                    after,
+                });
             }
             Ok(Err(e)) if e.is_timeout() => {
                 return Err(UpstreamError::Timeout {

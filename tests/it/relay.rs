@@ -1,0 +1,314 @@
+//! The spine: relay, cancellation, failures, bad input, config errors.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn setup(extra: &str) -> (std::path::PathBuf, Mock, Gateway) {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let gw = Gateway::start(
+        &dir,
+        &config(&mock, "127.0.0.1:0", "kind = \"memory\"", extra),
+    )
+    .await;
+    (dir, mock, gw)
+}
+
+#[tokio::test]
+async fn relays_the_exact_text_with_ids_and_done() {
+    let (_dir, mock, gw) = setup("").await;
+    let request = chat(50, 0, "relay");
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
+    assert_eq!(sse.status, 200);
+    assert!(sse.header("x-tidegate-stream-id").starts_with("tg_"));
+    assert!(!sse.header("x-tidegate-resume-token").is_empty());
+    assert!(sse.header("content-type").starts_with("text/event-stream"));
+    let events = sse.rest().await;
+    assert!(
+        events.last().is_some_and(SseEvent::is_done),
+        "ends with [DONE]"
+    );
+    assert_contiguous(&ids_of(&events));
+    assert_eq!(ids_of(&events).len(), 51, "50 words and the finish chunk");
+    assert_eq!(text_of(&events), mock.answer(&request).await);
+
+    // Non-streaming requests pass through as the provider's JSON.
+    let mut plain = request.clone();
+    plain["stream"] = json!(false);
+    let v: Value = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        text_of(&events)
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_drops_the_upstream() {
+    let (_dir, mock, gw) = setup("").await;
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(200, 20, "leaving")).await;
+    assert_eq!(sse.take(5).await.len(), 5);
+    assert_eq!(mock.stat("requests_cancelled").await, 0);
+    let left = Instant::now();
+    drop(sse);
+    let cancelled = mock
+        .wait_for("requests_cancelled", 1, Duration::from_secs(2))
+        .await;
+    assert_eq!(cancelled, 1, "the mock saw the upstream request dropped");
+    println!(
+        "client gone -> upstream dropped seen by the mock after {:?}",
+        left.elapsed()
+    );
+    assert!(left.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn upstream_errors_before_the_first_byte_become_statuses() {
+    let (_dir, _mock, gw) = setup("").await;
+    // The provider answers 500 / 429: same status, OpenAI error body.
+    for status in [500u16, 429] {
+        let mut req = chat(5, 0, "fail");
+        req["mock"]["status"] = json!(status);
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    // First-byte timeout (2s in the test config): 504.
+    let mut req = chat(5, 0, "slow");
+    req["mock"]["delay_ms"] = json!(4000);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502() {
+    let dir = tempdir();
+    let port = free_port(); // nothing listens there
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[store]\nkind = \"memory\"\n[[upstreams]]\nname = \"gone\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n"
+    );
+    let gw = Gateway::start(&dir, &config).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(5, 0, "x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    assert_eq!(v["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn provider_dying_or_stalling_mid_stream_ends_with_upstream_failed() {
+    let (_dir, _mock, gw) = setup("").await;
+    for knob in ["fail_after", "stall_after"] {
+        let mut req = chat(30, 5, knob);
+        req["mock"][knob] = json!(7);
+        let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &req).await;
+        assert_eq!(sse.status, 200);
+        let events = sse.rest().await;
+        let last = events.last().expect("some events");
+        let error = last
+            .error()
+            .unwrap_or_else(|| panic!("{knob}: last event is an abort, got {last:?}"));
+        assert_eq!(error["type"], "upstream_failed", "{knob}");
+        assert_eq!(error["code"], "upstream_failed");
+        assert_eq!(error["resume"], true);
+        assert_eq!(
+            error["stream_id"].as_str().unwrap(),
+            sse.header("x-tidegate-stream-id")
+        );
+        assert_eq!(error["last_event_id"], "7");
+        assert!(last.id.is_none(), "the abort event has no id");
+        assert_contiguous(&ids_of(&events));
+        assert_eq!(ids_of(&events).len(), 7);
+        assert!(!events.iter().any(SseEvent::is_done));
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_openai_shaped_errors() {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let mut cfg = config(
+        &mock,
+        "127.0.0.1:0",
+        "kind = \"memory\"",
+        "max_body_bytes = 4096",
+    );
+    cfg = cfg.replace("models = [\"*\"]", "models = [\"mock-*\"]");
+    let gw = Gateway::start(&dir, &cfg).await;
+    let url = gw.url("/v1/chat/completions");
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (client().post(&url).body("{not json"), 400, "invalid_json"),
+        (
+            client().post(&url).json(&json!({"model": "mock-x"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            client()
+                .post(&url)
+                .json(&json!({"messages": [{"role": "user", "content": "hi"}]})),
+            400,
+            "invalid_request",
+        ),
+        (
+            client()
+                .post(&url)
+                .json(&json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})),
+            404,
+            "model_not_found",
+        ),
+        (
+            client().post(&url).body(format!(
+                "{{\"model\":\"mock-x\",\"pad\":\"{}\"}}",
+                "x".repeat(8000)
+            )),
+            413,
+            "request_too_large",
+        ),
+        (client().get(gw.url("/v2/nothing")), 404, "not_found"),
+    ];
+    for (request, status, code) in cases {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "expected {status} for {code}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(v["error"]["type"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn config_errors_exit_64_and_name_the_problem() {
+    let dir = tempdir();
+    let cases = [
+        ("[drain]\ngrac = \"1s\"\n", vec![], "grac"),
+        (
+            "[[upstreams]]\nname = \"v\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"TIDEGATE_TEST_MISSING_KEY\"\n",
+            vec![],
+            "TIDEGATE_TEST_MISSING_KEY",
+        ),
+        ("", vec![("TIDEGATE_DRAIN__GRACE", "soon")], "drain.grace"),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n",
+            vec![],
+            "resume.secret_env",
+        ),
+    ];
+    for (i, (text, env, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for command in ["serve", "check-config"] {
+            let out = std::process::Command::new(BIN)
+                .args([command, "--config", path.to_str().unwrap()])
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(64), "{command} {text}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(needle),
+                "{command}: `{needle}` not in {stderr}"
+            );
+        }
+    }
+    // A good config: check-config prints routing and the drain timeline.
+    let path = dir.join("good.toml");
+    std::fs::write(&path, "[drain]\ngrace = \"40s\"\n[[upstreams]]\nname = \"v\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodels = [\"llama-*\"]\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("llama-*"), "{stdout}");
+    assert!(
+        stdout.contains("terminationGracePeriodSeconds >= 45"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("TimeoutStopSec >= 45s"), "{stdout}");
+    assert!(stdout.contains("warning: the drain needs 45s"), "{stdout}");
+}
+
+#[tokio::test]
+async fn zero_config_serves_the_builtin_mock() {
+    let dir = tempdir();
+    let port = free_port();
+    let mut proc = spawn_in(&dir, &["serve", "--listen", &format!("127.0.0.1:{port}")]).await;
+    let mut sse = Sse::post(
+        &format!("{}/v1/chat/completions", proc.url()),
+        &chat(8, 0, "demo"),
+    )
+    .await;
+    let events = sse.rest().await;
+    assert!(events.last().is_some_and(SseEvent::is_done));
+    assert_eq!(ids_of(&events).len(), 9);
+    assert!(
+        proc.log_text().contains("built-in mock provider"),
+        "says so loudly"
+    );
+    assert!(
+        dir.join("tidegate-data").exists(),
+        "embedded store in ./tidegate-data"
+    );
+    proc.signal("TERM");
+    assert!(proc.exit(Duration::from_secs(10)).await.success());
+}
+
+/// Start the binary with `dir` as its working directory and no config.
+async fn spawn_in(dir: &std::path::Path, args: &[&str]) -> Proc {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let log = dir.join("zero.log");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    Proc {
+        child,
+        addr: line.trim_start_matches("listening on http://").to_owned(),
+        log,
+    }
+}
