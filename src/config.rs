@@ -475,21 +475,19 @@ impl Config {
             upstreams.push(upstream(index, raw, env)?);
         }
         let builtin_mock = upstreams.is_empty();
-        if builtin_mock {
-            if let Some(key) = env.var("OPENAI_API_KEY") {
-                upstreams.push(UpstreamConfig {
-                    name: "openai".into(),
-                    protocol: Protocol::OpenAi,
-                    base_url: "https://api.openai.com/v1".into(),
-                    api_key_env: Some("OPENAI_API_KEY".into()),
-                    api_key: Some(Secret(key)),
-                    models: vec!["*".into()],
-                    continuation: Continuation::None,
-                    connect_timeout: Duration::from_secs(10),
-                    first_byte_timeout: Duration::from_secs(120),
-                    idle_timeout: Duration::from_secs(120),
-                });
-            }
+        if builtin_mock && let Some(key) = env.var("OPENAI_API_KEY") {
+            upstreams.push(UpstreamConfig {
+                name: "openai".into(),
+                protocol: Protocol::OpenAi,
+                base_url: "https://api.openai.com/v1".into(),
+                api_key_env: Some("OPENAI_API_KEY".into()),
+                api_key: Some(Secret(key)),
+                models: vec!["*".into()],
+                continuation: Continuation::None,
+                connect_timeout: Duration::from_secs(10),
+                first_byte_timeout: Duration::from_secs(120),
+                idle_timeout: Duration::from_secs(120),
+            });
         }
         let builtin_mock = upstreams.is_empty();
 

@@ -253,7 +253,7 @@ mod tests {
         let drain = Arc::new(Drain::new());
         let active = Arc::new(AtomicUsize::new(3));
         let (d, a) = (drain.clone(), active.clone());
-        let run = tokio::spawn(async move {
+        let run = TaskTracker::new().spawn(async move {
             d.timeline(config(), move || a.load(Ordering::Relaxed))
                 .await
         });
@@ -277,7 +277,7 @@ mod tests {
     async fn ends_early_when_idle_and_hurries_on_second_signal() {
         let drain = Arc::new(Drain::new());
         let d = drain.clone();
-        let run = tokio::spawn(async move { d.timeline(config(), || 0).await });
+        let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 0).await });
         drain.begin("test");
         let report = run.await.unwrap();
         assert!(report.idle_early);
@@ -285,7 +285,7 @@ mod tests {
         let drain = Arc::new(Drain::new());
         let d = drain.clone();
         let started = Instant::now();
-        let run = tokio::spawn(async move { d.timeline(config(), || 5).await });
+        let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 5).await });
         drain.begin("first");
         tokio::time::sleep(Duration::from_millis(100)).await;
         drain.begin("second");

@@ -139,8 +139,9 @@ const FALLBACK: &[&str] = &[
     "the", "tide", "gate", "holds", "every", "stream", "until", "it", "ends",
 ];
 
-fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Response> {
-    let bad = |m: &str| error(StatusCode::BAD_REQUEST, dialect, m);
+/// The answer to `body`, or why the request is bad (a 400).
+fn plan(body: &Value, dialect: Dialect) -> Result<Plan, String> {
+    let bad = |m: &str| m.to_owned();
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -274,7 +275,7 @@ async fn respond(stats: Arc<Stats>, body: Bytes, dialect: Dialect) -> Response {
     }
     let plan = match plan(&parsed, dialect) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, dialect, &message),
     };
     if !plan.stream {
         stats.requests_completed.fetch_add(1, Ordering::Relaxed);

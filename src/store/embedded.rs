@@ -176,10 +176,10 @@ fn writer_loop(
 }
 
 fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
-    if let Ok(bytes) = std::fs::read(path) {
-        if bytes.len() >= 32 {
-            return Ok(bytes);
-        }
+    if let Ok(bytes) = std::fs::read(path)
+        && bytes.len() >= 32
+    {
+        return Ok(bytes);
     }
     let secret = super::token::random_string(32).into_bytes();
     let tmp = path.with_extension("tmp");
@@ -264,12 +264,11 @@ impl Store for EmbeddedStore {
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         let k = pair_key(owner, key);
-        if let Some(bytes) = self.idempotency.get(&k).map_err(io)? {
-            if let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes) {
-                if at + self.ttl_ms > now_ms() {
-                    return Ok(Some(existing));
-                }
-            }
+        if let Some(bytes) = self.idempotency.get(&k).map_err(io)?
+            && let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes)
+            && at + self.ttl_ms > now_ms()
+        {
+            return Ok(Some(existing));
         }
         let value = serde_json::to_vec(&(entry, now_ms())).map_err(io)?;
         self.write(vec![Op::Put(Space::Idempotency, k, value)])

@@ -115,10 +115,10 @@ impl Store for MemoryStore {
         let now = now_ms();
         let mut inner = self.lock()?;
         let slot = (owner.to_owned(), key.to_owned());
-        if let Some((existing, at)) = inner.idempotency.get(&slot) {
-            if at + self.ttl_ms > now {
-                return Ok(Some(existing.clone()));
-            }
+        if let Some((existing, at)) = inner.idempotency.get(&slot)
+            && at + self.ttl_ms > now
+        {
+            return Ok(Some(existing.clone()));
         }
         inner.idempotency.insert(slot, (entry.clone(), now));
         Ok(None)

@@ -56,11 +56,10 @@ pub fn partial(protocol: Protocol, events: &[Event]) -> Partial {
                 if let Some(text) = v
                     .pointer("/choices/0/delta/content")
                     .and_then(Value::as_str)
+                    && !text.is_empty()
                 {
-                    if !text.is_empty() {
-                        out.text.push_str(text);
-                        out.tokens += 1;
-                    }
+                    out.text.push_str(text);
+                    out.tokens += 1;
                 }
                 if let Some(reason) = v
                     .pointer("/choices/0/finish_reason")

@@ -1,3 +1,7 @@
+#![expect(
+    clippy::disallowed_methods,
+    reason = "tests spawn client tasks; the ban guards the gateway's own tasks, which must stay in the drain's tracker"
+)]
 //! Integration tests: the real binary over real sockets on loopback.
 //! One test binary keeps the build fast; each module is one capability.
 
