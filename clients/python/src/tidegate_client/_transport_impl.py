@@ -1,0 +1,178 @@
+"""Module-generic implementation of the resumable transports.
+
+The public classes (for ``httpx`` in :mod:`tidegate_client.transport`, for
+``httpx2`` in :mod:`tidegate_client.httpx2`) are thin subclasses that pin the
+httpx-like module and the base classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterator
+from types import ModuleType
+from typing import Any
+
+from ._core import (
+    ResumePolicy,
+    TransportStats,
+    _AsyncSplice,
+    _SyncSplice,
+    outward_headers,
+    stream_identity,
+)
+
+
+def make_policy(
+    policy: ResumePolicy | None,
+    max_wait: float | None,
+    max_attempts: int | None,
+    initial_backoff: float,
+    max_backoff: float,
+) -> ResumePolicy:
+    """``policy`` wins when given; otherwise build one from the individual arguments."""
+    if policy is not None:
+        return policy
+    return ResumePolicy(
+        max_wait=max_wait,
+        max_attempts=max_attempts,
+        initial_backoff=initial_backoff,
+        max_backoff=max_backoff,
+    )
+
+
+@functools.cache
+def sync_stream_class(hx: ModuleType) -> type:
+    class SplicedStream(hx.SyncByteStream):  # type: ignore[name-defined,misc]
+        """The body of a tidegate stream, spliced over reconnections."""
+
+        def __init__(self, splice: _SyncSplice) -> None:
+            self._splice = splice
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter(self._splice)
+
+        def close(self) -> None:
+            self._splice.close()
+
+    return SplicedStream
+
+
+@functools.cache
+def async_stream_class(hx: ModuleType) -> type:
+    class AsyncSplicedStream(hx.AsyncByteStream):  # type: ignore[name-defined,misc]
+        """The body of a tidegate stream, spliced over reconnections."""
+
+        def __init__(self, splice: _AsyncSplice) -> None:
+            self._splice = splice
+
+        def __aiter__(self) -> AsyncIterator[bytes]:
+            return self._splice.__aiter__()
+
+        async def aclose(self) -> None:
+            await self._splice.aclose()
+
+    return AsyncSplicedStream
+
+
+class SyncImpl:
+    """Shared body of ``ResumableTransport`` for any httpx-like module."""
+
+    _hx: ModuleType
+
+    def _setup(
+        self,
+        transport: Any,
+        policy: ResumePolicy,
+        resume_base_url: str | None,
+    ) -> None:
+        self._inner = transport if transport is not None else self._hx.HTTPTransport()
+        self.policy = policy
+        self.resume_base_url = resume_base_url
+        self.stats = TransportStats()
+
+    @property
+    def inner(self) -> Any:
+        return self._inner
+
+    def _handle(self, request: Any) -> Any:
+        response = self._inner.handle_request(request)
+        ident = stream_identity(request, response)
+        if ident is None:
+            return response
+        return self._wrap(request, response, *ident)
+
+    def _wrap(self, request: Any, response: Any, stream_id: str, token: str | None, last_id: int) -> Any:
+        hx = self._hx
+        splice = _SyncSplice(
+            hx,
+            self._inner,
+            response,
+            request=request,
+            stream_id=stream_id,
+            token=token,
+            last_id=last_id,
+            policy=self.policy,
+            stats=self.stats,
+            resume_base_url=self.resume_base_url,
+        )
+        return hx.Response(
+            response.status_code,
+            headers=outward_headers(response),
+            stream=sync_stream_class(hx)(splice),
+            extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
+        )
+
+    def _close(self) -> None:
+        self._inner.close()
+
+
+class AsyncImpl:
+    """Shared body of ``AsyncResumableTransport`` for any httpx-like module."""
+
+    _hx: ModuleType
+
+    def _setup(
+        self,
+        transport: Any,
+        policy: ResumePolicy,
+        resume_base_url: str | None,
+    ) -> None:
+        self._inner = transport if transport is not None else self._hx.AsyncHTTPTransport()
+        self.policy = policy
+        self.resume_base_url = resume_base_url
+        self.stats = TransportStats()
+
+    @property
+    def inner(self) -> Any:
+        return self._inner
+
+    async def _handle(self, request: Any) -> Any:
+        response = await self._inner.handle_async_request(request)
+        ident = stream_identity(request, response)
+        if ident is None:
+            return response
+        return self._wrap(request, response, *ident)
+
+    def _wrap(self, request: Any, response: Any, stream_id: str, token: str | None, last_id: int) -> Any:
+        hx = self._hx
+        splice = _AsyncSplice(
+            hx,
+            self._inner,
+            response,
+            request=request,
+            stream_id=stream_id,
+            token=token,
+            last_id=last_id,
+            policy=self.policy,
+            stats=self.stats,
+            resume_base_url=self.resume_base_url,
+        )
+        return hx.Response(
+            response.status_code,
+            headers=outward_headers(response),
+            stream=async_stream_class(hx)(splice),
+            extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
+        )
+
+    async def _aclose(self) -> None:
+        await self._inner.aclose()

@@ -1,0 +1,154 @@
+"""Resumable transports for ``httpx2`` (the HTTP library that openai>=3 uses natively).
+
+Same behaviour and arguments as :mod:`tidegate_client.transport`, for
+``httpx2.Client`` / ``httpx2.AsyncClient``::
+
+    import httpx2, openai
+    from tidegate_client.httpx2 import ResumableTransport
+    client = openai.OpenAI(base_url="http://127.0.0.1:8080/v1",
+                           http_client=httpx2.Client(transport=ResumableTransport()))
+
+Requires the ``httpx2`` package (``pip install tidegate-client[httpx2]``).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import httpx2
+
+from ._core import ResumePolicy, TransportStats
+from ._transport_impl import AsyncImpl, SyncImpl, make_policy
+
+__all__ = ["ResumableTransport", "AsyncResumableTransport"]
+
+_DOC_ARGS = """
+    Args:
+        transport: the inner transport that does the real I/O (default: a new
+            ``httpx2.HTTPTransport()`` / ``httpx2.AsyncHTTPTransport()``).  Note that
+            options given to ``httpx2.Client`` itself (``verify``, ``limits``,
+            ``http2``, proxies) do not reach a custom transport: configure the
+            inner transport instead.
+        max_wait: seconds one interruption may last (from the cut, or the abort
+            event, until a resumed stream delivers a new event) before
+            :class:`~tidegate_client.ResumeFailed` is raised; ``None`` = no time
+            limit (then ``max_attempts`` must be set).
+        max_attempts: reconnection attempts allowed per interruption
+            (``None`` = bounded by ``max_wait`` only).
+        initial_backoff, max_backoff: exponential backoff bounds in seconds
+            (doubling, with jitter).
+        policy: a complete :class:`~tidegate_client.ResumePolicy`; when given it
+            overrides the four arguments above.
+        resume_base_url: where the gateway's ``/v1/streams/{id}`` lives, if not
+            at the origin (and path prefix) of the original request.
+"""
+
+
+class ResumableTransport(SyncImpl, httpx2.BaseTransport):
+    __doc__ = (
+        """An ``httpx2`` transport that makes tidegate streams uninterruptible.
+
+    Responses that carry ``x-tidegate-stream-id`` get a body that is one
+    uninterrupted SSE stream: resumable abort events (``server_restarting``,
+    ``upstream_failed``) and cut connections are swallowed, the stream is
+    resumed at ``GET /v1/streams/{id}`` with ``Last-Event-ID`` and the resume
+    token, and the continuation is spliced in without duplicates.  Everything
+    else passes through untouched.
+"""
+        + _DOC_ARGS
+    )
+
+    _hx = httpx2
+    policy: ResumePolicy
+    stats: TransportStats
+
+    def __init__(
+        self,
+        transport: httpx2.BaseTransport | None = None,
+        *,
+        max_wait: float | None = 60.0,
+        max_attempts: int | None = None,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        policy: ResumePolicy | None = None,
+        resume_base_url: str | None = None,
+    ) -> None:
+        self._setup(
+            transport,
+            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
+            resume_base_url,
+        )
+
+    @property
+    def inner(self) -> httpx2.BaseTransport:
+        """The wrapped transport."""
+        return self._inner  # type: ignore[no-any-return]
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        return self._handle(request)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> ResumableTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        self.close()
+
+
+class AsyncResumableTransport(AsyncImpl, httpx2.AsyncBaseTransport):
+    __doc__ = (
+        """The ``httpx2.AsyncClient`` counterpart of :class:`ResumableTransport`
+    (works under asyncio and trio).
+"""
+        + _DOC_ARGS
+    )
+
+    _hx = httpx2
+    policy: ResumePolicy
+    stats: TransportStats
+
+    def __init__(
+        self,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        *,
+        max_wait: float | None = 60.0,
+        max_attempts: int | None = None,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        policy: ResumePolicy | None = None,
+        resume_base_url: str | None = None,
+    ) -> None:
+        self._setup(
+            transport,
+            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
+            resume_base_url,
+        )
+
+    @property
+    def inner(self) -> httpx2.AsyncBaseTransport:
+        """The wrapped transport."""
+        return self._inner  # type: ignore[no-any-return]
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        return await self._handle(request)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        await self._aclose()
+
+    async def __aenter__(self) -> AsyncResumableTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
