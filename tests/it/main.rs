@@ -8,4 +8,5 @@
 mod common;
 mod drain;
 mod relay;
+mod replicas;
 mod resume;
