@@ -157,8 +157,7 @@ async fn resuming_client(base: String, request: Value) -> Outcome {
     let id = sse.header("x-tidegate-stream-id");
     let token = sse.header("x-tidegate-resume-token");
     let mut events: Vec<SseEvent> = Vec::new();
-    let mut interruptions = 0;
-    for _ in 0..200 {
+    for interruptions in 0..200 {
         while let Some(event) = sse.next().await {
             if let Some(error) = event.error() {
                 assert_eq!(error["resume"], true, "unexpected abort {error}");
@@ -172,7 +171,6 @@ async fn resuming_client(base: String, request: Value) -> Outcome {
             }
             events.push(event);
         }
-        interruptions += 1;
         let last = events.last().and_then(|e| e.id).unwrap_or(0).to_string();
         sse = loop {
             let r = client()
