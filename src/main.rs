@@ -152,6 +152,7 @@ fn mock(listen: String) -> ExitCode {
                 Err(_) => stop.await,
             }
         };
+        let listener = axum::serve::ListenerExt::tap_io(listener, tidegate::server::no_delay);
         match axum::serve(listener, tidegate::mock::router()).with_graceful_shutdown(stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

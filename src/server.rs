@@ -7,6 +7,7 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout_at};
 
@@ -68,7 +69,7 @@ pub async fn run(
         });
         let stop = drain.close_listener.clone();
         drain.tracker.spawn(async move {
-            let serve = axum::serve(mock_listener, crate::mock::router())
+            let serve = axum::serve(mock_listener.tap_io(no_delay), crate::mock::router())
                 .with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "built-in mock provider failed");
@@ -133,7 +134,7 @@ pub async fn run(
             .spawn(keep_leases(relay.clone(), drain.clone(), lease_every));
     }
 
-    let serve = axum::serve(listener, api::app(state))
+    let serve = axum::serve(listener.tap_io(no_delay), api::app(state))
         .with_graceful_shutdown(drain.close_listener.clone().cancelled_owned())
         .into_future();
     tokio::pin!(serve);
@@ -176,6 +177,14 @@ pub async fn run(
         "drain complete; exiting"
     );
     Ok(())
+}
+
+/// Every event is small and latency-bound: never let Nagle hold one back
+/// waiting for the peer's delayed ACK.
+pub fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
 }
 
 fn log_startup(config: &Config, listener: &TcpListener, store: &str) {

@@ -80,9 +80,9 @@ impl LiveStream {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The pump publishes a durable event.
-    pub fn push(&self, event: Event) {
-        self.lock().events.push(event);
+    /// The pump publishes durable events.
+    pub fn push(&self, events: impl IntoIterator<Item = Event>) {
+        self.lock().events.extend(events);
         self.changed.send_replace(());
     }
 
@@ -270,8 +270,8 @@ mod tests {
     #[test]
     fn snapshots_respect_base_and_cursor() {
         let l = live(DisconnectPolicy::Cancel);
-        l.push(event(6));
-        l.push(event(7));
+        l.push([event(6)]);
+        l.push([event(7)]);
         assert_eq!(l.last_seq(), 7);
         assert_eq!(l.snapshot_after(0).events.len(), 2);
         assert_eq!(l.snapshot_after(6).events[0].seq, 7);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::oneshot;
 
 use super::event::{AbortKind, End, Event};
@@ -21,6 +21,21 @@ use crate::config::Protocol;
 use crate::metrics::Metrics;
 use crate::store::{SharedStore, Status};
 use crate::upstream::{Upstream, UpstreamError, continuation, error_chain, is_event_stream};
+
+/// At most this many events go into one store write.
+const MAX_BATCH: usize = 256;
+
+/// Why reading the provider's stream failed.
+enum ReadError {
+    Stalled,
+    Failed(String),
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<eventsource_stream::EventStreamError<E>> for ReadError {
+    fn from(e: eventsource_stream::EventStreamError<E>) -> ReadError {
+        ReadError::Failed(error_chain(&e))
+    }
+}
 
 /// What every pump shares.
 pub struct RelayContext {
@@ -113,66 +128,92 @@ impl Pump {
         let token = &self.live.token;
         let mut events = response.bytes_stream().eventsource();
         let mut seq = self.live.base;
-        let chunk_id = self.continuation.as_ref().and_then(|c| c.as_deref());
+        let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         loop {
-            let next = tokio::select! {
+            // Wait for the next event, then take every event that is already
+            // there: one store write and one wake-up for the lot.
+            let first = tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
-                next = tokio::time::timeout(idle, events.next()) => next,
+                next = tokio::time::timeout(idle, events.next()) => match next {
+                    Ok(next) => next.map(|r| r.map_err(ReadError::from)),
+                    Err(_) => Some(Err(ReadError::Stalled)),
+                },
             };
-            let event = match next {
-                Err(_) => {
-                    tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, ?idle, "upstream stalled mid-stream");
-                    self.ctx.metrics.upstream_errors.inc();
-                    return End::Abort(AbortKind::UpstreamFailed);
+            let mut step = self.step(first, &mut seq, &mut batch);
+            // Nothing decoded yet is not the same as nothing sent: the
+            // connection task decodes one chunk per turn. While a turn keeps
+            // yielding events (a burst), keep taking them; the first turn
+            // that yields nothing ends the batch. No timer, no added wait
+            // for a paced stream beyond one scheduler turn.
+            let mut productive = true;
+            while step.is_none() && batch.len() < MAX_BATCH {
+                match events.next().now_or_never() {
+                    Some(next) => {
+                        step = self.step(next.map(|r| r.map_err(ReadError::from)), &mut seq, &mut batch);
+                        productive = true;
+                    }
+                    None if productive => {
+                        productive = false;
+                        tokio::task::yield_now().await;
+                    }
+                    None => break,
                 }
-                Ok(None) => {
-                    tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, "upstream closed the stream before it finished");
-                    self.ctx.metrics.upstream_errors.inc();
-                    return End::Abort(AbortKind::UpstreamFailed);
+            }
+            if !batch.is_empty() {
+                let written = tokio::select! {
+                    biased;
+                    _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
+                    r = self.ctx.store.append(&self.live.who.id, &batch) => r,
+                };
+                if let Err(e) = written {
+                    tracing::error!(stream = %self.live.who.id, error = %e, "store write failed; ending the stream");
+                    self.ctx.metrics.store_errors.inc();
+                    return End::Abort(AbortKind::StoreFailed);
                 }
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = %error_chain(&e), "upstream failed mid-stream");
-                    self.ctx.metrics.upstream_errors.inc();
-                    return End::Abort(AbortKind::UpstreamFailed);
-                }
-                Ok(Some(Ok(event))) => event,
-            };
-            if self.protocol == Protocol::OpenAi && event.data == "[DONE]" {
-                return End::Done;
+                self.ctx.metrics.events_relayed.add(batch.len() as u64);
+                self.live.push(batch.drain(..));
             }
-            if self.continuation.is_some()
-                && continuation::skip_in_continuation(self.protocol, &event)
-            {
-                continue;
-            }
-            let finished = self.protocol == Protocol::Anthropic && event.event == "message_stop";
-            let name = match event.event.as_str() {
-                "" | "message" => None,
-                other => Some(other.into()),
-            };
-            let data = match self.continuation {
-                Some(_) => continuation::rewrite(self.protocol, event.data, chunk_id),
-                None => Bytes::from(event.data),
-            };
-            seq += 1;
-            let event = Event { seq, name, data };
-            let written = tokio::select! {
-                biased;
-                _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
-                r = self.ctx.store.append(&self.live.who.id, &event) => r,
-            };
-            if let Err(e) = written {
-                tracing::error!(stream = %self.live.who.id, error = %e, "store write failed; ending the stream");
-                self.ctx.metrics.store_errors.inc();
-                return End::Abort(AbortKind::StoreFailed);
-            }
-            self.live.push(event);
-            self.ctx.metrics.events_relayed.inc();
-            if finished {
-                return End::Done;
+            if let Some(end) = step {
+                return end;
             }
         }
+    }
+
+    /// Take one item of the provider's stream: number an event into
+    /// `batch`, or say how the stream ends.
+    fn step(&self, next: Option<Result<eventsource_stream::Event, ReadError>>, seq: &mut u64, batch: &mut Vec<Event>) -> Option<End> {
+        let failed = |what: &str, detail: String| {
+            tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = %detail, "{what}");
+            self.ctx.metrics.upstream_errors.inc();
+            Some(End::Abort(AbortKind::UpstreamFailed))
+        };
+        let event = match next {
+            None => return failed("upstream closed the stream before it finished", String::new()),
+            Some(Err(ReadError::Stalled)) => {
+                return failed("upstream stalled mid-stream", format!("no event for {:?}", self.upstream.config.idle_timeout));
+            }
+            Some(Err(ReadError::Failed(detail))) => return failed("upstream failed mid-stream", detail),
+            Some(Ok(event)) => event,
+        };
+        if self.protocol == Protocol::OpenAi && event.data == "[DONE]" {
+            return Some(End::Done);
+        }
+        if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event) {
+            return None;
+        }
+        let finished = self.protocol == Protocol::Anthropic && event.event == "message_stop";
+        let name = match event.event.as_str() {
+            "" | "message" => None,
+            other => Some(other.into()),
+        };
+        let data = match &self.continuation {
+            Some(chunk_id) => continuation::rewrite(self.protocol, event.data, chunk_id.as_deref()),
+            None => Bytes::from(event.data),
+        };
+        *seq += 1;
+        batch.push(Event { seq: *seq, name, data });
+        finished.then_some(End::Done)
     }
 
     /// Every exit: record the status, release the lease, wake subscribers.
@@ -232,10 +273,8 @@ pub async fn follow_remote(live: Arc<LiveStream>, ctx: Arc<RelayContext>) {
                 break End::Abort(AbortKind::StoreFailed);
             }
             Ok(events) if !events.is_empty() => {
-                for event in events {
-                    last = event.seq;
-                    live.push(event);
-                }
+                last = events.last().map_or(last, |e| e.seq);
+                live.push(events);
                 continue;
             }
             Ok(_) => {}
@@ -266,7 +305,7 @@ pub async fn follow_remote(live: Arc<LiveStream>, ctx: Arc<RelayContext>) {
         };
         // Whatever landed between the last read and the status change.
         match ctx.store.events_after(&id, last).await {
-            Ok(events) => events.into_iter().for_each(|e| live.push(e)),
+            Ok(events) => live.push(events),
             Err(_) => break End::Abort(AbortKind::StoreFailed),
         }
         break end;

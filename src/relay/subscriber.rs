@@ -85,6 +85,15 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                 return;
             }
             if !buf.is_empty() {
+                // Coalesce: give the pump one turn to publish what the
+                // provider already sent, so a burst becomes one write, not
+                // one syscall per event. A paced stream loses a scheduler
+                // turn (microseconds), nothing more.
+                tokio::task::yield_now().await;
+                for event in &live.snapshot_after(cursor).events {
+                    write_frame(&mut buf, event);
+                    cursor = event.seq;
+                }
                 yield Ok(buf.split().freeze());
                 continue;
             }

@@ -205,13 +205,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
-        self.write(vec![Op::Put(
-            Space::Events,
-            event_key(stream_id, event.seq),
-            encode_event(event),
-        )])
-        .await
+    async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
+        let ops = events
+            .iter()
+            .map(|e| Op::Put(Space::Events, event_key(stream_id, e.seq), encode_event(e)))
+            .collect();
+        self.write(ops).await
     }
 
     async fn set_status(

@@ -58,13 +58,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
+    async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         let entry = inner
             .streams
             .get_mut(stream_id)
             .ok_or_else(|| StoreError::Io(format!("no record for stream {stream_id}")))?;
-        entry.events.push(event.clone());
+        entry.events.extend_from_slice(events);
         Ok(())
     }
 

@@ -93,8 +93,8 @@ pub struct IdempotencyEntry {
 pub trait Store: Send + Sync {
     /// Store a new record, replacing none.
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError>;
-    /// Append one event; durable when this returns (group-committed).
-    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError>;
+    /// Append events (in order, one stream); durable when this returns.
+    async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError>;
     /// Set a stream's status (and why it ended).
     async fn set_status(
         &self,

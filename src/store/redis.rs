@@ -146,18 +146,20 @@ impl Store for RedisStore {
             .await
     }
 
-    async fn append(&self, stream_id: &str, event: &Event) -> Result<(), StoreError> {
+    async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
         let key = events_key(stream_id);
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(&key)
-            .arg(format!("{}-0", event.seq))
-            .arg("n")
-            .arg(event.name.as_deref().unwrap_or(""))
-            .arg("d")
-            .arg(event.data.as_ref())
-            .ignore()
-            .cmd("PEXPIRE")
+        for event in events {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg(format!("{}-0", event.seq))
+                .arg("n")
+                .arg(event.name.as_deref().unwrap_or(""))
+                .arg("d")
+                .arg(event.data.as_ref())
+                .ignore();
+        }
+        pipe.cmd("PEXPIRE")
             .arg(&key)
             .arg(self.ttl_ms)
             .ignore();
