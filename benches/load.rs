@@ -14,7 +14,10 @@
 //! their first chunk, and waits for them to end (a drain): it then reports
 //! how each ended and when the last abort event arrived (unix ms).
 
-#![expect(clippy::disallowed_methods, reason = "a client tool: its tasks are its own")]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a client tool: its tasks are its own"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,11 +97,20 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// One streaming request; returns whether it finished with `[DONE]`.
-async fn one(client: &reqwest::Client, args: &Args, n: u64, totals: &Totals, local: &mut Hists) -> bool {
+async fn one(
+    client: &reqwest::Client,
+    args: &Args,
+    n: u64,
+    totals: &Totals,
+    local: &mut Hists,
+) -> bool {
     let body = format!(
         r#"{{"model":"bench","stream":true,"max_tokens":{},"messages":[{{"role":"user","content":"load test number {} of the tidegate relay"}}],"mock":{{"token_interval_ms":{}}}}}"#,
         args.words,
@@ -188,8 +200,14 @@ async fn main() {
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, args, totals, merged, stop, issued) =
-            (client.clone(), args.clone(), totals.clone(), merged.clone(), stop.clone(), issued.clone());
+        let (client, args, totals, merged, stop, issued) = (
+            client.clone(),
+            args.clone(),
+            totals.clone(),
+            merged.clone(),
+            stop.clone(),
+            issued.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut local = new_hists();
             loop {
@@ -225,7 +243,11 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss_peak = args.pid.and_then(rss_kib);
-        println!("held {} streams at {}", totals.first_chunk.load(Ordering::Relaxed), now_ms());
+        println!(
+            "held {} streams at {}",
+            totals.first_chunk.load(Ordering::Relaxed),
+            now_ms()
+        );
     } else if args.requests.is_none() {
         tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
         rss_peak = args.pid.and_then(rss_kib);

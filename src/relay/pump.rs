@@ -31,7 +31,9 @@ enum ReadError {
     Failed(String),
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<eventsource_stream::EventStreamError<E>> for ReadError {
+impl<E: std::error::Error + Send + Sync + 'static> From<eventsource_stream::EventStreamError<E>>
+    for ReadError
+{
     fn from(e: eventsource_stream::EventStreamError<E>) -> ReadError {
         ReadError::Failed(error_chain(&e))
     }
@@ -150,7 +152,11 @@ impl Pump {
             while step.is_none() && batch.len() < MAX_BATCH {
                 match events.next().now_or_never() {
                     Some(next) => {
-                        step = self.step(next.map(|r| r.map_err(ReadError::from)), &mut seq, &mut batch);
+                        step = self.step(
+                            next.map(|r| r.map_err(ReadError::from)),
+                            &mut seq,
+                            &mut batch,
+                        );
                         productive = true;
                     }
                     None if productive => {
@@ -182,24 +188,40 @@ impl Pump {
 
     /// Take one item of the provider's stream: number an event into
     /// `batch`, or say how the stream ends.
-    fn step(&self, next: Option<Result<eventsource_stream::Event, ReadError>>, seq: &mut u64, batch: &mut Vec<Event>) -> Option<End> {
+    fn step(
+        &self,
+        next: Option<Result<eventsource_stream::Event, ReadError>>,
+        seq: &mut u64,
+        batch: &mut Vec<Event>,
+    ) -> Option<End> {
         let failed = |what: &str, detail: String| {
             tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = %detail, "{what}");
             self.ctx.metrics.upstream_errors.inc();
             Some(End::Abort(AbortKind::UpstreamFailed))
         };
         let event = match next {
-            None => return failed("upstream closed the stream before it finished", String::new()),
-            Some(Err(ReadError::Stalled)) => {
-                return failed("upstream stalled mid-stream", format!("no event for {:?}", self.upstream.config.idle_timeout));
+            None => {
+                return failed(
+                    "upstream closed the stream before it finished",
+                    String::new(),
+                );
             }
-            Some(Err(ReadError::Failed(detail))) => return failed("upstream failed mid-stream", detail),
+            Some(Err(ReadError::Stalled)) => {
+                return failed(
+                    "upstream stalled mid-stream",
+                    format!("no event for {:?}", self.upstream.config.idle_timeout),
+                );
+            }
+            Some(Err(ReadError::Failed(detail))) => {
+                return failed("upstream failed mid-stream", detail);
+            }
             Some(Ok(event)) => event,
         };
         if self.protocol == Protocol::OpenAi && event.data == "[DONE]" {
             return Some(End::Done);
         }
-        if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event) {
+        if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event)
+        {
             return None;
         }
         let finished = self.protocol == Protocol::Anthropic && event.event == "message_stop";
@@ -212,7 +234,11 @@ impl Pump {
             None => Bytes::from(event.data),
         };
         *seq += 1;
-        batch.push(Event { seq: *seq, name, data });
+        batch.push(Event {
+            seq: *seq,
+            name,
+            data,
+        });
         finished.then_some(End::Done)
     }
 

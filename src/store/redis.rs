@@ -159,10 +159,7 @@ impl Store for RedisStore {
                 .arg(event.data.as_ref())
                 .ignore();
         }
-        pipe.cmd("PEXPIRE")
-            .arg(&key)
-            .arg(self.ttl_ms)
-            .ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
         let mut conn = self.conn.clone();
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
