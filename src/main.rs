@@ -41,6 +41,10 @@ enum Command {
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: String,
+        /// Demand this key (`Authorization: Bearer` or `x-api-key`), like a
+        /// real provider; read from the environment so it stays out of `ps`.
+        #[arg(long, env = "TIDEGATE_MOCK_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// Validate a config, print the effective settings and drain timeline.
     CheckConfig {
@@ -61,7 +65,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve { config, listen, ui } => serve(config, listen, ui),
-        Command::MockUpstream { listen } => mock(listen),
+        Command::MockUpstream { listen, api_key } => mock(listen, api_key),
         Command::CheckConfig { config } => check(config),
     }
 }
@@ -124,7 +128,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
     })
 }
 
-fn mock(listen: String) -> ExitCode {
+fn mock(listen: String, api_key: Option<String>) -> ExitCode {
     let runtime = match runtime() {
         Ok(r) => r,
         Err(code) => return code,
@@ -153,7 +157,7 @@ fn mock(listen: String) -> ExitCode {
             }
         };
         let listener = axum::serve::ListenerExt::tap_io(listener, tidegate::server::no_delay);
-        match axum::serve(listener, tidegate::mock::router()).with_graceful_shutdown(stop).await {
+        match axum::serve(listener, tidegate::mock::router(api_key)).with_graceful_shutdown(stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tidegate mock-upstream: {e}");

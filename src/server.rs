@@ -69,7 +69,7 @@ pub async fn run(
         });
         let stop = drain.close_listener.clone();
         drain.tracker.spawn(async move {
-            let serve = axum::serve(mock_listener.tap_io(no_delay), crate::mock::router())
+            let serve = axum::serve(mock_listener.tap_io(no_delay), crate::mock::router(None))
                 .with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "built-in mock provider failed");

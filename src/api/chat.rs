@@ -143,8 +143,20 @@ async fn handle(
                     "this Idempotency-Key was used with a different request body".into(),
                 ));
             }
-            // The same request again: attach to the first stream from its start.
-            return streams::attach(&state, &existing.stream_id, &owner, 0, false).await;
+            // The same request again: attach to the first stream from its
+            // start. The first may have claimed the key a moment before
+            // writing its record: give it a second to appear.
+            for _ in 0..40 {
+                match streams::attach(&state, &existing.stream_id, &owner, 0, false).await {
+                    Err(ApiError::NotFound(_)) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(25)).await
+                    }
+                    other => return other,
+                }
+            }
+            return Err(ApiError::NotFound(
+                "the stream this Idempotency-Key started is gone".into(),
+            ));
         }
     }
     start(&state, protocol, request, &headers, owner, id).await
@@ -173,8 +185,6 @@ async fn start(
         updated_ms: now,
         instance: state.relay.instance.clone(),
     };
-    state.store.create(&record).await?;
-    state.store.try_lease(&id, &state.relay.instance).await?;
     let who = StreamIdentity {
         id: id.clone(),
         resume_token: state.signer.sign(&id, &owner),
@@ -188,7 +198,17 @@ async fn start(
         state.config.streams.on_client_disconnect,
         state.drain.tracker.clone(),
     ));
+    // In the registry before the record exists: whoever finds the record
+    // (an idempotent retry) finds this run too, and never starts another.
     state.registry().get_or_insert(&id, || live.clone());
+    let recorded = async {
+        state.store.create(&record).await?;
+        state.store.try_lease(&id, &state.relay.instance).await
+    };
+    if let Err(e) = recorded.await {
+        state.registry().remove(&live);
+        return Err(e.into());
+    }
     // Subscribe before the pump starts: if this client leaves while we wait
     // for the provider, the subscription's drop cancels the pump.
     let subscription = live.subscribe();

@@ -25,26 +25,33 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-/// Counters behind `GET /mock/stats`.
+/// Counters behind `GET /mock/stats`, and the key the mock demands.
 #[derive(Default)]
 pub struct Stats {
+    /// When set, requests must carry it (`Authorization: Bearer` or
+    /// `x-api-key`), as a real provider would.
+    api_key: Option<String>,
     requests_started: AtomicU64,
     requests_completed: AtomicU64,
     requests_cancelled: AtomicU64,
     tokens_sent: AtomicU64,
 }
 
-pub fn router() -> Router {
+/// The mock's routes. `api_key`: the credential it demands, if any.
+pub fn router(api_key: Option<String>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
         .route("/mock/stats", get(stats))
-        .with_state(Arc::new(Stats::default()))
+        .with_state(Arc::new(Stats {
+            api_key,
+            ..Stats::default()
+        }))
 }
 
 async fn stats(State(stats): State<Arc<Stats>>) -> Response {
@@ -244,15 +251,34 @@ fn plan(body: &Value, dialect: Dialect) -> Result<Plan, String> {
     })
 }
 
-async fn chat(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
-    respond(stats, body, Dialect::OpenAi).await
+async fn chat(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(stats, &headers, body, Dialect::OpenAi).await
 }
 
-async fn messages(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
-    respond(stats, body, Dialect::Anthropic).await
+async fn messages(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Bytes) -> Response {
+    respond(stats, &headers, body, Dialect::Anthropic).await
 }
 
-async fn respond(stats: Arc<Stats>, body: Bytes, dialect: Dialect) -> Response {
+fn authorized(expected: &str, headers: &HeaderMap) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    bearer == Some(expected) || api_key == Some(expected)
+}
+
+async fn respond(
+    stats: Arc<Stats>,
+    headers: &HeaderMap,
+    body: Bytes,
+    dialect: Dialect,
+) -> Response {
+    if let Some(expected) = &stats.api_key
+        && !authorized(expected, headers)
+    {
+        return error(StatusCode::UNAUTHORIZED, dialect, "invalid API key");
+    }
     stats.requests_started.fetch_add(1, Ordering::Relaxed);
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

@@ -152,6 +152,15 @@ impl Mock {
         }
     }
 
+    /// A mock that demands `key`, like a real provider.
+    pub async fn with_key(dir: &Path, key: &str) -> Mock {
+        let env = [("TIDEGATE_MOCK_API_KEY", key)];
+        let args = ["mock-upstream", "--listen", "127.0.0.1:0"];
+        Mock {
+            proc: spawn(&args, &env, &dir.join("mock.log")).await,
+        }
+    }
+
     pub fn base_url(&self) -> String {
         format!("{}/v1", self.proc.url())
     }

@@ -6,6 +6,7 @@
 //! One test binary keeps the build fast; each module is one capability.
 
 mod anthropic;
+mod auth;
 mod common;
 mod drain;
 mod relay;
