@@ -7,11 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tidegate::config::{Config, ProcessEnv};
 
-/// Many small allocations per event across threads: mimalloc keeps them
-/// thread-local where glibc's arenas contend and grow with `mprotect`.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for a configuration error (EX_USAGE in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code for a dependency that is not there (EX_UNAVAILABLE).

@@ -44,18 +44,20 @@ async fn resume(gw: &Gateway, id: &str, token: &str, last: u64) -> Vec<SseEvent>
     sse.rest().await
 }
 
-#[tokio::test]
-async fn sigterm_then_a_new_process_finishes_the_answer_exactly() {
+/// A mock, and a gateway on a fixed port with the embedded store, plus the
+/// config its successor starts with.
+async fn restartable() -> (std::path::PathBuf, Mock, String, Gateway) {
     let dir = tempdir();
     let mock = Mock::start(&dir).await;
-    let port = free_port();
-    let cfg = config(
-        &mock,
-        &format!("127.0.0.1:{port}"),
-        &embedded(&dir),
-        FAST_DRAIN,
-    );
-    let mut gw = Gateway::start(&dir, &cfg).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&mock, &listen, &embedded(&dir), FAST_DRAIN);
+    let gw = Gateway::start(&dir, &cfg).await;
+    (dir, mock, cfg, gw)
+}
+
+#[tokio::test]
+async fn sigterm_then_a_new_process_finishes_the_answer_exactly() {
+    let (dir, mock, cfg, mut gw) = restartable().await;
     let request = chat(60, 40, "restart");
     let cut = start_and_interrupt(&mut gw, &request, "TERM", 5).await;
     let abort = cut
@@ -100,16 +102,7 @@ async fn sigterm_then_a_new_process_finishes_the_answer_exactly() {
 
 #[tokio::test]
 async fn sigkill_then_resume_from_the_clients_own_last_id() {
-    let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let port = free_port();
-    let cfg = config(
-        &mock,
-        &format!("127.0.0.1:{port}"),
-        &embedded(&dir),
-        FAST_DRAIN,
-    );
-    let mut gw = Gateway::start(&dir, &cfg).await;
+    let (dir, mock, cfg, mut gw) = restartable().await;
     let request = chat(50, 40, "crash");
     let cut = start_and_interrupt(&mut gw, &request, "KILL", 8).await;
     assert!(
@@ -140,16 +133,7 @@ async fn sigkill_then_resume_from_the_clients_own_last_id() {
 
 #[tokio::test]
 async fn replay_tokens_cursors_and_concurrent_resumes() {
-    let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let port = free_port();
-    let cfg = config(
-        &mock,
-        &format!("127.0.0.1:{port}"),
-        &embedded(&dir),
-        FAST_DRAIN,
-    );
-    let gw = Gateway::start(&dir, &cfg).await;
+    let (dir, mock, cfg, gw) = restartable().await;
 
     // A completed stream replays whole from Last-Event-ID: 0.
     let request = chat(20, 0, "replay");
