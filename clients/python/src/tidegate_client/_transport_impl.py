@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Iterator
-from types import ModuleType
-from typing import Any
+from types import ModuleType, TracebackType
+from typing import Any, Self
 
 from ._core import (
     ResumePolicy,
@@ -78,6 +78,25 @@ class SyncImpl:
     """Shared body of ``ResumableTransport`` for any httpx-like module."""
 
     _hx: ModuleType
+    policy: ResumePolicy
+    stats: TransportStats
+
+    def __init__(
+        self,
+        transport: Any = None,
+        *,
+        max_wait: float | None = 60.0,
+        max_attempts: int | None = None,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        policy: ResumePolicy | None = None,
+        resume_base_url: str | None = None,
+    ) -> None:
+        self._setup(
+            transport,
+            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
+            resume_base_url,
+        )
 
     def _setup(
         self,
@@ -122,14 +141,44 @@ class SyncImpl:
             extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
         )
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._inner.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        self.close()
 
 
 class AsyncImpl:
     """Shared body of ``AsyncResumableTransport`` for any httpx-like module."""
 
     _hx: ModuleType
+    policy: ResumePolicy
+    stats: TransportStats
+
+    def __init__(
+        self,
+        transport: Any = None,
+        *,
+        max_wait: float | None = 60.0,
+        max_attempts: int | None = None,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        policy: ResumePolicy | None = None,
+        resume_base_url: str | None = None,
+    ) -> None:
+        self._setup(
+            transport,
+            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
+            resume_base_url,
+        )
 
     def _setup(
         self,
@@ -174,5 +223,16 @@ class AsyncImpl:
             extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
         )
 
-    async def _aclose(self) -> None:
+    async def aclose(self) -> None:
         await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()

@@ -13,12 +13,9 @@ Requires the ``httpx2`` package (``pip install tidegate-client[httpx2]``).
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import httpx2
 
-from ._core import ResumePolicy, TransportStats
-from ._transport_impl import AsyncImpl, SyncImpl, make_policy
+from ._transport_impl import AsyncImpl, SyncImpl
 
 __all__ = ["ResumableTransport", "AsyncResumableTransport"]
 
@@ -59,25 +56,6 @@ class ResumableTransport(SyncImpl, httpx2.BaseTransport):
     )
 
     _hx = httpx2
-    policy: ResumePolicy
-    stats: TransportStats
-
-    def __init__(
-        self,
-        transport: httpx2.BaseTransport | None = None,
-        *,
-        max_wait: float | None = 60.0,
-        max_attempts: int | None = None,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        policy: ResumePolicy | None = None,
-        resume_base_url: str | None = None,
-    ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
 
     @property
     def inner(self) -> httpx2.BaseTransport:
@@ -86,20 +64,6 @@ class ResumableTransport(SyncImpl, httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         return self._handle(request)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self._close()
-
-    def __enter__(self) -> ResumableTransport:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        self.close()
 
 
 class AsyncResumableTransport(AsyncImpl, httpx2.AsyncBaseTransport):
@@ -111,25 +75,6 @@ class AsyncResumableTransport(AsyncImpl, httpx2.AsyncBaseTransport):
     )
 
     _hx = httpx2
-    policy: ResumePolicy
-    stats: TransportStats
-
-    def __init__(
-        self,
-        transport: httpx2.AsyncBaseTransport | None = None,
-        *,
-        max_wait: float | None = 60.0,
-        max_attempts: int | None = None,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        policy: ResumePolicy | None = None,
-        resume_base_url: str | None = None,
-    ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
 
     @property
     def inner(self) -> httpx2.AsyncBaseTransport:
@@ -138,17 +83,3 @@ class AsyncResumableTransport(AsyncImpl, httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         return await self._handle(request)  # type: ignore[no-any-return]
-
-    async def aclose(self) -> None:
-        await self._aclose()
-
-    async def __aenter__(self) -> AsyncResumableTransport:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        await self.aclose()

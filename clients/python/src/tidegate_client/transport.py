@@ -8,12 +8,9 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import httpx
 
-from ._core import ResumePolicy, TransportStats
-from ._transport_impl import AsyncImpl, SyncImpl, make_policy
+from ._transport_impl import AsyncImpl, SyncImpl
 
 __all__ = ["ResumableTransport", "AsyncResumableTransport"]
 
@@ -54,25 +51,6 @@ class ResumableTransport(SyncImpl, httpx.BaseTransport):
     )
 
     _hx = httpx
-    policy: ResumePolicy
-    stats: TransportStats
-
-    def __init__(
-        self,
-        transport: httpx.BaseTransport | None = None,
-        *,
-        max_wait: float | None = 60.0,
-        max_attempts: int | None = None,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        policy: ResumePolicy | None = None,
-        resume_base_url: str | None = None,
-    ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
 
     @property
     def inner(self) -> httpx.BaseTransport:
@@ -81,20 +59,6 @@ class ResumableTransport(SyncImpl, httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         return self._handle(request)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self._close()
-
-    def __enter__(self) -> ResumableTransport:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        self.close()
 
 
 class AsyncResumableTransport(AsyncImpl, httpx.AsyncBaseTransport):
@@ -106,25 +70,6 @@ class AsyncResumableTransport(AsyncImpl, httpx.AsyncBaseTransport):
     )
 
     _hx = httpx
-    policy: ResumePolicy
-    stats: TransportStats
-
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        max_wait: float | None = 60.0,
-        max_attempts: int | None = None,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        policy: ResumePolicy | None = None,
-        resume_base_url: str | None = None,
-    ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
 
     @property
     def inner(self) -> httpx.AsyncBaseTransport:
@@ -133,17 +78,3 @@ class AsyncResumableTransport(AsyncImpl, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         return await self._handle(request)  # type: ignore[no-any-return]
-
-    async def aclose(self) -> None:
-        await self._aclose()
-
-    async def __aenter__(self) -> AsyncResumableTransport:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: TracebackType | None = None,
-    ) -> None:
-        await self.aclose()
