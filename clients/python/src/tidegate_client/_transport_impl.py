@@ -74,10 +74,12 @@ def async_stream_class(hx: ModuleType) -> type:
     return AsyncSplicedStream
 
 
-class SyncImpl:
-    """Shared body of ``ResumableTransport`` for any httpx-like module."""
+class _Shared:
+    """What both transports share: arguments, policy, and the wrapped
+    response (the splice and stream classes differ)."""
 
     _hx: ModuleType
+    _splice: type
     policy: ResumePolicy
     stats: TransportStats
 
@@ -92,37 +94,24 @@ class SyncImpl:
         policy: ResumePolicy | None = None,
         resume_base_url: str | None = None,
     ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
-
-    def _setup(
-        self,
-        transport: Any,
-        policy: ResumePolicy,
-        resume_base_url: str | None,
-    ) -> None:
-        self._inner = transport if transport is not None else self._hx.HTTPTransport()
-        self.policy = policy
+        self._inner = transport if transport is not None else self._default_transport()
+        self.policy = make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff)
         self.resume_base_url = resume_base_url
         self.stats = TransportStats()
+
+    def _default_transport(self) -> Any:
+        raise NotImplementedError
+
+    def _stream_class(self) -> type:
+        raise NotImplementedError
 
     @property
     def inner(self) -> Any:
         return self._inner
 
-    def _handle(self, request: Any) -> Any:
-        response = self._inner.handle_request(request)
-        ident = stream_identity(request, response)
-        if ident is None:
-            return response
-        return self._wrap(request, response, *ident)
-
     def _wrap(self, request: Any, response: Any, stream_id: str, token: str | None, last_id: int) -> Any:
         hx = self._hx
-        splice = _SyncSplice(
+        splice = self._splice(
             hx,
             self._inner,
             response,
@@ -137,9 +126,28 @@ class SyncImpl:
         return hx.Response(
             response.status_code,
             headers=outward_headers(response),
-            stream=sync_stream_class(hx)(splice),
+            stream=self._stream_class()(splice),
             extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
         )
+
+
+class SyncImpl(_Shared):
+    """Shared body of ``ResumableTransport`` for any httpx-like module."""
+
+    _splice = _SyncSplice
+
+    def _default_transport(self) -> Any:
+        return self._hx.HTTPTransport()
+
+    def _stream_class(self) -> type:
+        return sync_stream_class(self._hx)
+
+    def _handle(self, request: Any) -> Any:
+        response = self._inner.handle_request(request)
+        ident = stream_identity(request, response)
+        if ident is None:
+            return response
+        return self._wrap(request, response, *ident)
 
     def close(self) -> None:
         self._inner.close()
@@ -156,44 +164,16 @@ class SyncImpl:
         self.close()
 
 
-class AsyncImpl:
+class AsyncImpl(_Shared):
     """Shared body of ``AsyncResumableTransport`` for any httpx-like module."""
 
-    _hx: ModuleType
-    policy: ResumePolicy
-    stats: TransportStats
+    _splice = _AsyncSplice
 
-    def __init__(
-        self,
-        transport: Any = None,
-        *,
-        max_wait: float | None = 60.0,
-        max_attempts: int | None = None,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        policy: ResumePolicy | None = None,
-        resume_base_url: str | None = None,
-    ) -> None:
-        self._setup(
-            transport,
-            make_policy(policy, max_wait, max_attempts, initial_backoff, max_backoff),
-            resume_base_url,
-        )
+    def _default_transport(self) -> Any:
+        return self._hx.AsyncHTTPTransport()
 
-    def _setup(
-        self,
-        transport: Any,
-        policy: ResumePolicy,
-        resume_base_url: str | None,
-    ) -> None:
-        self._inner = transport if transport is not None else self._hx.AsyncHTTPTransport()
-        self.policy = policy
-        self.resume_base_url = resume_base_url
-        self.stats = TransportStats()
-
-    @property
-    def inner(self) -> Any:
-        return self._inner
+    def _stream_class(self) -> type:
+        return async_stream_class(self._hx)
 
     async def _handle(self, request: Any) -> Any:
         response = await self._inner.handle_async_request(request)
@@ -201,27 +181,6 @@ class AsyncImpl:
         if ident is None:
             return response
         return self._wrap(request, response, *ident)
-
-    def _wrap(self, request: Any, response: Any, stream_id: str, token: str | None, last_id: int) -> Any:
-        hx = self._hx
-        splice = _AsyncSplice(
-            hx,
-            self._inner,
-            response,
-            request=request,
-            stream_id=stream_id,
-            token=token,
-            last_id=last_id,
-            policy=self.policy,
-            stats=self.stats,
-            resume_base_url=self.resume_base_url,
-        )
-        return hx.Response(
-            response.status_code,
-            headers=outward_headers(response),
-            stream=async_stream_class(hx)(splice),
-            extensions={k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")},
-        )
 
     async def aclose(self) -> None:
         await self._inner.aclose()
