@@ -1,5 +1,7 @@
 //! Relayed events, the ways a stream ends, and their SSE framing.
 
+use std::fmt::Write;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
 
@@ -98,9 +100,8 @@ pub struct StreamIdentity {
 
 /// Append one event as an SSE frame, `id:` first.
 pub fn write_frame(out: &mut BytesMut, event: &Event) {
-    out.put_slice(b"id: ");
-    out.put_slice(itoa_buf(event.seq).as_bytes());
-    out.put_u8(b'\n');
+    // `BytesMut` is a `fmt::Write`: the number goes in without a String.
+    let _ = writeln!(out, "id: {}", event.seq);
     if let Some(name) = &event.name {
         out.put_slice(b"event: ");
         out.put_slice(name.as_bytes());
@@ -112,10 +113,6 @@ pub fn write_frame(out: &mut BytesMut, event: &Event) {
         out.put_u8(b'\n');
     }
     out.put_u8(b'\n');
-}
-
-fn itoa_buf(n: u64) -> String {
-    n.to_string()
 }
 
 /// The body's last frame.
