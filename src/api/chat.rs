@@ -219,7 +219,7 @@ async fn start(
         upstream: request.upstream.clone(),
         protocol,
         body: request.bytes,
-        client_headers: headers.clone(),
+        client_headers: crate::upstream::forwardable(headers),
         continuation: None,
         ctx: state.relay.clone(),
     };

@@ -133,6 +133,18 @@ impl Upstream {
     }
 }
 
+/// The client headers a pump keeps for its provider call: the forwarded
+/// ones and the client's own credential (used only without `api_key_env`).
+pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED.iter().chain(&["authorization", "x-api-key"]) {
+        if let Some(v) = headers.get(*name) {
+            out.insert(*name, v.clone());
+        }
+    }
+    out
+}
+
 /// `reqwest` errors hide the useful part (connection refused, DNS) in their
 /// sources.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
