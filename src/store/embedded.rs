@@ -14,8 +14,11 @@
 //! crash may lose the last few hundred milliseconds, which the OS flushes on
 //! its own schedule. fjall locks the directory: one process at a time.
 //!
-//! Keys: `streams`: id → JSON record; `events`: id ‖ 0x00 ‖ seq (big endian)
-//! → encoded event; `idempotency`: owner ‖ 0x00 ‖ key → JSON entry.
+//! Keys: `streams`: id → JSON record, written once; `status`: id → the
+//! record's changing part (status, reason, updated, instance), so a status
+//! change is one small write with no read and the request is not rewritten;
+//! `events`: id ‖ 0x00 ‖ seq (big endian) → encoded event; `idempotency`:
+//! owner ‖ 0x00 ‖ key → JSON entry.
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,6 +38,17 @@ enum Space {
     Streams,
     Events,
     Idempotency,
+    Status,
+}
+
+/// The part of a record that changes after creation.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StatusRecord {
+    status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    updated_ms: u64,
+    instance: String,
 }
 
 enum Op {
@@ -50,6 +64,7 @@ struct Write {
 pub struct EmbeddedStore {
     db: Database,
     streams: Keyspace,
+    status: Keyspace,
     events: Keyspace,
     idempotency: Keyspace,
     writer: mpsc::UnboundedSender<Write>,
@@ -95,10 +110,16 @@ impl EmbeddedStore {
         let streams = open("streams")?;
         let events = open("events")?;
         let idempotency = open("idempotency")?;
+        let status = open("status")?;
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let spaces = [streams.clone(), events.clone(), idempotency.clone()];
+        let spaces = [
+            streams.clone(),
+            events.clone(),
+            idempotency.clone(),
+            status.clone(),
+        ];
         let writer_db = db.clone();
         let interval = config.commit_interval;
         std::thread::Builder::new()
@@ -108,6 +129,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db,
             streams,
+            status,
             events,
             idempotency,
             writer: tx,
@@ -127,12 +149,19 @@ impl EmbeddedStore {
     }
 
     fn read_record(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        match self.streams.get(stream_id).map_err(io)? {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(e.to_string())),
-            None => Ok(None),
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+        let Some(bytes) = self.streams.get(stream_id).map_err(io)? else {
+            return Ok(None);
+        };
+        let mut record: StreamRecord = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        if let Some(bytes) = self.status.get(stream_id).map_err(io)? {
+            let latest: StatusRecord = serde_json::from_slice(&bytes).map_err(corrupt)?;
+            record.status = latest.status;
+            record.reason = latest.reason;
+            record.updated_ms = latest.updated_ms;
+            record.instance = latest.instance;
         }
+        Ok(Some(record))
     }
 }
 
@@ -140,7 +169,7 @@ impl EmbeddedStore {
 /// (from every stream), commit them as one batch, acknowledge them all.
 fn writer_loop(
     db: Database,
-    spaces: [Keyspace; 3],
+    spaces: [Keyspace; 4],
     mut rx: mpsc::UnboundedReceiver<Write>,
     interval: Duration,
 ) {
@@ -220,16 +249,15 @@ impl Store for EmbeddedStore {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let Some(mut record) = self.read_record(stream_id)? else {
-            return Ok(());
+        let latest = StatusRecord {
+            status,
+            reason: reason.map(str::to_owned),
+            updated_ms: now_ms(),
+            instance: instance.to_owned(),
         };
-        record.status = status;
-        record.reason = reason.map(str::to_owned);
-        record.updated_ms = now_ms();
-        record.instance = instance.to_owned();
-        let value = serde_json::to_vec(&record).map_err(io)?;
+        let value = serde_json::to_vec(&latest).map_err(io)?;
         self.write(vec![Op::Put(
-            Space::Streams,
+            Space::Status,
             stream_id.as_bytes().to_vec(),
             value,
         )])
@@ -298,10 +326,11 @@ impl Store for EmbeddedStore {
         let mut ops = Vec::new();
         let mut gone = 0;
         for guard in self.streams.iter() {
-            let (key, value) = guard.into_inner().map_err(io)?;
-            let expired = match serde_json::from_slice::<StreamRecord>(&value) {
-                Ok(record) => record.updated_ms + self.ttl_ms <= now,
-                Err(_) => true,
+            let key = guard.key().map_err(io)?;
+            let id = std::str::from_utf8(&key).unwrap_or_default();
+            let expired = match self.read_record(id) {
+                Ok(Some(record)) => record.updated_ms + self.ttl_ms <= now,
+                _ => true,
             };
             if expired {
                 gone += 1;
@@ -311,6 +340,7 @@ impl Store for EmbeddedStore {
                     ops.push(Op::Remove(Space::Events, event.key().map_err(io)?.to_vec()));
                 }
                 ops.push(Op::Remove(Space::Streams, key.to_vec()));
+                ops.push(Op::Remove(Space::Status, key.to_vec()));
             }
         }
         for guard in self.idempotency.iter() {
@@ -346,5 +376,86 @@ impl Store for EmbeddedStore {
 
     fn name(&self) -> &'static str {
         "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{StoreConfig, StoreKind};
+    use bytes::Bytes;
+
+    fn config(path: &Path, ttl: Duration) -> StoreConfig {
+        StoreConfig {
+            kind: StoreKind::Embedded {
+                path: path.to_owned(),
+            },
+            ttl,
+            commit_interval: Duration::ZERO,
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+
+    fn record(id: &str) -> StreamRecord {
+        StreamRecord {
+            id: id.into(),
+            owner: "o".into(),
+            protocol: "openai".into(),
+            upstream: "u".into(),
+            request: "{}".into(),
+            status: Status::Running,
+            reason: None,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            instance: "i1".into(),
+        }
+    }
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            name: None,
+            data: Bytes::from(format!("e{seq}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_events_status_and_expiry() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            super::super::token::random_string(6)
+        ));
+        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_millis(300))).unwrap();
+        store.create(&record("s1")).await.unwrap();
+        store.append("s1", &[event(1), event(2)]).await.unwrap();
+        store.append("s1", &[event(3)]).await.unwrap();
+        let seqs: Vec<u64> = store
+            .events_after("s1", 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![2, 3]);
+        store
+            .set_status("s1", Status::Interrupted, Some("server_restarting"), "i2")
+            .await
+            .unwrap();
+        let back = store.get("s1").await.unwrap().unwrap();
+        assert_eq!(back.status, Status::Interrupted);
+        assert_eq!(back.reason.as_deref(), Some("server_restarting"));
+        assert_eq!(back.instance, "i2");
+        assert_eq!(back.request, "{}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            store.get("s1").await.unwrap().is_none(),
+            "expired records read as gone"
+        );
+        assert_eq!(store.sweep().await.unwrap(), 1);
+        assert!(store.events_after("s1", 0).await.unwrap().is_empty());
+        assert!(
+            store.streams.get("s1").unwrap().is_none() && store.status.get("s1").unwrap().is_none()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
