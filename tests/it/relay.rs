@@ -312,3 +312,44 @@ async fn spawn_in(dir: &std::path::Path, args: &[&str]) -> Proc {
         log,
     }
 }
+
+#[tokio::test]
+async fn idle_streams_get_heartbeats_and_metrics_count_them() {
+    let (_dir, _mock, gw) = setup("[streams]\nheartbeat = \"100ms\"\n").await;
+    let mut response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(3, 350, "quiet"))
+        .send()
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        raw.contains("\n: ping\n\n") || raw.starts_with(": ping\n\n"),
+        "{raw}"
+    );
+    assert!(raw.trim_end().ends_with("data: [DONE]"));
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tidegate_streams_started_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tidegate_streams_completed_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tidegate_events_relayed_total 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tidegate_streams_active 0"), "{metrics}");
+}
