@@ -150,6 +150,10 @@ async fn one(
                 continue;
             }
             if event.windows(6).any(|w| w == b"[DONE]") {
+                // Read to the end of the body so the connection goes back to
+                // the pool: dropping it early would charge the next request a
+                // new connection, for some targets and not others.
+                while let Ok(Some(_)) = response.chunk().await {}
                 return true;
             }
             if event.windows(8).any(|w| w == b"\"error\":") {
