@@ -474,8 +474,9 @@ impl Config {
         for (index, raw) in raw.upstreams.into_iter().enumerate() {
             upstreams.push(upstream(index, raw, env)?);
         }
-        let builtin_mock = upstreams.is_empty();
-        if builtin_mock && let Some(key) = env.var("OPENAI_API_KEY") {
+        if upstreams.is_empty()
+            && let Some(key) = env.var("OPENAI_API_KEY")
+        {
             upstreams.push(UpstreamConfig {
                 name: "openai".into(),
                 protocol: Protocol::OpenAi,

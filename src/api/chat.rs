@@ -17,7 +17,6 @@ use super::error::ApiError;
 use super::streams;
 use crate::config::Protocol;
 use crate::relay::event::{AbortKind, End, StreamIdentity};
-use crate::relay::live::LiveStream;
 use crate::relay::pump::{Pump, StartError};
 use crate::relay::subscriber::{self, Follow};
 use crate::store::token::random_string;
@@ -190,14 +189,7 @@ async fn start(
         resume_token: state.signer.sign(&id, &owner),
         protocol,
     };
-    let live = Arc::new(LiveStream::new(
-        who.clone(),
-        owner,
-        0,
-        state.drain.streams.child_token(),
-        state.config.streams.on_client_disconnect,
-        state.drain.tracker.clone(),
-    ));
+    let live = state.new_live(who.clone(), &owner, 0);
     // In the registry before the record exists: whoever finds the record
     // (an idempotent retry) finds this run too, and never starts another.
     state.registry().get_or_insert(&id, || live.clone());

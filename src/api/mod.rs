@@ -23,7 +23,8 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::relay::live::Registry;
+use crate::relay::event::StreamIdentity;
+use crate::relay::live::{LiveStream, Registry};
 use crate::relay::pump::RelayContext;
 use crate::store::SharedStore;
 use crate::store::token::TokenSigner;
@@ -69,6 +70,19 @@ impl AppState {
         } else {
             Err(ApiError::Unauthorized)
         }
+    }
+
+    /// A run of stream `who` in this process, for events after `base`: its
+    /// token a child of the drain's, its disconnect policy the config's.
+    pub fn new_live(&self, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
+        Arc::new(LiveStream::new(
+            who,
+            owner.to_owned(),
+            base,
+            self.drain.streams.child_token(),
+            self.config.streams.on_client_disconnect,
+            self.drain.tracker.clone(),
+        ))
     }
 
     pub fn upstream_named(&self, name: &str) -> Option<Arc<Upstream>> {

@@ -162,7 +162,7 @@ pub async fn attach(
                 return Ok(follow(who, None, End::Abort(kind)));
             }
             Status::Running if state.store.lease_alive(id).await? => {
-                let live = new_live(state, who, owner, last_stored_seq(state, id).await?);
+                let live = state.new_live(who, owner, last_stored_seq(state, id).await?);
                 let (live, created) = state.registry().get_or_insert(id, || live);
                 if created {
                     state
@@ -194,17 +194,6 @@ async fn last_stored_seq(state: &AppState, id: &str) -> Result<u64, ApiError> {
         .await?
         .last()
         .map_or(0, |e| e.seq))
-}
-
-fn new_live(state: &AppState, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
-    Arc::new(LiveStream::new(
-        who,
-        owner.to_owned(),
-        base,
-        state.drain.streams.child_token(),
-        state.config.streams.on_client_disconnect,
-        state.drain.tracker.clone(),
-    ))
 }
 
 /// Start (or join) the continuation of an interrupted stream. Returns how
@@ -245,7 +234,7 @@ async fn continue_stream(
         }
         Plan::Unsupported => return Ok(Some(End::Abort(AbortKind::Incomplete))),
     };
-    let live = new_live(state, who, owner, partial.last_seq);
+    let live = state.new_live(who, owner, partial.last_seq);
     let (live, created) = state.registry().get_or_insert(id, || live);
     if !created {
         return Ok(None); // another resume started it a moment ago: follow that
@@ -253,7 +242,7 @@ async fn continue_stream(
     if !state.store.try_lease(id, &state.relay.instance).await? {
         // Another replica won the lease: it continues, we follow it.
         state.registry().remove(&live);
-        let follower = new_live(state, live.who.clone(), owner, partial.last_seq);
+        let follower = state.new_live(live.who.clone(), owner, partial.last_seq);
         let (follower, created) = state.registry().get_or_insert(id, || follower);
         if created {
             state
