@@ -55,6 +55,18 @@ async fn restartable() -> (std::path::PathBuf, Mock, String, Gateway) {
     (dir, mock, cfg, gw)
 }
 
+/// A mock and a gateway on the embedded store, on any port.
+async fn embedded_gateway() -> (std::path::PathBuf, Mock, Gateway) {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let gw = Gateway::start(
+        &dir,
+        &config(&mock, "127.0.0.1:0", &embedded(&dir), FAST_DRAIN),
+    )
+    .await;
+    (dir, mock, gw)
+}
+
 #[tokio::test]
 async fn sigterm_then_a_new_process_finishes_the_answer_exactly() {
     let (dir, mock, cfg, mut gw) = restartable().await;
@@ -245,13 +257,7 @@ async fn expired_streams_are_gone() {
 
 #[tokio::test]
 async fn idempotency_keys_attach_instead_of_generating_again() {
-    let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let gw = Gateway::start(
-        &dir,
-        &config(&mock, "127.0.0.1:0", &embedded(&dir), FAST_DRAIN),
-    )
-    .await;
+    let (_dir, mock, gw) = embedded_gateway().await;
     let request = chat(30, 20, "idempotent");
     let post = |body: Value| {
         let url = gw.url("/v1/chat/completions");
@@ -297,13 +303,7 @@ async fn idempotency_keys_attach_instead_of_generating_again() {
 
 #[tokio::test]
 async fn delete_cancels_the_upstream() {
-    let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let gw = Gateway::start(
-        &dir,
-        &config(&mock, "127.0.0.1:0", &embedded(&dir), FAST_DRAIN),
-    )
-    .await;
+    let (_dir, mock, gw) = embedded_gateway().await;
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(300, 20, "delete me")).await;
     let (id, token) = (
         sse.header("x-tidegate-stream-id"),
@@ -341,13 +341,7 @@ async fn delete_cancels_the_upstream() {
 
 #[tokio::test]
 async fn upstream_failure_mid_stream_is_resumed_by_continuation() {
-    let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let gw = Gateway::start(
-        &dir,
-        &config(&mock, "127.0.0.1:0", &embedded(&dir), FAST_DRAIN),
-    )
-    .await;
+    let (_dir, mock, gw) = embedded_gateway().await;
     let mut request = chat(30, 5, "flaky provider");
     request["mock"]["fail_after"] = json!(10);
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
