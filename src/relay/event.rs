@@ -1,7 +1,5 @@
 //! Relayed events, the ways a stream ends, and their SSE framing.
 
-use std::fmt::Write;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::json;
 
@@ -100,17 +98,27 @@ pub struct StreamIdentity {
 
 /// Append one event as an SSE frame, `id:` first.
 pub fn write_frame(out: &mut BytesMut, event: &Event) {
-    // `BytesMut` is a `fmt::Write`: the number goes in without a String.
-    let _ = writeln!(out, "id: {}", event.seq);
+    out.put_slice(b"id: ");
+    out.put_slice(itoa::Buffer::new().format(event.seq).as_bytes());
+    out.put_u8(b'\n');
     if let Some(name) = &event.name {
         out.put_slice(b"event: ");
         out.put_slice(name.as_bytes());
         out.put_u8(b'\n');
     }
-    for line in event.data.split(|b| *b == b'\n') {
+    let mut rest = &event.data[..];
+    loop {
+        let (line, more) = match memchr::memchr(b'\n', rest) {
+            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+            None => (rest, None),
+        };
         out.put_slice(b"data: ");
         out.put_slice(line);
         out.put_u8(b'\n');
+        match more {
+            Some(more) => rest = more,
+            None => break,
+        }
     }
     out.put_u8(b'\n');
 }

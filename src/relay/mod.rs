@@ -6,9 +6,11 @@
 //!   follows them (the original request, resumes, idempotent retries);
 //! - [`pump`]: the one task per stream that talks to the provider and writes
 //!   ahead to the store;
+//! - [`sse`]: decoding the provider's event stream into shared slices;
 //! - [`subscriber`]: a client's SSE body: replay from the store, then follow.
 
 pub mod event;
 pub mod live;
 pub mod pump;
+pub mod sse;
 pub mod subscriber;

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::event::{AbortKind, End, Event};
 use super::live::{LiveStream, Registry};
+use super::sse::{SseEvent, SseStream};
 use crate::config::Protocol;
 use crate::metrics::Metrics;
 use crate::store::{SharedStore, Status};
@@ -31,10 +31,8 @@ enum ReadError {
     Failed(String),
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<eventsource_stream::EventStreamError<E>>
-    for ReadError
-{
-    fn from(e: eventsource_stream::EventStreamError<E>) -> ReadError {
+impl From<reqwest::Error> for ReadError {
+    fn from(e: reqwest::Error) -> ReadError {
         ReadError::Failed(error_chain(&e))
     }
 }
@@ -128,7 +126,7 @@ impl Pump {
     async fn relay(&self, response: reqwest::Response) -> End {
         let idle = self.upstream.config.idle_timeout;
         let token = &self.live.token;
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = SseStream::new(response.bytes_stream());
         let mut seq = self.live.base;
         let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         loop {
@@ -190,7 +188,7 @@ impl Pump {
     /// `batch`, or say how the stream ends.
     fn step(
         &self,
-        next: Option<Result<eventsource_stream::Event, ReadError>>,
+        next: Option<Result<SseEvent, ReadError>>,
         seq: &mut u64,
         batch: &mut Vec<Event>,
     ) -> Option<End> {
@@ -217,21 +215,21 @@ impl Pump {
             }
             Some(Ok(event)) => event,
         };
-        if self.protocol == Protocol::OpenAi && event.data == "[DONE]" {
+        if self.protocol == Protocol::OpenAi && event.data == b"[DONE]"[..] {
             return Some(End::Done);
         }
         if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event)
         {
             return None;
         }
-        let finished = self.protocol == Protocol::Anthropic && event.event == "message_stop";
-        let name = match event.event.as_str() {
-            "" | "message" => None,
-            other => Some(other.into()),
+        let finished = self.protocol == Protocol::Anthropic && event.name_is("message_stop");
+        let name = match event.name.as_deref() {
+            None | Some(b"") | Some(b"message") => None,
+            Some(other) => Some(String::from_utf8_lossy(other).into()),
         };
         let data = match &self.continuation {
             Some(chunk_id) => continuation::rewrite(self.protocol, event.data, chunk_id.as_deref()),
-            None => Bytes::from(event.data),
+            None => event.data,
         };
         *seq += 1;
         batch.push(Event {

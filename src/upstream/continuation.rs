@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Continuation, Protocol};
 use crate::relay::event::Event;
+use crate::relay::sse::SseEvent;
 
 /// What was already said, read back from the stored events.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -150,25 +151,25 @@ pub fn plan(original: &Value, protocol: Protocol, style: Continuation, partial: 
 
 /// Events of a continuation that the client already has from the original
 /// (Anthropic repeats the message and block openers).
-pub fn skip_in_continuation(protocol: Protocol, event: &eventsource_stream::Event) -> bool {
+pub fn skip_in_continuation(protocol: Protocol, event: &SseEvent) -> bool {
     protocol == Protocol::Anthropic
         && matches!(
-            event.event.as_str(),
-            "message_start" | "content_block_start" | "ping"
+            event.name.as_deref(),
+            Some(b"message_start" | b"content_block_start" | b"ping")
         )
 }
 
 /// Give a continued chunk the original's id, so the answer reads as one.
-pub fn rewrite(protocol: Protocol, data: String, chunk_id: Option<&str>) -> Bytes {
+pub fn rewrite(protocol: Protocol, data: Bytes, chunk_id: Option<&str>) -> Bytes {
     let (Protocol::OpenAi, Some(id)) = (protocol, chunk_id) else {
-        return Bytes::from(data);
+        return data;
     };
-    match serde_json::from_str::<Value>(&data) {
+    match serde_json::from_slice::<Value>(&data) {
         Ok(mut v) if v.get("id").and_then(Value::as_str) != Some(id) && v.get("id").is_some() => {
             v["id"] = Value::String(id.to_owned());
             Bytes::from(v.to_string())
         }
-        _ => Bytes::from(data),
+        _ => data,
     }
 }
 

@@ -1,0 +1,288 @@
+//! Decoding the provider's `text/event-stream`, without a copy per event.
+//!
+//! The bytes the provider sends go once into a small per-stream buffer; an
+//! event's `data` is a slice of that buffer (`Bytes`), which the store, the
+//! live stream and every subscriber then share by reference count. This
+//! replaced `eventsource-stream`, which builds a fresh `String` for every
+//! event's data: that allocation and copy, and the memory it left behind in
+//! the store, were the largest item of the relay's own CPU profile
+//! (benches/OPTIMISATIONS.md).
+//!
+//! Framing follows the WHATWG "interpreting an event stream" rules: lines
+//! end in CRLF, LF or CR (also when a CRLF is split across reads); a leading
+//! BOM is dropped; `:` lines are comments; a field without a colon has an
+//! empty value; one space after the colon is dropped; several `data` lines
+//! join with `\n`; an empty line dispatches an event if any `data` was seen;
+//! `id` and `retry` are ignored (the gateway numbers events itself); an
+//! unfinished event at the end of the stream is not dispatched. Payloads
+//! are relayed as bytes, not checked as UTF-8.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+
+/// The first buffer of a stream; later ones are as large as needed.
+/// Small, because a slow stream holds one for as long as it lives.
+const INITIAL_BUFFER: usize = 1024;
+
+/// One decoded event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, if any.
+    pub name: Option<Bytes>,
+    pub data: Bytes,
+}
+
+impl SseEvent {
+    pub fn name_is(&self, name: &str) -> bool {
+        self.name.as_deref() == Some(name.as_bytes())
+    }
+}
+
+/// The sans-IO decoder: [`feed`](Self::feed) bytes, take events with
+/// [`next_event`](Self::next_event).
+#[derive(Debug, Default)]
+pub struct SseDecoder {
+    /// Undecoded bytes, starting at the beginning of a line.
+    buf: BytesMut,
+    /// How much of `buf` is known to hold no line end.
+    scanned: usize,
+    /// The last line ended with CR: a LF that follows belongs to it.
+    after_cr: bool,
+    /// The BOM check at the start of the stream is done.
+    started: bool,
+    name: Option<Bytes>,
+    data: Data,
+}
+
+#[derive(Debug, Default)]
+enum Data {
+    #[default]
+    None,
+    /// One `data` line: a slice of the input, no copy.
+    One(Bytes),
+    /// Several: joined with `\n`.
+    Many(BytesMut),
+}
+
+impl SseDecoder {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(INITIAL_BUFFER.max(chunk.len()));
+        }
+        self.buf.put_slice(chunk);
+    }
+
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let line = self.next_line()?;
+            if line.is_empty() {
+                let name = self.name.take();
+                match std::mem::take(&mut self.data) {
+                    Data::None => continue,
+                    Data::One(data) => return Some(SseEvent { name, data }),
+                    Data::Many(data) => {
+                        return Some(SseEvent {
+                            name,
+                            data: data.freeze(),
+                        });
+                    }
+                }
+            }
+            self.field(line);
+        }
+    }
+
+    fn next_line(&mut self) -> Option<Bytes> {
+        if self.after_cr && !self.buf.is_empty() {
+            if self.buf[0] == b'\n' {
+                self.buf.advance(1);
+            }
+            self.after_cr = false;
+        }
+        if !self.started {
+            const BOM: &[u8] = b"\xEF\xBB\xBF";
+            if self.buf.len() < BOM.len() && BOM.starts_with(&self.buf) {
+                return None;
+            }
+            if self.buf.starts_with(BOM) {
+                self.buf.advance(BOM.len());
+            }
+            self.started = true;
+        }
+        let Some(at) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scanned..]) else {
+            self.scanned = self.buf.len();
+            return None;
+        };
+        let end = self.scanned + at;
+        self.scanned = 0;
+        let line = self.buf.split_to(end).freeze();
+        self.after_cr = self.buf[0] == b'\r';
+        self.buf.advance(1);
+        Some(line)
+    }
+
+    fn field(&mut self, line: Bytes) {
+        if line.first() == Some(&b':') {
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', &line) {
+            Some(colon) => {
+                let skip = if line.get(colon + 1) == Some(&b' ') {
+                    2
+                } else {
+                    1
+                };
+                (line.slice(..colon), line.slice(colon + skip..))
+            }
+            None => (line, Bytes::new()),
+        };
+        match &field[..] {
+            b"data" => {
+                self.data = match std::mem::take(&mut self.data) {
+                    Data::None => Data::One(value),
+                    Data::One(first) => {
+                        let mut joined = BytesMut::with_capacity(first.len() + 1 + value.len());
+                        joined.put_slice(&first);
+                        joined.put_u8(b'\n');
+                        joined.put_slice(&value);
+                        Data::Many(joined)
+                    }
+                    Data::Many(mut joined) => {
+                        joined.put_u8(b'\n');
+                        joined.put_slice(&value);
+                        Data::Many(joined)
+                    }
+                }
+            }
+            b"event" => self.name = Some(value),
+            _ => {}
+        }
+    }
+}
+
+/// Events decoded from a body of byte chunks.
+pub struct SseStream<S> {
+    body: S,
+    decoder: SseDecoder,
+}
+
+impl<S, E> SseStream<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    pub fn new(body: S) -> SseStream<S> {
+        SseStream {
+            body,
+            decoder: SseDecoder::default(),
+        }
+    }
+
+    /// The next event; `None` when the body ends. Cancel-safe: nothing is
+    /// lost if the future is dropped before it completes.
+    pub async fn next(&mut self) -> Option<Result<SseEvent, E>> {
+        loop {
+            if let Some(event) = self.decoder.next_event() {
+                return Some(Ok(event));
+            }
+            match self.body.next().await? {
+                Ok(chunk) => self.decoder.feed(&chunk),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(chunks: &[&[u8]]) -> Vec<(Option<String>, String)> {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            d.feed(chunk);
+            while let Some(e) = d.next_event() {
+                out.push((
+                    e.name.map(|n| String::from_utf8(n.to_vec()).unwrap()),
+                    String::from_utf8(e.data.to_vec()).unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn data(items: &[&str]) -> Vec<(Option<String>, String)> {
+        items.iter().map(|d| (None, d.to_string())).collect()
+    }
+
+    #[test]
+    fn decodes_openai_chunks() {
+        let got = decode(&[b"data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: [DONE]\n\n"]);
+        assert_eq!(got, data(&["{\"a\":1}", "{\"a\":2}", "[DONE]"]));
+    }
+
+    #[test]
+    fn same_events_however_the_bytes_are_split() {
+        let text =
+            b"\xEF\xBB\xBFevent: a\r\ndata: x\r\n\r\n: comment\n\ndata:y\rdata\r\rdata: z\n\n";
+        let whole = decode(&[text]);
+        assert_eq!(
+            whole,
+            vec![
+                (Some("a".into()), "x".into()),
+                (None, "y\n".into()),
+                (None, "z".into())
+            ]
+        );
+        for cut in 0..text.len() {
+            assert_eq!(decode(&[&text[..cut], &text[cut..]]), whole, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(decode(&bytes), whole);
+    }
+
+    #[test]
+    fn joins_data_lines_and_keeps_empty_data() {
+        let got = decode(&[b"data: a\ndata:  b\ndata\n\ndata:\n\nid: 7\nretry: 5\n\n"]);
+        assert_eq!(got, data(&["a\n b\n", ""]));
+    }
+
+    #[test]
+    fn names_reset_after_each_event_and_unfinished_events_are_dropped() {
+        let got =
+            decode(&[b"event: ping\n\nevent: message_stop\ndata: {}\n\ndata: {}\n\ndata: cut"]);
+        assert_eq!(
+            got,
+            vec![
+                (Some("message_stop".into()), "{}".into()),
+                (None, "{}".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_field_without_space_or_colon() {
+        let got = decode(&[b"event:x\ndata:1\n\nevent\ndata:2\n\n"]);
+        assert_eq!(
+            got,
+            vec![
+                (Some("x".into()), "1".into()),
+                (Some("".into()), "2".into())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_passes_errors_and_ends() {
+        let chunks: Vec<Result<Bytes, &str>> = vec![
+            Ok(Bytes::from_static(b"data: 1\n")),
+            Ok(Bytes::from_static(b"\ndata: 2\n\n")),
+            Err("boom"),
+        ];
+        let mut s = SseStream::new(futures_util::stream::iter(chunks));
+        assert_eq!(s.next().await.unwrap().unwrap().data, "1");
+        assert_eq!(s.next().await.unwrap().unwrap().data, "2");
+        assert_eq!(s.next().await.unwrap(), Err("boom"));
+        assert!(s.next().await.is_none());
+    }
+}
