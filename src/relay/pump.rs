@@ -25,6 +25,19 @@ use crate::upstream::{Upstream, UpstreamError, continuation, error_chain, is_eve
 /// At most this many events go into one store write.
 const MAX_BATCH: usize = 256;
 
+/// How long the client's response head waits, after the provider's, for
+/// the first event, so that head and first event leave in one write.
+const FIRST_EVENT_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
+
+type Started = oneshot::Sender<Result<(), StartError>>;
+
+/// Tell the waiting handler the stream is on (once).
+fn announce(started: &mut Option<Started>) {
+    if let Some(tx) = started.take() {
+        let _ = tx.send(Ok(()));
+    }
+}
+
 /// Why reading the provider's stream failed.
 enum ReadError {
     Stalled,
@@ -68,7 +81,7 @@ pub struct Pump {
 }
 
 impl Pump {
-    pub async fn run(self, started: oneshot::Sender<Result<(), StartError>>) {
+    pub async fn run(self, started: Started) {
         let metrics = &self.ctx.metrics;
         metrics.upstream_requests.inc();
         let token = self.live.token.clone();
@@ -95,16 +108,13 @@ impl Pump {
             }
             Err(e) => return self.start_failed(e, started).await,
         };
-        let _ = started.send(Ok(()));
-        let end = self.relay(response).await;
+        let mut started = Some(started);
+        let end = self.relay(response, &mut started).await;
+        announce(&mut started);
         self.finish(end, None).await;
     }
 
-    async fn start_failed(
-        &self,
-        error: StartError,
-        started: oneshot::Sender<Result<(), StartError>>,
-    ) {
+    async fn start_failed(&self, error: StartError, started: Started) {
         let kind = match &error {
             StartError::Cancelled(kind) => *kind,
             _ => {
@@ -123,8 +133,13 @@ impl Pump {
         self.finish(End::Abort(kind), Some(status)).await;
     }
 
-    async fn relay(&self, response: reqwest::Response) -> End {
+    /// Relay until the stream ends. `started` is answered once the first
+    /// event is published (or the stream ended, or [`FIRST_EVENT_HOLD`]
+    /// passed), so the handler's response head and the first event go to
+    /// the client in one write.
+    async fn relay(&self, response: reqwest::Response, started: &mut Option<Started>) -> End {
         let idle = self.upstream.config.idle_timeout;
+        let hold_until = tokio::time::Instant::now() + FIRST_EVENT_HOLD;
         let token = &self.live.token;
         let mut events = SseStream::new(response.bytes_stream());
         let mut seq = self.live.base;
@@ -135,6 +150,10 @@ impl Pump {
             let first = tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
+                _ = tokio::time::sleep_until(hold_until), if started.is_some() => {
+                    announce(started);
+                    continue;
+                }
                 next = tokio::time::timeout(idle, events.next()) => match next {
                     Ok(next) => next.map(|r| r.map_err(ReadError::from)),
                     Err(_) => Some(Err(ReadError::Stalled)),
@@ -177,6 +196,7 @@ impl Pump {
                 }
                 self.ctx.metrics.events_relayed.add(batch.len() as u64);
                 self.live.push(batch.drain(..));
+                announce(started);
             }
             if let Some(end) = step {
                 return end;

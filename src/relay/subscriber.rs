@@ -72,6 +72,8 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
 
         let mut changes = live.watch();
         let mut settle: Option<tokio::time::Instant> = None;
+        // The first write goes at once: it joins the response head.
+        let mut first = true;
         loop {
             changes.borrow_and_update();
             let snapshot = live.snapshot_after(cursor);
@@ -83,6 +85,10 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                 end_frame(&mut buf, end, &who, cursor);
                 yield Ok(buf.split().freeze());
                 return;
+            }
+            if !buf.is_empty() && std::mem::take(&mut first) {
+                yield Ok(buf.split().freeze());
+                continue;
             }
             if !buf.is_empty() {
                 // Coalesce: give the pump one turn to publish what the
