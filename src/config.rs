@@ -74,6 +74,7 @@ impl ConfigError {
 struct RawConfig {
     listen: Option<String>,
     max_body_bytes: Option<u64>,
+    worker_threads: Option<u64>,
     #[serde(default)]
     drain: RawDrain,
     #[serde(default)]
@@ -159,6 +160,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Requests with a larger body are refused with 413 before parsing.
     pub max_body_bytes: usize,
+    /// Runtime worker threads; `None` means one per CPU.
+    pub worker_threads: Option<usize>,
     pub drain: DrainConfig,
     pub store: StoreConfig,
     pub resume: ResumeConfig,
@@ -292,6 +295,7 @@ pub const DEFAULT_DATA_DIR: &str = "./tidegate-data";
 const SECTIONS: &[&str] = &[
     "listen",
     "max_body_bytes",
+    "worker_threads",
     "drain",
     "store",
     "resume",
@@ -491,10 +495,21 @@ impl Config {
             });
         }
         let builtin_mock = upstreams.is_empty();
+        let worker_threads = match raw.worker_threads {
+            None => None,
+            Some(n @ 1..=1024) => Some(n as usize),
+            Some(_) => {
+                return Err(ConfigError::invalid(
+                    "worker_threads",
+                    "must be from 1 to 1024 (leave it out for one per CPU)",
+                ));
+            }
+        };
 
         Ok(Config {
             listen,
             max_body_bytes: raw.max_body_bytes.unwrap_or(4 * 1024 * 1024) as usize,
+            worker_threads,
             drain,
             store,
             resume,
@@ -784,6 +799,18 @@ mod tests {
         assert!(!c.builtin_mock);
         assert_eq!(c.upstreams[0].base_url, "https://api.openai.com/v1");
         assert_eq!(format!("{:?}", c.upstreams[0].api_key), "Some(<redacted>)");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        assert_eq!(
+            Config::from_toml("", &env(&[])).unwrap().worker_threads,
+            None
+        );
+        let c = Config::from_toml("", &env(&[("TIDEGATE_WORKER_THREADS", "1")])).unwrap();
+        assert_eq!(c.worker_threads, Some(1));
+        let err = Config::from_toml("worker_threads = 0", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("worker_threads"), "{err}");
     }
 
     #[test]

@@ -84,14 +84,15 @@ fn load(path: Option<PathBuf>, listen: Option<String>) -> Result<Config, ExitCod
     Ok(config)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("tidegate: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        })
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("tidegate: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
@@ -103,7 +104,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
-    let runtime = match runtime() {
+    let runtime = match runtime(config.worker_threads) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -129,7 +130,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
 }
 
 fn mock(listen: String, api_key: Option<String>) -> ExitCode {
-    let runtime = match runtime() {
+    let runtime = match runtime(None) {
         Ok(r) => r,
         Err(code) => return code,
     };
