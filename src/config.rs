@@ -557,6 +557,12 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
             "must start with http:// or https://",
         ));
     }
+    if let Err(e) = reqwest::Url::parse(&base_url) {
+        return Err(ConfigError::invalid(
+            key("base_url"),
+            format!("is not a valid URL: {e}"),
+        ));
+    }
     let api_key = match &raw.api_key_env {
         Some(var) => Some(Secret(env.var(var).ok_or_else(|| {
             ConfigError::MissingSecret {

@@ -79,9 +79,9 @@ pub async fn run(
 
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
-        let upstream = Upstream::new(u.clone()).map_err(|e| ServeError::Client {
+        let upstream = Upstream::new(u.clone()).map_err(|message| ServeError::Client {
             name: u.name.clone(),
-            message: e.to_string(),
+            message,
         })?;
         upstreams.push(Arc::new(upstream));
     }

@@ -14,6 +14,11 @@ use crate::config::{Protocol, UpstreamConfig};
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: reqwest::Client,
+    /// Parsed once: `/chat/completions` and `/messages` under the base URL.
+    openai_url: reqwest::Url,
+    anthropic_url: reqwest::Url,
+    /// The configured credential as a ready header (marked sensitive).
+    credential: Option<(&'static str, HeaderValue)>,
 }
 
 /// Why a request to the provider failed before its first event.
@@ -42,21 +47,47 @@ const FORWARDED: &[&str] = &[
 ];
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .http1_only()
-            .build()?;
-        Ok(Upstream { config, client })
+            // A provider's redirect is an error to show, not to follow with
+            // our credential; and a request is never sent twice.
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{}{path}", config.base_url))
+                .map_err(|e| format!("invalid base_url: {e}"))
+        };
+        let openai_url = url("/chat/completions")?;
+        let anthropic_url = url("/messages")?;
+        let credential = config.api_key.as_ref().and_then(|key| {
+            let (name, text) = match config.protocol {
+                Protocol::OpenAi => ("authorization", format!("Bearer {}", key.0)),
+                Protocol::Anthropic => ("x-api-key", key.0.clone()),
+            };
+            let mut value = HeaderValue::from_str(&text).ok()?;
+            value.set_sensitive(true);
+            Some((name, value))
+        });
+        Ok(Upstream {
+            config,
+            client,
+            openai_url,
+            anthropic_url,
+            credential,
+        })
     }
 
-    pub fn url(&self, protocol: Protocol) -> String {
+    pub fn url(&self, protocol: Protocol) -> &reqwest::Url {
         match protocol {
-            Protocol::OpenAi => format!("{}/chat/completions", self.config.base_url),
-            Protocol::Anthropic => format!("{}/messages", self.config.base_url),
+            Protocol::OpenAi => &self.openai_url,
+            Protocol::Anthropic => &self.anthropic_url,
         }
     }
 
@@ -71,7 +102,7 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut request = self
             .client
-            .post(self.url(protocol))
+            .post(self.url(protocol).clone())
             .header("content-type", "application/json")
             .body(body);
         for name in FORWARDED {
@@ -82,10 +113,9 @@ impl Upstream {
         if protocol == Protocol::Anthropic && !client_headers.contains_key("anthropic-version") {
             request = request.header("anthropic-version", "2023-06-01");
         }
-        match (&self.config.api_key, protocol) {
-            (Some(key), Protocol::OpenAi) => request = request.bearer_auth(&key.0),
-            (Some(key), Protocol::Anthropic) => request = request.header("x-api-key", &key.0),
-            (None, _) => {
+        match &self.credential {
+            Some((name, value)) => request = request.header(*name, value.clone()),
+            None => {
                 for name in ["authorization", "x-api-key"] {
                     if let Some(v) = client_headers.get(name) {
                         request = request.header(name, v.clone());
