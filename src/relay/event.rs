@@ -96,6 +96,11 @@ pub struct StreamIdentity {
     pub protocol: Protocol,
 }
 
+/// About how many bytes [`write_frame`] writes for `event`, to reserve.
+pub fn frame_size(event: &Event) -> usize {
+    event.data.len() + event.name.as_ref().map_or(0, |n| n.len() + 8) + 40
+}
+
 /// Append one event as an SSE frame, `id:` first.
 pub fn write_frame(out: &mut BytesMut, event: &Event) {
     out.put_slice(b"id: ");

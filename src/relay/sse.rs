@@ -92,7 +92,7 @@ impl SseDecoder {
         }
     }
 
-    fn next_line(&mut self) -> Option<Bytes> {
+    fn next_line(&mut self) -> Option<BytesMut> {
         if self.after_cr && !self.buf.is_empty() {
             if self.buf[0] == b'\n' {
                 self.buf.advance(1);
@@ -115,47 +115,45 @@ impl SseDecoder {
         };
         let end = self.scanned + at;
         self.scanned = 0;
-        let line = self.buf.split_to(end).freeze();
+        let line = self.buf.split_to(end);
         self.after_cr = self.buf[0] == b'\r';
         self.buf.advance(1);
         Some(line)
     }
 
-    fn field(&mut self, line: Bytes) {
+    fn field(&mut self, mut line: BytesMut) {
         if line.first() == Some(&b':') {
             return;
         }
-        let (field, value) = match memchr::memchr(b':', &line) {
-            Some(colon) => {
-                let skip = if line.get(colon + 1) == Some(&b' ') {
-                    2
-                } else {
-                    1
-                };
-                (line.slice(..colon), line.slice(colon + skip..))
-            }
-            None => (line, Bytes::new()),
+        let (name_len, value_at) = match memchr::memchr(b':', &line) {
+            Some(colon) if line.get(colon + 1) == Some(&b' ') => (colon, colon + 2),
+            Some(colon) => (colon, colon + 1),
+            None => (line.len(), line.len()),
         };
-        match &field[..] {
-            b"data" => {
-                self.data = match std::mem::take(&mut self.data) {
-                    Data::None => Data::One(value),
-                    Data::One(first) => {
-                        let mut joined = BytesMut::with_capacity(first.len() + 1 + value.len());
-                        joined.put_slice(&first);
-                        joined.put_u8(b'\n');
-                        joined.put_slice(&value);
-                        Data::Many(joined)
-                    }
-                    Data::Many(mut joined) => {
-                        joined.put_u8(b'\n');
-                        joined.put_slice(&value);
-                        Data::Many(joined)
-                    }
+        let is_data = &line[..name_len] == b"data";
+        if !is_data && &line[..name_len] != b"event" {
+            return;
+        }
+        line.advance(value_at);
+        let value = line.freeze();
+        if is_data {
+            self.data = match std::mem::take(&mut self.data) {
+                Data::None => Data::One(value),
+                Data::One(first) => {
+                    let mut joined = BytesMut::with_capacity(first.len() + 1 + value.len());
+                    joined.put_slice(&first);
+                    joined.put_u8(b'\n');
+                    joined.put_slice(&value);
+                    Data::Many(joined)
+                }
+                Data::Many(mut joined) => {
+                    joined.put_u8(b'\n');
+                    joined.put_slice(&value);
+                    Data::Many(joined)
                 }
             }
-            b"event" => self.name = Some(value),
-            _ => {}
+        } else {
+            self.name = Some(value);
         }
     }
 }

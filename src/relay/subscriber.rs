@@ -76,12 +76,7 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         let mut first = true;
         loop {
             changes.borrow_and_update();
-            let snapshot = live.snapshot_after(cursor);
-            for event in &snapshot.events {
-                write_frame(&mut buf, event);
-                cursor = event.seq;
-            }
-            if let Some(end) = snapshot.end {
+            if let Some(end) = live.write_after(&mut cursor, &mut buf) {
                 end_frame(&mut buf, end, &who, cursor);
                 yield Ok(buf.split().freeze());
                 return;
@@ -96,10 +91,8 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                 // one syscall per event. A paced stream loses a scheduler
                 // turn (microseconds), nothing more.
                 tokio::task::yield_now().await;
-                for event in &live.snapshot_after(cursor).events {
-                    write_frame(&mut buf, event);
-                    cursor = event.seq;
-                }
+                // Its end waits for the next turn of the loop.
+                let _ = live.write_after(&mut cursor, &mut buf);
                 yield Ok(buf.split().freeze());
                 continue;
             }
