@@ -148,6 +148,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     first_byte_timeout: Option<String>,
     idle_timeout: Option<String>,
+    http2: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------
@@ -274,6 +275,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Speak HTTP/2 to the provider (prior knowledge on http://, required
+    /// on https://): every stream multiplexed on a few connections.
+    pub http2: bool,
 }
 
 /// A string that never shows itself in logs or `Debug` output.
@@ -492,6 +496,7 @@ impl Config {
                 connect_timeout: Duration::from_secs(10),
                 first_byte_timeout: Duration::from_secs(120),
                 idle_timeout: Duration::from_secs(120),
+                http2: false,
             });
         }
         let builtin_mock = upstreams.is_empty();
@@ -594,6 +599,7 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
         connect_timeout: duration(&key("connect_timeout"), raw.connect_timeout, "5s")?,
         first_byte_timeout: duration(&key("first_byte_timeout"), raw.first_byte_timeout, "60s")?,
         idle_timeout: duration(&key("idle_timeout"), raw.idle_timeout, "60s")?,
+        http2: raw.http2.unwrap_or(false),
         name: raw.name,
         protocol,
         base_url,

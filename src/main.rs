@@ -157,14 +157,8 @@ fn mock(listen: String, api_key: Option<String>) -> ExitCode {
                 Err(_) => stop.await,
             }
         };
-        let listener = axum::serve::ListenerExt::tap_io(listener, tidegate::server::no_delay);
-        match axum::serve(listener, tidegate::mock::router(api_key)).with_graceful_shutdown(stop).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tidegate mock-upstream: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        tidegate::mock::serve(listener, tidegate::mock::router(api_key), stop).await;
+        ExitCode::SUCCESS
     })
 }
 

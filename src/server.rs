@@ -66,14 +66,16 @@ pub async fn run(
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            http2: false,
         });
         let stop = drain.close_listener.clone();
         drain.tracker.spawn(async move {
-            let serve = axum::serve(mock_listener.tap_io(no_delay), crate::mock::router(None))
-                .with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "built-in mock provider failed");
-            }
+            crate::mock::serve(
+                mock_listener,
+                crate::mock::router(None),
+                stop.cancelled_owned(),
+            )
+            .await;
         });
     }
 

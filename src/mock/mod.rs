@@ -42,6 +42,48 @@ pub struct Stats {
     tokens_sent: AtomicU64,
 }
 
+/// Serve the mock on `listener` until `stop` resolves: HTTP/1.1, and
+/// HTTP/2 with prior knowledge (h2c) with room for 100,000 concurrent
+/// streams on one connection (hyper's default is 200), so an upstream with
+/// `http2 = true` can hold a scale test's streams on a few connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(100_000);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    tokio::pin!(stop);
+    loop {
+        let mut stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait, then go on.
+                    tracing::warn!(error = %e, "mock: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        crate::server::no_delay(&mut stream);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    // Let answers in flight finish, briefly: a mock is never waited on long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+}
+
 /// The mock's routes. `api_key`: the credential it demands, if any.
 pub fn router(api_key: Option<String>) -> Router {
     Router::new()

@@ -48,12 +48,17 @@ const FORWARDED: &[&str] = &[
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .http1_only()
+            .pool_max_idle_per_host(1024);
+        let builder = if config.http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        };
+        let client = builder
             // A provider's redirect is an error to show, not to follow with
             // our credential; and a request is never sent twice.
             .redirect(reqwest::redirect::Policy::none())

@@ -54,6 +54,43 @@ async fn relays_the_exact_text_with_ids_and_done() {
 }
 
 #[tokio::test]
+async fn http2_upstream_carries_every_stream_on_few_connections() {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let config = config(&mock, "127.0.0.1:0", "kind = \"memory\"", "") + "http2 = true\n";
+    let gw = Gateway::start(&dir, &config).await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.proc.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let requests: Vec<Value> = (0..20).map(|i| chat(40, 25, &format!("h2-{i}"))).collect();
+    let mut streams = Vec::new();
+    for request in &requests {
+        let mut sse = Sse::post(&gw.url("/v1/chat/completions"), request).await;
+        assert_eq!(sse.status, 200);
+        let first = sse.take(1).await;
+        assert_eq!(first.len(), 1);
+        streams.push((sse, first));
+    }
+    // 20 client sockets are open; over HTTP/1.1 there would be 20 upstream
+    // sockets too.
+    let during = fds();
+    assert!(
+        during < before + 20 + 5,
+        "{before} descriptors before, {during} with 20 streams open"
+    );
+    for ((mut sse, mut events), request) in streams.into_iter().zip(&requests) {
+        events.extend(sse.rest().await);
+        assert!(events.last().is_some_and(SseEvent::is_done));
+        assert_contiguous(&ids_of(&events));
+        assert_eq!(ids_of(&events).len(), 41, "40 words and the finish chunk");
+        assert_eq!(text_of(&events), mock.answer(request).await);
+    }
+}
+
+#[tokio::test]
 async fn client_disconnect_drops_the_upstream() {
     let (_dir, mock, gw) = setup("").await;
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(200, 20, "leaving")).await;
