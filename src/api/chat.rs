@@ -193,14 +193,11 @@ async fn start(
     // In the registry before the record exists: whoever finds the record
     // (an idempotent retry) finds this run too, and never starts another.
     state.registry().get_or_insert(&id, || live.clone());
-    let recorded = async {
-        state.store.create(&record).await?;
-        state.store.try_lease(&id, &state.relay.instance).await
-    };
-    if let Err(e) = recorded.await {
-        state.registry().remove(&live);
-        return Err(e.into());
-    }
+    let (store, instance) = (state.store.clone(), state.relay.instance.clone());
+    let recording: crate::relay::pump::Recording = Box::pin(async move {
+        store.create(&record).await?;
+        store.try_lease(&record.id, &instance).await.map(|_| ())
+    });
     // Subscribe before the pump starts: if this client leaves while we wait
     // for the provider, the subscription's drop cancels the pump.
     let subscription = live.subscribe();
@@ -215,10 +212,14 @@ async fn start(
         continuation: None,
         ctx: state.relay.clone(),
     };
-    state.drain.tracker.spawn(pump.run(started_tx));
+    state
+        .drain
+        .tracker
+        .spawn(pump.run(started_tx, Some(recording)));
     match started_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(StartError::Upstream(e))) => return Err(ApiError::Upstream(e)),
+        Ok(Err(StartError::Store(e))) => return Err(e.into()),
         Ok(Err(StartError::NotAStream(message))) => {
             return Err(ApiError::UpstreamNotAStream(message));
         }

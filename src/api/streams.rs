@@ -273,7 +273,7 @@ async fn continue_stream(
     };
     // Nobody waits for the start: a failure reaches the clients in-band.
     let (started, _) = tokio::sync::oneshot::channel();
-    state.drain.tracker.spawn(pump.run(started));
+    state.drain.tracker.spawn(pump.run(started, None));
     Ok(None)
 }
 

@@ -19,7 +19,7 @@ use super::live::{LiveStream, Registry};
 use super::sse::{SseEvent, SseStream};
 use crate::config::Protocol;
 use crate::metrics::Metrics;
-use crate::store::{SharedStore, Status};
+use crate::store::{SharedStore, Status, StoreError};
 use crate::upstream::{Upstream, UpstreamError, continuation, error_chain, is_event_stream};
 
 /// At most this many events go into one store write.
@@ -67,7 +67,13 @@ pub enum StartError {
     NotAStream(String),
     /// The stream's token was cancelled first (drain deadline, client gone).
     Cancelled(AbortKind),
+    /// The stream's record could not be written: the provider call is dropped.
+    Store(StoreError),
 }
+
+/// Writing a new stream's record (and taking its lease), which the pump
+/// does while it waits for the provider's head.
+pub type Recording = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 pub struct Pump {
     pub live: Arc<LiveStream>,
@@ -81,14 +87,18 @@ pub struct Pump {
 }
 
 impl Pump {
-    pub async fn run(self, started: Started) {
+    /// Run the stream. `recording`: a new stream's record, still being
+    /// written. The provider is asked in the meantime (the two waits overlap
+    /// instead of adding up); nothing is relayed before the record is there,
+    /// and a failed write drops the provider call.
+    pub async fn run(self, started: Started, recording: Option<Recording>) {
         let metrics = &self.ctx.metrics;
         metrics.upstream_requests.inc();
         let token = self.live.token.clone();
         let sent = tokio::select! {
             biased;
             _ = token.cancelled() => Err(StartError::Cancelled(self.live.cancel_reason())),
-            r = self.upstream.send(self.protocol, self.body.clone(), &self.client_headers) => r.map_err(StartError::Upstream),
+            r = self.send_recorded(recording) => r,
         };
         let response = match sent {
             Ok(r) if is_event_stream(r.headers()) => r,
@@ -114,9 +124,39 @@ impl Pump {
         self.finish(end, None).await;
     }
 
+    /// Ask the provider while the record is written; both must succeed.
+    async fn send_recorded(
+        &self,
+        recording: Option<Recording>,
+    ) -> Result<reqwest::Response, StartError> {
+        let send = self
+            .upstream
+            .send(self.protocol, self.body.clone(), &self.client_headers);
+        let Some(mut recording) = recording else {
+            return send.await.map_err(StartError::Upstream);
+        };
+        tokio::pin!(send);
+        tokio::select! {
+            recorded = &mut recording => match recorded {
+                Ok(()) => send.await.map_err(StartError::Upstream),
+                Err(e) => Err(StartError::Store(e)),
+            },
+            sent = &mut send => {
+                // The record must exist before anything (an event, the
+                // stream's end) is written about it.
+                recording.await.map_err(StartError::Store)?;
+                sent.map_err(StartError::Upstream)
+            }
+        }
+    }
+
     async fn start_failed(&self, error: StartError, started: Started) {
         let kind = match &error {
             StartError::Cancelled(kind) => *kind,
+            StartError::Store(_) => {
+                self.ctx.metrics.store_errors.inc();
+                AbortKind::StoreFailed
+            }
             _ => {
                 self.ctx.metrics.upstream_errors.inc();
                 AbortKind::UpstreamFailed
