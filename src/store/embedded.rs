@@ -33,7 +33,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_event, encode_event, now_ms,
+    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::relay::event::Event;
@@ -250,15 +250,9 @@ impl Store for EmbeddedStore {
         let Some(first) = events.first() else {
             return Ok(());
         };
-        let size = events.iter().map(|e| e.data.len() + 16).sum();
-        let mut value = Vec::with_capacity(size);
-        for event in events {
-            let encoded = encode_event(event);
-            value.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-            value.extend_from_slice(&encoded);
-        }
         let key = event_key(stream_id, first.seq);
-        self.write(vec![Op::Put(Space::Events, key, value)]).await
+        self.write(vec![Op::Put(Space::Events, key, encode_batch(events))])
+            .await
     }
 
     async fn set_status(
@@ -308,22 +302,8 @@ impl Store for EmbeddedStore {
             let first: [u8; 8] = key[key.len().saturating_sub(8)..]
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("short event key".into()))?;
-            let mut seq = u64::from_be_bytes(first);
-            let mut rest = &value[..];
-            while !rest.is_empty() {
-                let (len, tail) = rest
-                    .split_first_chunk::<4>()
-                    .ok_or_else(|| StoreError::Corrupt("short event batch".into()))?;
-                let len = u32::from_le_bytes(*len) as usize;
-                let encoded = tail
-                    .get(..len)
-                    .ok_or_else(|| StoreError::Corrupt("event overruns its batch".into()))?;
-                if seq > after {
-                    out.push(decode_event(seq, encoded)?);
-                }
-                rest = &tail[len..];
-                seq += 1;
-            }
+            let batch = decode_batch(u64::from_be_bytes(first), &value)?;
+            out.extend(batch.into_iter().filter(|e| e.seq > after));
         }
         Ok(out)
     }

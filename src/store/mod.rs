@@ -186,6 +186,39 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
     out
 }
 
+/// Several consecutive events in one value: each as a little-endian u32
+/// length and [`encode_event`]'s bytes. One store entry per append.
+pub fn encode_batch(events: &[Event]) -> Vec<u8> {
+    let size = events.iter().map(|e| e.data.len() + 16).sum();
+    let mut value = Vec::with_capacity(size);
+    for event in events {
+        let encoded = encode_event(event);
+        value.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        value.extend_from_slice(&encoded);
+    }
+    value
+}
+
+/// The events of a batch, numbered from `first`.
+pub fn decode_batch(first: u64, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    let mut seq = first;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| StoreError::Corrupt("short event batch".into()))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let encoded = tail
+            .get(..len)
+            .ok_or_else(|| StoreError::Corrupt("event overruns its batch".into()))?;
+        out.push(decode_event(seq, encoded)?);
+        rest = &tail[len..];
+        seq += 1;
+    }
+    Ok(out)
+}
+
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, StoreError> {
     let (&len, rest) = bytes
         .split_first()

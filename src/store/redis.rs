@@ -1,9 +1,13 @@
 //! The `redis` store: shared by every replica.
 //!
 //! Per stream, under one hash tag so Redis Cluster keeps them on one slot:
-//! - `tg:{id}:ev`: a Redis Stream, one entry per event with the explicit id
-//!   `<seq>-0` (XADD to append, XRANGE to replay, XREAD BLOCK to follow live
-//!   from another replica);
+//! - `tg:{id}:ev`: a Redis Stream, one entry per append (the batch of
+//!   consecutive events the pump wrote together, field `b`) with the
+//!   explicit id `<last seq>-0`: XRANGE from `<n+1>-0` and XREAD after
+//!   `<n>-0` both return exactly the entries holding events after `n`
+//!   (XADD to append, XRANGE to replay, XREAD BLOCK to follow live from
+//!   another replica). Entries of one event (`n`, `d`, id `<seq>-0`) from
+//!   earlier versions still read;
 //! - `tg:{id}:rec`: the record as JSON;
 //! - `tg:{id}:lease`: the replica running it, with a TTL it renews;
 //! - `tg:{id}:cancel`: a `DELETE` that arrived at another replica.
@@ -19,7 +23,9 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
-use super::{IdempotencyEntry, Status, Store, StoreError, StreamRecord, now_ms};
+use super::{
+    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
+};
 use crate::config::StoreConfig;
 use crate::relay::event::Event;
 
@@ -108,7 +114,11 @@ impl RedisStore {
         }
     }
 
-    fn parse_entries(ids: Vec<redis::streams::StreamId>) -> Result<Vec<Event>, StoreError> {
+    /// The events after `after` in these entries.
+    fn parse_entries(
+        ids: Vec<redis::streams::StreamId>,
+        after: u64,
+    ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for entry in ids {
             let seq: u64 = entry
@@ -116,6 +126,21 @@ impl RedisStore {
                 .split_once('-')
                 .and_then(|(ms, _)| ms.parse().ok())
                 .ok_or_else(|| StoreError::Corrupt(format!("bad stream id {}", entry.id)))?;
+            if let Some(batch) = entry.get::<Vec<u8>>("b") {
+                let mut events = decode_batch(0, &batch)?;
+                let first = (seq + 1)
+                    .checked_sub(events.len() as u64)
+                    .filter(|first| *first >= 1)
+                    .ok_or_else(|| StoreError::Corrupt(format!("bad batch id {}", entry.id)))?;
+                for (i, event) in events.iter_mut().enumerate() {
+                    event.seq = first + i as u64;
+                }
+                out.extend(events.into_iter().filter(|e| e.seq > after));
+                continue;
+            }
+            if seq <= after {
+                continue;
+            }
             let data: Vec<u8> = entry.get("d").unwrap_or_default();
             let name: Option<String> = entry.get("n");
             out.push(Event {
@@ -147,18 +172,17 @@ impl Store for RedisStore {
     }
 
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
         let key = events_key(stream_id);
         let mut pipe = redis::pipe();
-        for event in events {
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg(format!("{}-0", event.seq))
-                .arg("n")
-                .arg(event.name.as_deref().unwrap_or(""))
-                .arg("d")
-                .arg(event.data.as_ref())
-                .ignore();
-        }
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg(format!("{}-0", last.seq))
+            .arg("b")
+            .arg(encode_batch(events))
+            .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
         let mut conn = self.conn.clone();
         self.run(pipe.query_async::<()>(&mut conn)).await
@@ -211,7 +235,7 @@ impl Store for RedisStore {
                 "+",
             ))
             .await?;
-        Self::parse_entries(reply.ids)
+        Self::parse_entries(reply.ids, after)
     }
 
     async fn claim_idempotency(
@@ -324,7 +348,7 @@ impl Store for RedisStore {
         let ids = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
             .unwrap_or_default();
-        Self::parse_entries(ids)
+        Self::parse_entries(ids, after)
     }
 
     async fn request_cancel(&self, stream_id: &str) -> Result<(), StoreError> {
@@ -382,6 +406,45 @@ mod tests {
         ] {
             assert!(key.contains("{s1}"), "{key}");
         }
+    }
+
+    #[test]
+    fn entries_hold_batches_numbered_to_their_id() {
+        let event = |seq: u64| Event {
+            seq,
+            name: None,
+            data: format!("e{seq}").into(),
+        };
+        let entry = |id: &str, fields: Vec<(&str, Vec<u8>)>| redis::streams::StreamId {
+            milliseconds_elapsed_from_delivery: None,
+            delivered_count: None,
+            id: id.into(),
+            map: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), redis::Value::BulkString(v)))
+                .collect(),
+        };
+        let entries = || {
+            vec![
+                // An entry of one event, as earlier versions wrote them.
+                entry("1-0", vec![("n", vec![]), ("d", b"e1".to_vec())]),
+                entry(
+                    "4-0",
+                    vec![("b", encode_batch(&[event(2), event(3), event(4)]))],
+                ),
+                entry("5-0", vec![("b", encode_batch(&[event(5)]))]),
+            ]
+        };
+        for after in 0..=5 {
+            let got = RedisStore::parse_entries(entries(), after).unwrap();
+            let want: Vec<Event> = (after + 1..=5).map(event).collect();
+            assert_eq!(got, want, "after {after}");
+        }
+        let short = vec![entry(
+            "1-0",
+            vec![("b", encode_batch(&[event(1), event(2)]))],
+        )];
+        assert!(RedisStore::parse_entries(short, 0).is_err());
     }
 
     #[test]
