@@ -112,19 +112,17 @@ pub fn write_frame(out: &mut BytesMut, event: &Event) {
         out.put_u8(b'\n');
     }
     let mut rest = &event.data[..];
-    loop {
-        let (line, more) = match memchr::memchr(b'\n', rest) {
-            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
-            None => (rest, None),
-        };
-        out.put_slice(b"data: ");
-        out.put_slice(line);
-        out.put_u8(b'\n');
-        match more {
-            Some(more) => rest = more,
-            None => break,
-        }
+    while let Some(at) = memchr::memchr(b'\n', rest) {
+        data_line(out, &rest[..at]);
+        rest = &rest[at + 1..];
     }
+    data_line(out, rest);
+    out.put_u8(b'\n');
+}
+
+fn data_line(out: &mut BytesMut, line: &[u8]) {
+    out.put_slice(b"data: ");
+    out.put_slice(line);
     out.put_u8(b'\n');
 }
 

@@ -179,7 +179,8 @@ impl Pump {
     /// the client in one write.
     async fn relay(&self, response: reqwest::Response, started: &mut Option<Started>) -> End {
         let idle = self.upstream.config.idle_timeout;
-        let hold_until = tokio::time::Instant::now() + FIRST_EVENT_HOLD;
+        let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
+        tokio::pin!(hold);
         let token = &self.live.token;
         let mut events = SseStream::new(response.bytes_stream());
         let mut seq = self.live.base;
@@ -190,7 +191,7 @@ impl Pump {
             let first = tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
-                _ = tokio::time::sleep_until(hold_until), if started.is_some() => {
+                _ = &mut hold, if started.is_some() => {
                     announce(started);
                     continue;
                 }

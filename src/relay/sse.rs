@@ -77,16 +77,12 @@ impl SseDecoder {
             let line = self.next_line()?;
             if line.is_empty() {
                 let name = self.name.take();
-                match std::mem::take(&mut self.data) {
+                let data = match std::mem::take(&mut self.data) {
                     Data::None => continue,
-                    Data::One(data) => return Some(SseEvent { name, data }),
-                    Data::Many(data) => {
-                        return Some(SseEvent {
-                            name,
-                            data: data.freeze(),
-                        });
-                    }
-                }
+                    Data::One(data) => data,
+                    Data::Many(data) => data.freeze(),
+                };
+                return Some(SseEvent { name, data });
             }
             self.field(line);
         }

@@ -81,18 +81,16 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                 yield Ok(buf.split().freeze());
                 return;
             }
-            if !buf.is_empty() && std::mem::take(&mut first) {
-                yield Ok(buf.split().freeze());
-                continue;
-            }
             if !buf.is_empty() {
-                // Coalesce: give the pump one turn to publish what the
-                // provider already sent, so a burst becomes one write, not
-                // one syscall per event. A paced stream loses a scheduler
-                // turn (microseconds), nothing more.
-                tokio::task::yield_now().await;
-                // Its end waits for the next turn of the loop.
-                let _ = live.write_after(&mut cursor, &mut buf);
+                if !std::mem::take(&mut first) {
+                    // Coalesce: give the pump one turn to publish what the
+                    // provider already sent, so a burst becomes one write,
+                    // not one syscall per event. A paced stream loses a
+                    // scheduler turn (microseconds), nothing more. Its end
+                    // waits for the next turn of the loop.
+                    tokio::task::yield_now().await;
+                    let _ = live.write_after(&mut cursor, &mut buf);
+                }
                 yield Ok(buf.split().freeze());
                 continue;
             }

@@ -17,9 +17,10 @@
 //! Keys: `streams`: id → JSON record, written once; `status`: id → the
 //! record's changing part (status, reason, updated, instance), so a status
 //! change is one small write with no read and the request is not rewritten;
-//! `batches`: id ‖ 0x00 ‖ first seq (big endian) → the events of one
+//! `batches`: id ‖ 0x00 ‖ last seq (big endian) → the events of one
 //! append (consecutive seqs), each as a little-endian u32 length and the
-//! encoded event; `idempotency`: owner ‖ 0x00 ‖ key → JSON entry.
+//! encoded event, so the batches holding events after `n` are the keys
+//! from seq `n + 1` on; `idempotency`: owner ‖ 0x00 ‖ key → JSON entry.
 //!
 //! One key per append, not per event: the pump appends what arrived
 //! together, so a 50-chunk answer is a handful of keys, and the memtable
@@ -41,7 +42,7 @@ use crate::relay::event::Event;
 #[derive(Clone, Copy)]
 enum Space {
     Streams,
-    Events,
+    Batches,
     Idempotency,
     Status,
 }
@@ -70,7 +71,7 @@ pub struct EmbeddedStore {
     db: Database,
     streams: Keyspace,
     status: Keyspace,
-    events: Keyspace,
+    batches: Keyspace,
     idempotency: Keyspace,
     writer: mpsc::UnboundedSender<Write>,
     ttl_ms: u64,
@@ -120,7 +121,7 @@ impl EmbeddedStore {
                 .map_err(io)
         };
         let streams = open("streams")?;
-        let events = open("batches")?;
+        let batches = open("batches")?;
         let idempotency = open("idempotency")?;
         let status = open("status")?;
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
@@ -128,7 +129,7 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let spaces = [
             streams.clone(),
-            events.clone(),
+            batches.clone(),
             idempotency.clone(),
             status.clone(),
         ];
@@ -142,7 +143,7 @@ impl EmbeddedStore {
             db,
             streams,
             status,
-            events,
+            batches,
             idempotency,
             writer: tx,
             ttl_ms: config.ttl.as_millis() as u64,
@@ -161,11 +162,16 @@ impl EmbeddedStore {
     }
 
     fn read_record(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
+        match self.streams.get(stream_id).map_err(io)? {
+            Some(bytes) => self.with_status(stream_id, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A stored record with its latest status applied.
+    fn with_status(&self, stream_id: &str, record: &[u8]) -> Result<StreamRecord, StoreError> {
         let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
-        let Some(bytes) = self.streams.get(stream_id).map_err(io)? else {
-            return Ok(None);
-        };
-        let mut record: StreamRecord = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        let mut record: StreamRecord = serde_json::from_slice(record).map_err(corrupt)?;
         if let Some(bytes) = self.status.get(stream_id).map_err(io)? {
             let latest: StatusRecord = serde_json::from_slice(&bytes).map_err(corrupt)?;
             record.status = latest.status;
@@ -173,7 +179,7 @@ impl EmbeddedStore {
             record.updated_ms = latest.updated_ms;
             record.instance = latest.instance;
         }
-        Ok(Some(record))
+        Ok(record)
     }
 }
 
@@ -247,11 +253,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
-        let Some(first) = events.first() else {
+        let Some(last) = events.last() else {
             return Ok(());
         };
-        let key = event_key(stream_id, first.seq);
-        self.write(vec![Op::Put(Space::Events, key, encode_batch(events))])
+        let key = event_key(stream_id, last.seq);
+        self.write(vec![Op::Put(Space::Batches, key, encode_batch(events))])
             .await
     }
 
@@ -284,26 +290,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
-        let next = after.saturating_add(1);
-        // Start at the batch that holds `next`: the last one starting at or
-        // before it.
-        let start = match self
-            .events
-            .range(event_key(stream_id, 0)..=event_key(stream_id, next))
-            .next_back()
-        {
-            Some(guard) => guard.key().map_err(io)?.to_vec(),
-            None => event_key(stream_id, next),
-        };
+        let start = event_key(stream_id, after.saturating_add(1));
         let end = event_key(stream_id, u64::MAX);
         let mut out = Vec::new();
-        for guard in self.events.range(start..=end) {
+        for guard in self.batches.range(start..=end) {
             let (key, value) = guard.into_inner().map_err(io)?;
-            let first: [u8; 8] = key[key.len().saturating_sub(8)..]
+            let last: [u8; 8] = key[key.len().saturating_sub(8)..]
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("short event key".into()))?;
-            let batch = decode_batch(u64::from_be_bytes(first), &value)?;
-            out.extend(batch.into_iter().filter(|e| e.seq > after));
+            out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
         }
         Ok(out)
     }
@@ -350,18 +345,21 @@ impl Store for EmbeddedStore {
         let mut ops = Vec::new();
         let mut gone = 0;
         for guard in self.streams.iter() {
-            let key = guard.key().map_err(io)?;
+            let (key, value) = guard.into_inner().map_err(io)?;
             let id = std::str::from_utf8(&key).unwrap_or_default();
-            let expired = match self.read_record(id) {
-                Ok(Some(record)) => record.updated_ms + self.ttl_ms <= now,
-                _ => true,
+            let expired = match self.with_status(id, &value) {
+                Ok(record) => record.updated_ms + self.ttl_ms <= now,
+                Err(_) => true,
             };
             if expired {
                 gone += 1;
                 let mut prefix = key.to_vec();
                 prefix.push(0);
-                for event in self.events.prefix(&prefix) {
-                    ops.push(Op::Remove(Space::Events, event.key().map_err(io)?.to_vec()));
+                for batch in self.batches.prefix(&prefix) {
+                    ops.push(Op::Remove(
+                        Space::Batches,
+                        batch.key().map_err(io)?.to_vec(),
+                    ));
                 }
                 ops.push(Op::Remove(Space::Streams, key.to_vec()));
                 ops.push(Op::Remove(Space::Status, key.to_vec()));

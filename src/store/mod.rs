@@ -199,24 +199,32 @@ pub fn encode_batch(events: &[Event]) -> Vec<u8> {
     value
 }
 
-/// The events of a batch, numbered from `first`.
-pub fn decode_batch(first: u64, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
-    let mut out = Vec::new();
+/// The events of a batch whose last event is `last` (stores key a batch by
+/// its last seq, so a range from seq `n + 1` starts at the batch holding
+/// it), keeping those after `after`.
+pub fn decode_batch(last: u64, bytes: &[u8], after: u64) -> Result<Vec<Event>, StoreError> {
+    let mut encoded = Vec::new();
     let mut rest = bytes;
-    let mut seq = first;
     while !rest.is_empty() {
         let (len, tail) = rest
             .split_first_chunk::<4>()
             .ok_or_else(|| StoreError::Corrupt("short event batch".into()))?;
         let len = u32::from_le_bytes(*len) as usize;
-        let encoded = tail
-            .get(..len)
-            .ok_or_else(|| StoreError::Corrupt("event overruns its batch".into()))?;
-        out.push(decode_event(seq, encoded)?);
+        encoded.push(
+            tail.get(..len)
+                .ok_or_else(|| StoreError::Corrupt("event overruns its batch".into()))?,
+        );
         rest = &tail[len..];
-        seq += 1;
     }
-    Ok(out)
+    let first = (last + 1)
+        .checked_sub(encoded.len() as u64)
+        .filter(|first| *first >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("a batch ending at {last} is too long")))?;
+    (first..)
+        .zip(encoded)
+        .filter(|(seq, _)| *seq > after)
+        .map(|(seq, bytes)| decode_event(seq, bytes))
+        .collect()
 }
 
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, StoreError> {

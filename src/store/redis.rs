@@ -127,15 +127,7 @@ impl RedisStore {
                 .and_then(|(ms, _)| ms.parse().ok())
                 .ok_or_else(|| StoreError::Corrupt(format!("bad stream id {}", entry.id)))?;
             if let Some(batch) = entry.get::<Vec<u8>>("b") {
-                let mut events = decode_batch(0, &batch)?;
-                let first = (seq + 1)
-                    .checked_sub(events.len() as u64)
-                    .filter(|first| *first >= 1)
-                    .ok_or_else(|| StoreError::Corrupt(format!("bad batch id {}", entry.id)))?;
-                for (i, event) in events.iter_mut().enumerate() {
-                    event.seq = first + i as u64;
-                }
-                out.extend(events.into_iter().filter(|e| e.seq > after));
+                out.extend(decode_batch(seq, &batch, after)?);
                 continue;
             }
             if seq <= after {

@@ -71,15 +71,26 @@ impl Upstream {
         };
         let openai_url = url("/chat/completions")?;
         let anthropic_url = url("/messages")?;
-        let credential = config.api_key.as_ref().and_then(|key| {
-            let (name, text) = match config.protocol {
-                Protocol::OpenAi => ("authorization", format!("Bearer {}", key.0)),
-                Protocol::Anthropic => ("x-api-key", key.0.clone()),
-            };
-            let mut value = HeaderValue::from_str(&text).ok()?;
-            value.set_sensitive(true);
-            Some((name, value))
-        });
+        let credential = match &config.api_key {
+            None => None,
+            Some(key) => {
+                let (name, text) = match config.protocol {
+                    Protocol::OpenAi => ("authorization", format!("Bearer {}", key.0)),
+                    Protocol::Anthropic => ("x-api-key", key.0.clone()),
+                };
+                let mut value = HeaderValue::from_str(&text).map_err(|_| {
+                    format!(
+                        "the key in {} cannot be sent as an HTTP header (control characters?)",
+                        config
+                            .api_key_env
+                            .as_deref()
+                            .unwrap_or("the upstream's key variable")
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+        };
         Ok(Upstream {
             config,
             client,
