@@ -11,16 +11,17 @@ use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::event::{AbortKind, End, Event};
 use super::live::{LiveStream, Registry};
-use super::sse::{SseEvent, SseStream};
+use super::sse::{SseDecoder, SseEvent};
 use crate::config::Protocol;
 use crate::metrics::Metrics;
 use crate::store::{SharedStore, Status, StoreError};
-use crate::upstream::{Upstream, UpstreamError, continuation, error_chain, is_event_stream};
+use crate::upstream::{
+    StreamBody, StreamResponse, Upstream, UpstreamError, continuation, is_event_stream,
+};
 
 /// At most this many events go into one store write.
 const MAX_BATCH: usize = 256;
@@ -42,12 +43,6 @@ fn announce(started: &mut Option<Started>) {
 enum ReadError {
     Stalled,
     Failed(String),
-}
-
-impl From<reqwest::Error> for ReadError {
-    fn from(e: reqwest::Error) -> ReadError {
-        ReadError::Failed(error_chain(&e))
-    }
 }
 
 /// What every pump shares.
@@ -101,11 +96,11 @@ impl Pump {
             r = self.send_recorded(recording) => r,
         };
         let response = match sent {
-            Ok(r) if is_event_stream(r.headers()) => r,
+            Ok(r) if is_event_stream(r.content_type.as_ref()) => r,
             Ok(r) => {
                 let content_type = r
-                    .headers()
-                    .get("content-type")
+                    .content_type
+                    .as_ref()
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("no content type");
                 let message = format!(
@@ -119,7 +114,7 @@ impl Pump {
             Err(e) => return self.start_failed(e, started).await,
         };
         let mut started = Some(started);
-        let end = self.relay(response, &mut started).await;
+        let end = self.relay(response.body, &mut started).await;
         announce(&mut started);
         self.finish(end, None).await;
     }
@@ -128,10 +123,10 @@ impl Pump {
     async fn send_recorded(
         &self,
         recording: Option<Recording>,
-    ) -> Result<reqwest::Response, StartError> {
-        let send = self
-            .upstream
-            .send(self.protocol, self.body.clone(), &self.client_headers);
+    ) -> Result<StreamResponse, StartError> {
+        let send =
+            self.upstream
+                .open_stream(self.protocol, self.body.clone(), &self.client_headers);
         let Some(mut recording) = recording else {
             return send.await.map_err(StartError::Upstream);
         };
@@ -177,51 +172,34 @@ impl Pump {
     /// event is published (or the stream ended, or [`FIRST_EVENT_HOLD`]
     /// passed), so the handler's response head and the first event go to
     /// the client in one write.
-    async fn relay(&self, response: reqwest::Response, started: &mut Option<Started>) -> End {
+    async fn relay(&self, mut body: StreamBody, started: &mut Option<Started>) -> End {
         let idle = self.upstream.config.idle_timeout;
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
         let token = &self.live.token;
-        let mut events = SseStream::new(response.bytes_stream());
+        let mut decoder = SseDecoder::default();
+        let mut body_done = false;
+        let mut failure: Option<ReadError> = None;
         let mut seq = self.live.base;
         let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         loop {
-            // Wait for the next event, then take every event that is already
-            // there: one store write and one wake-up for the lot.
-            let first = tokio::select! {
-                biased;
-                _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
-                _ = &mut hold, if started.is_some() => {
-                    announce(started);
-                    continue;
+            // Number every event decoded so far: one store write and one
+            // wake-up for the lot (a read brings a whole burst).
+            let mut step = None;
+            let mut full = false;
+            while let Some(event) = decoder.next_event() {
+                step = self.step(Some(Ok(event)), &mut seq, &mut batch);
+                full = batch.len() >= MAX_BATCH;
+                if step.is_some() || full {
+                    break;
                 }
-                next = tokio::time::timeout(idle, events.next()) => match next {
-                    Ok(next) => next.map(|r| r.map_err(ReadError::from)),
-                    Err(_) => Some(Err(ReadError::Stalled)),
-                },
-            };
-            let mut step = self.step(first, &mut seq, &mut batch);
-            // Nothing decoded yet is not the same as nothing sent: the
-            // connection task decodes one chunk per turn. While a turn keeps
-            // yielding events (a burst), keep taking them; the first turn
-            // that yields nothing ends the batch. No timer, no added wait
-            // for a paced stream beyond one scheduler turn.
-            let mut productive = true;
-            while step.is_none() && batch.len() < MAX_BATCH {
-                match events.next().now_or_never() {
-                    Some(next) => {
-                        step = self.step(
-                            next.map(|r| r.map_err(ReadError::from)),
-                            &mut seq,
-                            &mut batch,
-                        );
-                        productive = true;
-                    }
-                    None if productive => {
-                        productive = false;
-                        tokio::task::yield_now().await;
-                    }
-                    None => break,
+            }
+            // The body's end or failure counts once what came before it is in.
+            if step.is_none() && !full {
+                if let Some(failure) = failure.take() {
+                    step = self.step(Some(Err(failure)), &mut seq, &mut batch);
+                } else if body_done {
+                    step = self.step(None, &mut seq, &mut batch);
                 }
             }
             if !batch.is_empty() {
@@ -241,6 +219,24 @@ impl Pump {
             }
             if let Some(end) = step {
                 return end;
+            }
+            if full {
+                continue;
+            }
+            let mut feed = |bytes: &[u8]| decoder.feed(bytes);
+            let read = tokio::select! {
+                biased;
+                _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
+                _ = &mut hold, if started.is_some() => {
+                    announce(started);
+                    continue;
+                }
+                read = tokio::time::timeout(idle, body.read(&mut feed)) => read,
+            };
+            match read {
+                Ok(Ok(done)) => body_done = done,
+                Ok(Err(detail)) => failure = Some(ReadError::Failed(detail)),
+                Err(_) => failure = Some(ReadError::Stalled),
             }
         }
     }

@@ -18,7 +18,6 @@
 //! are relayed as bytes, not checked as UTF-8.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
 
 /// The first buffer of a stream; later ones are as large as needed.
 /// Small, because a slow stream holds one for as long as it lives.
@@ -154,38 +153,6 @@ impl SseDecoder {
     }
 }
 
-/// Events decoded from a body of byte chunks.
-pub struct SseStream<S> {
-    body: S,
-    decoder: SseDecoder,
-}
-
-impl<S, E> SseStream<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    pub fn new(body: S) -> SseStream<S> {
-        SseStream {
-            body,
-            decoder: SseDecoder::default(),
-        }
-    }
-
-    /// The next event; `None` when the body ends. Cancel-safe: nothing is
-    /// lost if the future is dropped before it completes.
-    pub async fn next(&mut self) -> Option<Result<SseEvent, E>> {
-        loop {
-            if let Some(event) = self.decoder.next_event() {
-                return Some(Ok(event));
-            }
-            match self.body.next().await? {
-                Ok(chunk) => self.decoder.feed(&chunk),
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,19 +231,5 @@ mod tests {
                 (Some("".into()), "2".into())
             ]
         );
-    }
-
-    #[tokio::test]
-    async fn stream_passes_errors_and_ends() {
-        let chunks: Vec<Result<Bytes, &str>> = vec![
-            Ok(Bytes::from_static(b"data: 1\n")),
-            Ok(Bytes::from_static(b"\ndata: 2\n\n")),
-            Err("boom"),
-        ];
-        let mut s = SseStream::new(futures_util::stream::iter(chunks));
-        assert_eq!(s.next().await.unwrap().unwrap().data, "1");
-        assert_eq!(s.next().await.unwrap().unwrap().data, "2");
-        assert_eq!(s.next().await.unwrap(), Err("boom"));
-        assert!(s.next().await.is_none());
     }
 }

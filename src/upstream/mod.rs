@@ -2,11 +2,13 @@
 //! sent (credentials, timeouts), and how its failures are classified.
 
 pub mod continuation;
+pub mod h1;
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
 
 use crate::config::{Protocol, UpstreamConfig};
 
@@ -19,6 +21,59 @@ pub struct Upstream {
     anthropic_url: reqwest::Url,
     /// The configured credential as a ready header (marked sensitive).
     credential: Option<(&'static str, HeaderValue)>,
+    /// Plain-HTTP/1.1 providers: the connections a pump drives itself
+    /// (`h1.rs`); `None` where streams go through reqwest.
+    direct: Option<std::sync::Arc<h1::Pool>>,
+}
+
+/// A provider's streaming answer whose head said 2xx.
+pub struct StreamResponse {
+    pub content_type: Option<HeaderValue>,
+    pub body: StreamBody,
+}
+
+/// The body of a provider's streaming answer, read by its pump.
+pub enum StreamBody {
+    Direct(h1::Body),
+    Pooled(std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>),
+}
+
+impl StreamBody {
+    /// Wait for more of the body and hand it to `sink`, with whatever else
+    /// has already arrived. `Ok(true)`: the body is complete. Cancel-safe:
+    /// what was read has been handed over.
+    pub async fn read(&mut self, sink: &mut (dyn FnMut(&[u8]) + Send)) -> Result<bool, String> {
+        match self {
+            StreamBody::Direct(body) => body.read(sink).await.map_err(|e| e.to_string()),
+            StreamBody::Pooled(stream) => {
+                match stream.next().await {
+                    None => return Ok(true),
+                    Some(Err(e)) => return Err(error_chain(&e)),
+                    Some(Ok(chunk)) => sink(&chunk),
+                }
+                // hyper's connection task hands over one HTTP chunk per
+                // turn: while a turn brings another, keep taking them (a
+                // burst becomes one batch); the first turn that brings
+                // nothing ends the read.
+                let mut productive = true;
+                loop {
+                    match stream.next().now_or_never() {
+                        Some(None) => return Ok(true),
+                        Some(Some(Err(e))) => return Err(error_chain(&e)),
+                        Some(Some(Ok(chunk))) => {
+                            sink(&chunk);
+                            productive = true;
+                        }
+                        None if productive => {
+                            productive = false;
+                            tokio::task::yield_now().await;
+                        }
+                        None => return Ok(false),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Why a request to the provider failed before its first event.
@@ -91,12 +146,23 @@ impl Upstream {
                 Some((name, value))
             }
         };
+        // reqwest honours proxy variables; a process that has one keeps
+        // every request on reqwest rather than bypass the proxy.
+        let proxied = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        let direct = if config.http2 || proxied {
+            None
+        } else {
+            h1::Pool::for_url(&openai_url, config.connect_timeout)
+        };
         Ok(Upstream {
             config,
             client,
             openai_url,
             anthropic_url,
             credential,
+            direct,
         })
     }
 
@@ -107,77 +173,145 @@ impl Upstream {
         }
     }
 
-    /// Send `body` and wait for the response head (bounded by the
-    /// first-byte timeout). The configured credential replaces the client's;
-    /// without one, the client's own credential is passed through.
+    /// The headers a request to this provider carries besides
+    /// `content-type`: the forwarded client headers, a default
+    /// `anthropic-version`, and the credential — the configured one, else
+    /// the client's own.
+    fn request_headers(
+        &self,
+        protocol: Protocol,
+        client_headers: &HeaderMap,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = vec![(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )];
+        for name in FORWARDED {
+            if let Some(v) = client_headers.get(*name) {
+                out.push((HeaderName::from_static(name), v.clone()));
+            }
+        }
+        if protocol == Protocol::Anthropic && !client_headers.contains_key("anthropic-version") {
+            out.push((
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static("2023-06-01"),
+            ));
+        }
+        match &self.credential {
+            Some((name, value)) => out.push((HeaderName::from_static(name), value.clone())),
+            None => {
+                for name in ["authorization", "x-api-key"] {
+                    if let Some(v) = client_headers.get(name) {
+                        out.push((HeaderName::from_static(name), v.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn timeout(&self, after: Duration) -> UpstreamError {
+        UpstreamError::Timeout {
+            upstream: self.config.name.clone(),
+            after,
+        }
+    }
+
+    fn connect_error(&self, message: String) -> UpstreamError {
+        UpstreamError::Connect {
+            upstream: self.config.name.clone(),
+            message,
+        }
+    }
+
+    /// Send `body` through reqwest and wait for the response head (bounded
+    /// by the first-byte timeout); an error status becomes an error with
+    /// its body. Non-streaming requests and reqwest-served streams.
     pub async fn send(
         &self,
         protocol: Protocol,
         body: Bytes,
         client_headers: &HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut request = self
-            .client
-            .post(self.url(protocol).clone())
-            .header("content-type", "application/json")
-            .body(body);
-        for name in FORWARDED {
-            if let Some(v) = client_headers.get(*name) {
-                request = request.header(*name, v);
-            }
-        }
-        if protocol == Protocol::Anthropic && !client_headers.contains_key("anthropic-version") {
-            request = request.header("anthropic-version", "2023-06-01");
-        }
-        match &self.credential {
-            Some((name, value)) => request = request.header(*name, value.clone()),
-            None => {
-                for name in ["authorization", "x-api-key"] {
-                    if let Some(v) = client_headers.get(name) {
-                        request = request.header(name, v.clone());
-                    }
-                }
-            }
+        let mut request = self.client.post(self.url(protocol).clone()).body(body);
+        for (name, value) in self.request_headers(protocol, client_headers) {
+            request = request.header(name, value);
         }
         let after = self.config.first_byte_timeout;
         let response = match tokio::time::timeout(after, request.send()).await {
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    upstream: self.config.name.clone(),
-                    after,
-                });
-            }
-            Ok(Err(e)) if e.is_timeout() => {
-                return Err(UpstreamError::Timeout {
-                    upstream: self.config.name.clone(),
-                    after: self.config.connect_timeout,
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(UpstreamError::Connect {
-                    upstream: self.config.name.clone(),
-                    message: error_chain(&e),
-                });
-            }
+            Err(_) => return Err(self.timeout(after)),
+            Ok(Err(e)) if e.is_timeout() => return Err(self.timeout(self.config.connect_timeout)),
+            Ok(Err(e)) => return Err(self.connect_error(error_chain(&e))),
             Ok(Ok(r)) => r,
         };
         if !response.status().is_success() {
             let status = response.status();
             // Read a bounded amount of the error body, within the same budget.
-            let body = tokio::time::timeout(Duration::from_secs(5), response.bytes())
+            let body = tokio::time::timeout(ERROR_BODY_WAIT, response.bytes())
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            return Err(UpstreamError::Status {
-                upstream: self.config.name.clone(),
-                status,
-                body: body.slice(..body.len().min(64 * 1024)),
-            });
+            return Err(self.status_error(status, body));
         }
         Ok(response)
     }
+
+    fn status_error(&self, status: StatusCode, body: Bytes) -> UpstreamError {
+        UpstreamError::Status {
+            upstream: self.config.name.clone(),
+            status,
+            body: body.slice(..body.len().min(ERROR_BODY_LIMIT)),
+        }
+    }
+
+    /// Start a streaming request for a pump: on the pump's own connection
+    /// for a plain-HTTP/1.1 provider, else through reqwest.
+    pub async fn open_stream(
+        &self,
+        protocol: Protocol,
+        body: Bytes,
+        client_headers: &HeaderMap,
+    ) -> Result<StreamResponse, UpstreamError> {
+        let Some(pool) = &self.direct else {
+            let response = self.send(protocol, body, client_headers).await?;
+            return Ok(StreamResponse {
+                content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
+                body: StreamBody::Pooled(Box::pin(response.bytes_stream())),
+            });
+        };
+        let headers = self.request_headers(protocol, client_headers);
+        let url = self.url(protocol);
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let after = self.config.first_byte_timeout;
+        let response = match tokio::time::timeout(after, pool.post(&path, &headers, &body)).await {
+            Err(_) => return Err(self.timeout(after)),
+            Ok(Err(h1::H1Error::ConnectTimeout { after, .. })) => return Err(self.timeout(after)),
+            Ok(Err(e)) => return Err(self.connect_error(e.to_string())),
+            Ok(Ok(r)) => r,
+        };
+        if !response.status.is_success() {
+            let body =
+                tokio::time::timeout(ERROR_BODY_WAIT, response.body.read_to_end(ERROR_BODY_LIMIT))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+            return Err(self.status_error(response.status, body));
+        }
+        Ok(StreamResponse {
+            content_type: response.content_type,
+            body: StreamBody::Direct(response.body),
+        })
+    }
 }
+
+/// How long, and how much of, a provider's error body is read to pass on.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// The client headers a pump keeps for its provider call: the forwarded
 /// ones and the client's own credential (used only without `api_key_env`).
@@ -204,10 +338,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Whether a response head announces an SSE body.
-pub fn is_event_stream(headers: &reqwest::header::HeaderMap) -> bool {
-    headers
-        .get(reqwest::header::CONTENT_TYPE)
+/// Whether a response's content type announces an SSE body.
+pub fn is_event_stream(content_type: Option<&HeaderValue>) -> bool {
+    content_type
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }

@@ -1,0 +1,722 @@
+//! The pump's own HTTP/1.1 connections to plain-`http://` providers.
+//!
+//! reqwest (hyper) hands a response body to its reader one HTTP chunk at a
+//! time, through a one-slot channel between the connection's task and the
+//! reader's task. A provider that sends fifty events in one TCP segment —
+//! any burst, and every answer a fast local model streams — so costs fifty
+//! round trips between two tasks, and that hand-off was the largest item of
+//! the relay's profile (benches/OPTIMISATIONS.md). Self-hosted providers
+//! (vLLM, SGLang, Ollama, llama.cpp) mostly sit on plain `http://` beside
+//! the gateway, so for them the pump drives the connection itself: one
+//! `read` brings whatever the kernel holds, every chunk in it is de-chunked
+//! in one loop straight into the SSE decoder, and the lot is one store write.
+//! `https://` upstreams, `http2 = true`, and any process with an HTTP proxy
+//! in its environment keep reqwest.
+//!
+//! Response heads are parsed by `httparse`, the parser hyper itself uses.
+//! Bodies are `Content-Length`, chunked, or delimited by the connection's
+//! close. Idle connections are kept per upstream (newest first) and checked
+//! before reuse; a request that fails on a reused connection before any
+//! byte of an answer came back is sent once more on a new connection — the
+//! provider closed the idle connection as we reused it and never saw the
+//! request. No redirect is followed (like the reqwest client's policy).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A provider's response head is rarely over a kilobyte; this bounds a
+/// broken one.
+const MAX_HEAD: usize = 64 * 1024;
+/// Idle connections kept per upstream.
+const MAX_IDLE: usize = 1024;
+/// An idle connection older than this is closed rather than reused
+/// (providers close theirs after 5–75 s; reqwest used 90 s).
+const IDLE_FOR: Duration = Duration::from_secs(60);
+/// One `read` takes at most this much; on the stack, not in the stream's
+/// state, so a held stream does not keep it.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Why a request on our own connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("cannot connect to {address}: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("connecting to {address} took longer than {after:?}")]
+    ConnectTimeout { address: String, after: Duration },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("invalid HTTP response: {0}")]
+    Protocol(String),
+}
+
+impl H1Error {
+    fn protocol(what: impl Into<String>) -> H1Error {
+        H1Error::Protocol(what.into())
+    }
+
+    /// The provider closed or reset the connection: on a reused connection
+    /// before any answer, the request is worth one more try.
+    fn is_closed(&self) -> bool {
+        match self {
+            H1Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Where one upstream lives and its idle connections.
+pub struct Pool {
+    host: String,
+    port: u16,
+    /// `Host:` header value.
+    authority: String,
+    connect_timeout: Duration,
+    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
+}
+
+impl Pool {
+    /// For `http://` URLs only; `None` for any other scheme.
+    pub fn for_url(url: &reqwest::Url, connect_timeout: Duration) -> Option<Arc<Pool>> {
+        if url.scheme() != "http" {
+            return None;
+        }
+        let host = url
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = url.port_or_known_default()?;
+        let authority = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str()?),
+            None => url.host_str()?.to_owned(),
+        };
+        Some(Arc::new(Pool {
+            host: host.to_owned(),
+            port,
+            authority,
+            connect_timeout,
+            idle: Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(TcpStream, Instant)>> {
+        // Only pushes and pops happen under this lock.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest idle connection that is still open.
+    fn checkout(&self) -> Option<TcpStream> {
+        loop {
+            let (stream, since) = self.idle().pop_back()?;
+            if since.elapsed() < IDLE_FOR && still_open(&stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    fn checkin(&self, stream: TcpStream) {
+        let mut idle = self.idle();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back((stream, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, H1Error> {
+        let address = || format!("{}:{}", self.host, self.port);
+        let attempt = async {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::other("the name resolved to no address")))
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Err(_) => {
+                return Err(H1Error::ConnectTimeout {
+                    address: address(),
+                    after: self.connect_timeout,
+                });
+            }
+            Ok(Err(source)) => {
+                return Err(H1Error::Connect {
+                    address: address(),
+                    source,
+                });
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        // Events are small and latency-bound (see `server::no_delay`).
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// `POST path` with `headers` and `body`; returns once the response
+    /// head is in. The caller bounds the wait (first-byte timeout).
+    pub async fn post(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: &[u8],
+    ) -> Result<Response, H1Error> {
+        let request = self.encode(path, headers, body);
+        if let Some(stream) = self.checkout() {
+            match self.exchange(stream, &request).await {
+                Err(e) if e.is_closed() => {}
+                other => return other,
+            }
+        }
+        let stream = self.connect().await?;
+        self.exchange(stream, &request).await
+    }
+
+    fn encode(&self, path: &str, headers: &[(HeaderName, HeaderValue)], body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(self.authority.as_bytes());
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Send the request on `stream` and read the response head.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut stream: TcpStream,
+        request: &[u8],
+    ) -> Result<Response, H1Error> {
+        stream.write_all(request).await?;
+        let mut head = BytesMut::new();
+        loop {
+            read_once(&stream, |bytes| head.extend_from_slice(bytes)).await?;
+            if let Some(parsed) = parse_head(&head)? {
+                let rest = head.split_off(parsed.len).freeze();
+                if parsed.status.is_informational() {
+                    // `100 Continue` and the like: the real head follows.
+                    head = BytesMut::from(&rest[..]);
+                    continue;
+                }
+                return Ok(Response {
+                    status: parsed.status,
+                    content_type: parsed.content_type,
+                    body: Body {
+                        stream: Some(stream),
+                        framing: parsed.framing,
+                        reusable: parsed.keep_alive,
+                        pending: rest,
+                        pool: self.clone(),
+                    },
+                });
+            }
+            if head.len() > MAX_HEAD {
+                return Err(H1Error::protocol("response head too large"));
+            }
+        }
+    }
+}
+
+/// Whether an idle connection can carry another request: the provider has
+/// neither closed it nor sent anything unasked.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readiness may be stale; only a read says which it is.
+        Poll::Ready(Ok(())) => matches!(
+            stream.try_read(&mut [0u8; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+/// Wait until `stream` is readable, read once, hand the bytes to `sink`.
+/// End of stream is an `UnexpectedEof` error.
+async fn read_once(stream: &TcpStream, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+    loop {
+        stream.readable().await?;
+        let mut buf = [0u8; READ_SIZE];
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                sink(&buf[..n]);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Head {
+    len: usize,
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(H1Error::protocol(e.to_string())),
+    };
+    let code = response.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| H1Error::protocol(format!("status {code}")))?;
+    let mut content_type = None;
+    let mut length = None;
+    let mut chunked = false;
+    let mut keep_alive = response.version == Some(1);
+    for h in response.headers.iter() {
+        let value = h.value;
+        if h.name.eq_ignore_ascii_case("content-type") {
+            content_type = HeaderValue::from_bytes(value).ok();
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| H1Error::protocol("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::protocol("conflicting content-length"));
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked must be the last coding; nothing else is asked for.
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                chunked = true;
+            } else {
+                return Err(H1Error::protocol("unsupported transfer-encoding"));
+            }
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && response.version == Some(0) {
+                    keep_alive = true;
+                }
+            }
+        }
+    }
+    let framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked(Chunked::default())
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    Ok(Some(Head {
+        len,
+        status,
+        content_type,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// A response whose head has arrived.
+pub struct Response {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Body,
+}
+
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+}
+
+/// A response body being read. Dropped before its end, it closes the
+/// connection: that is how the provider learns the answer is not wanted.
+pub struct Body {
+    /// `None` once the body is complete.
+    stream: Option<TcpStream>,
+    framing: Framing,
+    reusable: bool,
+    /// Body bytes that came in with the head.
+    pending: Bytes,
+    pool: Arc<Pool>,
+}
+
+impl Body {
+    /// Read what is there (waiting for at least one read) and hand the
+    /// body's payload to `sink`. Returns `true` once the body is complete;
+    /// the connection then goes back to the pool. Cancel-safe: bytes are
+    /// handed over in the same step they are read.
+    pub async fn read(&mut self, sink: &mut (dyn FnMut(&[u8]) + Send)) -> Result<bool, H1Error> {
+        let Some(stream) = &self.stream else {
+            return Ok(true);
+        };
+        let result = if matches!(self.framing, Framing::Length(0)) {
+            Ok(true)
+        } else if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            decode(&mut self.framing, &mut self.reusable, &pending, sink)
+        } else {
+            // The stream stays in `self` across the wait: a read dropped
+            // half-way (the pump's other branches) keeps the connection.
+            let (framing, reusable) = (&mut self.framing, &mut self.reusable);
+            let mut result = Ok(false);
+            match read_once(stream, |bytes| {
+                result = decode(framing, reusable, bytes, sink)
+            })
+            .await
+            {
+                Ok(()) => result,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.stream = None;
+                    return match self.framing {
+                        Framing::Close => Ok(true),
+                        _ => Err(H1Error::protocol(
+                            "the provider closed the connection before the response ended",
+                        )),
+                    };
+                }
+                Err(e) => Err(e.into()),
+            }
+        };
+        match result {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                if let Some(stream) = self.stream.take()
+                    && self.reusable
+                {
+                    self.pool.checkin(stream);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                // A broken body: the connection is not reused.
+                self.stream = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The whole body, up to `limit` bytes (the rest is dropped), for an
+    /// error answer.
+    pub async fn read_to_end(mut self, limit: usize) -> Result<Bytes, H1Error> {
+        let mut out = BytesMut::new();
+        loop {
+            let done = self
+                .read(&mut |bytes| {
+                    let room = limit.saturating_sub(out.len());
+                    out.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                })
+                .await?;
+            if done {
+                return Ok(out.freeze());
+            }
+        }
+    }
+}
+
+/// Strip a body's framing from `bytes`. Returns whether the body is
+/// complete; bytes past its end make the connection unusable.
+fn decode(
+    framing: &mut Framing,
+    reusable: &mut bool,
+    bytes: &[u8],
+    sink: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<bool, H1Error> {
+    let (used, done) = match framing {
+        Framing::Close => {
+            sink(bytes);
+            (bytes.len(), false)
+        }
+        Framing::Length(left) => {
+            let n = bytes
+                .len()
+                .min(usize::try_from(*left).unwrap_or(usize::MAX));
+            sink(&bytes[..n]);
+            *left -= n as u64;
+            (n, *left == 0)
+        }
+        Framing::Chunked(chunked) => {
+            let used = chunked.decode(bytes, sink)?;
+            (used, chunked.is_done())
+        }
+    };
+    if used < bytes.len() {
+        *reusable = false;
+    }
+    Ok(done)
+}
+
+/// `Transfer-Encoding: chunked`, decoded a byte at a time across reads.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// In the hex size.
+    #[default]
+    Size,
+    /// In a chunk extension, until the line ends.
+    Extension,
+    /// After the size line's CR.
+    SizeLf,
+    /// In a chunk's data: this many bytes left.
+    Data(u64),
+    /// After a chunk's data: CRLF.
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (after the last chunk).
+    Trailer,
+    /// In a trailer field, until the line ends.
+    TrailerField,
+    /// After the final line's CR.
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    fn size_line_ended(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::Trailer
+        } else {
+            ChunkState::Data(self.size)
+        };
+        self.size = 0;
+        self.digits = 0;
+    }
+
+    /// Hand the payload in `input` to `sink`; returns how many bytes of
+    /// `input` belong to the body (all of them until it is done).
+    fn decode(
+        &mut self,
+        input: &[u8],
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<usize, H1Error> {
+        use ChunkState::*;
+        let bad = |what: &str| Err(H1Error::protocol(format!("chunked body: {what}")));
+        let mut i = 0;
+        while i < input.len() {
+            let byte = input[i];
+            match self.state {
+                Size => match (byte as char).to_digit(16) {
+                    Some(digit) => {
+                        if self.digits == 15 {
+                            return bad("chunk size too large");
+                        }
+                        self.size = self.size << 4 | u64::from(digit);
+                        self.digits += 1;
+                        i += 1;
+                    }
+                    None if self.digits == 0 => return bad("missing chunk size"),
+                    None => {
+                        i += 1;
+                        match byte {
+                            b'\r' => self.state = SizeLf,
+                            b'\n' => self.size_line_ended(),
+                            b';' | b' ' | b'\t' => self.state = Extension,
+                            _ => return bad("invalid chunk size"),
+                        }
+                    }
+                },
+                Extension => match memchr::memchr(b'\n', &input[i..]) {
+                    Some(at) => {
+                        i += at + 1;
+                        self.size_line_ended();
+                    }
+                    None => i = input.len(),
+                },
+                SizeLf => {
+                    if byte != b'\n' {
+                        return bad("expected LF after the chunk size");
+                    }
+                    i += 1;
+                    self.size_line_ended();
+                }
+                Data(left) => {
+                    let n = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    sink(&input[i..i + n]);
+                    i += n;
+                    let left = left - n as u64;
+                    self.state = if left == 0 { DataCr } else { Data(left) };
+                }
+                DataCr => {
+                    i += 1;
+                    match byte {
+                        b'\r' => self.state = DataLf,
+                        b'\n' => self.state = Size,
+                        _ => return bad("expected CRLF after chunk data"),
+                    }
+                }
+                DataLf => {
+                    if byte != b'\n' {
+                        return bad("expected LF after chunk data");
+                    }
+                    i += 1;
+                    self.state = Size;
+                }
+                Trailer => {
+                    i += 1;
+                    match byte {
+                        b'\r' => self.state = EndLf,
+                        b'\n' => {
+                            self.state = Done;
+                            return Ok(i);
+                        }
+                        _ => self.state = TrailerField,
+                    }
+                }
+                TrailerField => match memchr::memchr(b'\n', &input[i..]) {
+                    Some(at) => {
+                        i += at + 1;
+                        self.state = Trailer;
+                    }
+                    None => i = input.len(),
+                },
+                EndLf => {
+                    if byte != b'\n' {
+                        return bad("expected LF at the end");
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+                Done => return Ok(i),
+            }
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dechunk(parts: &[&[u8]]) -> Result<(Vec<u8>, bool, usize), H1Error> {
+        let mut c = Chunked::default();
+        let mut out = Vec::new();
+        let mut used = 0;
+        for part in parts {
+            used += c.decode(part, &mut |b| out.extend_from_slice(b))?;
+        }
+        Ok((out, c.is_done(), used))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_the_bytes_are_split() {
+        let body = b"5\r\nhello\r\n1;name=v\r\n \r\nA\nwhole worl\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let (out, done, used) = dechunk(&[body]).unwrap();
+        assert_eq!(out, b"hello whole worl");
+        assert!(done);
+        assert_eq!(
+            used,
+            body.len() - 4,
+            "the bytes after the body are not taken"
+        );
+        for cut in 0..body.len() {
+            let (out, done, used) = dechunk(&[&body[..cut], &body[cut..]]).unwrap();
+            assert_eq!(
+                (out.as_slice(), done, used),
+                (&b"hello whole worl"[..], true, body.len() - 4),
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(dechunk(&bytes).unwrap().0, b"hello whole worl");
+    }
+
+    #[test]
+    fn an_unfinished_chunked_body_is_not_done() {
+        let (out, done, _) = dechunk(&[b"3\r\nabc\r\n4\r\nde"]).unwrap();
+        assert_eq!(out, b"abcde");
+        assert!(!done);
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_errors() {
+        for body in [
+            &b"\r\n"[..],
+            b"zz\r\n",
+            b"3\r\nabcX",
+            b"1234567890abcdef0\r\n",
+            b"3\rX",
+        ] {
+            assert!(
+                dechunk(&[body]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn heads_say_how_the_body_is_framed() {
+        let head = |text: &str| parse_head(text.as_bytes()).unwrap().unwrap();
+        let text = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\ndata";
+        let h = head(text);
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.content_type.unwrap(), "text/event-stream");
+        assert!(matches!(h.framing, Framing::Chunked(_)));
+        assert!(h.keep_alive);
+        assert_eq!(h.len, text.len() - 4);
+        let h = head("HTTP/1.1 500 Internal\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
+        assert!(matches!(h.framing, Framing::Length(12)));
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(h.framing, Framing::Close));
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n");
+        assert!(!h.keep_alive);
+        assert!(
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-le")
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").is_err());
+        assert!(parse_head(b"SMTP ready\r\n\r\n").is_err());
+    }
+}
