@@ -30,6 +30,10 @@ const MAX_BATCH: usize = 256;
 /// the first event, so that head and first event leave in one write.
 const FIRST_EVENT_HOLD: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How long a finished stream's pump waits for the rest of the provider's
+/// body (its closing chunk) so the connection can be reused.
+const AFTER_DONE: std::time::Duration = std::time::Duration::from_secs(1);
+
 type Started = oneshot::Sender<Result<(), StartError>>;
 
 /// Tell the waiting handler the stream is on (once).
@@ -114,9 +118,19 @@ impl Pump {
             Err(e) => return self.start_failed(e, started).await,
         };
         let mut started = Some(started);
-        let end = self.relay(response.body, &mut started).await;
+        let mut body = response.body;
+        let end = self.relay(&mut body, &mut started).await;
         announce(&mut started);
         self.finish(end, None).await;
+        if end == End::Done {
+            // The answer is complete and its clients told; what follows
+            // `[DONE]` is the body's framing. Reading it lets the
+            // connection serve the next stream.
+            tokio::select! {
+                _ = self.live.token.cancelled() => {}
+                _ = body.finish(AFTER_DONE) => {}
+            }
+        }
     }
 
     /// Ask the provider while the record is written; both must succeed.
@@ -172,7 +186,7 @@ impl Pump {
     /// event is published (or the stream ended, or [`FIRST_EVENT_HOLD`]
     /// passed), so the handler's response head and the first event go to
     /// the client in one write.
-    async fn relay(&self, mut body: StreamBody, started: &mut Option<Started>) -> End {
+    async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> End {
         let idle = self.upstream.config.idle_timeout;
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);

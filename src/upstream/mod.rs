@@ -39,6 +39,22 @@ pub enum StreamBody {
 }
 
 impl StreamBody {
+    /// Read and drop the rest of the body, within `limit` and up to 64 KiB:
+    /// a body read to its end gives its connection back to the pool.
+    pub async fn finish(&mut self, limit: Duration) {
+        let mut left = ERROR_BODY_LIMIT;
+        let rest = async {
+            loop {
+                let mut sink = |bytes: &[u8]| left = left.saturating_sub(bytes.len());
+                match self.read(&mut sink).await {
+                    Ok(false) if left > 0 => {}
+                    _ => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, rest).await;
+    }
+
     /// Wait for more of the body and hand it to `sink`, with whatever else
     /// has already arrived. `Ok(true)`: the body is complete. Cancel-safe:
     /// what was read has been handed over.

@@ -91,6 +91,74 @@ async fn http2_upstream_carries_every_stream_on_few_connections() {
 }
 
 #[tokio::test]
+async fn provider_connections_are_reused_and_a_provider_restart_is_invisible() {
+    let dir = tempdir();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["mock-upstream", "--listen", listen.as_str()];
+    let mut mock = Mock {
+        proc: spawn(&args, &[], &dir.join("mock-1.log")).await,
+    };
+    let gw = Gateway::start(&dir, &config(&mock, "127.0.0.1:0", "kind = \"memory\"", "")).await;
+    // The gateway's established connections to the mock's port: its
+    // sockets (by inode, from /proc/PID/fd) in /proc/net/tcp, whose rows
+    // give the remote address as hex `ADDR:PORT` and the state (01).
+    let upstream_sockets = || {
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", gw.proc.pid()))
+            .expect("fds")
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|link| {
+                let link = link.to_string_lossy().into_owned();
+                Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let to_mock = format!(":{port:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                f.len() > 9
+                    && f[2].ends_with(&to_mock)
+                    && f[3] == "01"
+                    && inodes.contains(&f[9].to_owned())
+            })
+            .count()
+    };
+    let one = |topic: String| {
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let request = chat(30, 0, &topic);
+            let mut sse = Sse::post(&url, &request).await;
+            assert_eq!(sse.status, 200);
+            let events = sse.rest().await;
+            assert!(events.last().is_some_and(SseEvent::is_done), "{topic}");
+            (request, text_of(&events))
+        }
+    };
+    for i in 0..5 {
+        let (request, text) = one(format!("reuse-{i}")).await;
+        assert_eq!(text, mock.answer(&request).await);
+    }
+    // One after another, the streams shared one kept-alive connection (the
+    // test's own `answer` calls do not keep theirs).
+    assert_eq!(upstream_sockets(), 1, "one pooled provider connection");
+
+    // The provider restarts: the idle connection in the pool is dead.
+    mock.proc.signal("TERM");
+    mock.proc.exit(Duration::from_secs(5)).await;
+    let mock = Mock {
+        proc: spawn(&args, &[], &dir.join("mock-2.log")).await,
+    };
+    for i in 0..3 {
+        let (request, text) = one(format!("after-restart-{i}")).await;
+        assert_eq!(text, mock.answer(&request).await);
+    }
+    assert_eq!(mock.stat("requests_completed").await, 3 + 3);
+}
+
+#[tokio::test]
 async fn client_disconnect_drops_the_upstream() {
     let (_dir, mock, gw) = setup("").await;
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(200, 20, "leaving")).await;
