@@ -237,7 +237,6 @@ impl Pump {
             if full {
                 continue;
             }
-            let mut feed = |bytes: &[u8]| decoder.feed(bytes);
             let read = tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
@@ -245,7 +244,7 @@ impl Pump {
                     announce(started);
                     continue;
                 }
-                read = tokio::time::timeout(idle, body.read(&mut feed)) => read,
+                read = tokio::time::timeout(idle, body.read(&mut decoder)) => read,
             };
             match read {
                 Ok(Ok(done)) => body_done = done,

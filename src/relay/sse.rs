@@ -63,6 +63,16 @@ enum Data {
     Many(BytesMut),
 }
 
+impl crate::upstream::Sink for SseDecoder {
+    fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional.max(INITIAL_BUFFER));
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.feed(bytes);
+    }
+}
+
 impl SseDecoder {
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.buf.capacity() == 0 {

@@ -32,6 +32,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::Sink;
+
 /// A provider's response head is rarely over a kilobyte; this bounds a
 /// broken one.
 const MAX_HEAD: usize = 64 * 1024;
@@ -384,7 +386,7 @@ impl Body {
     /// body's payload to `sink`. Returns `true` once the body is complete;
     /// the connection then goes back to the pool. Cancel-safe: bytes are
     /// handed over in the same step they are read.
-    pub async fn read(&mut self, sink: &mut (dyn FnMut(&[u8]) + Send)) -> Result<bool, H1Error> {
+    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, H1Error> {
         let Some(stream) = &self.stream else {
             return Ok(true);
         };
@@ -440,7 +442,7 @@ impl Body {
         let mut out = BytesMut::new();
         loop {
             let done = self
-                .read(&mut |bytes| {
+                .read(&mut |bytes: &[u8]| {
                     let room = limit.saturating_sub(out.len());
                     out.extend_from_slice(&bytes[..bytes.len().min(room)]);
                 })
@@ -458,18 +460,20 @@ fn decode(
     framing: &mut Framing,
     reusable: &mut bool,
     bytes: &[u8],
-    sink: &mut (dyn FnMut(&[u8]) + Send),
+    sink: &mut dyn Sink,
 ) -> Result<bool, H1Error> {
+    // At most this much payload: one reservation, not one per chunk.
+    sink.reserve(bytes.len());
     let (used, done) = match framing {
         Framing::Close => {
-            sink(bytes);
+            sink.put(bytes);
             (bytes.len(), false)
         }
         Framing::Length(left) => {
             let n = bytes
                 .len()
                 .min(usize::try_from(*left).unwrap_or(usize::MAX));
-            sink(&bytes[..n]);
+            sink.put(&bytes[..n]);
             *left -= n as u64;
             (n, *left == 0)
         }
@@ -532,11 +536,7 @@ impl Chunked {
 
     /// Hand the payload in `input` to `sink`; returns how many bytes of
     /// `input` belong to the body (all of them until it is done).
-    fn decode(
-        &mut self,
-        input: &[u8],
-        sink: &mut (dyn FnMut(&[u8]) + Send),
-    ) -> Result<usize, H1Error> {
+    fn decode(&mut self, input: &[u8], sink: &mut dyn Sink) -> Result<usize, H1Error> {
         use ChunkState::*;
         let bad = |what: &str| Err(H1Error::protocol(format!("chunked body: {what}")));
         let mut i = 0;
@@ -579,7 +579,7 @@ impl Chunked {
                 }
                 Data(left) => {
                     let n = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-                    sink(&input[i..i + n]);
+                    sink.put(&input[i..i + n]);
                     i += n;
                     let left = left - n as u64;
                     self.state = if left == 0 { DataCr } else { Data(left) };

@@ -32,6 +32,19 @@ pub struct StreamResponse {
     pub body: StreamBody,
 }
 
+/// Where a body's payload goes (the pump's SSE decoder).
+pub trait Sink: Send {
+    /// About `additional` bytes are coming: a hint to grow once.
+    fn reserve(&mut self, _additional: usize) {}
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl<F: FnMut(&[u8]) + Send> Sink for F {
+    fn put(&mut self, bytes: &[u8]) {
+        self(bytes)
+    }
+}
+
 /// The body of a provider's streaming answer, read by its pump.
 pub enum StreamBody {
     Direct(h1::Body),
@@ -58,14 +71,14 @@ impl StreamBody {
     /// Wait for more of the body and hand it to `sink`, with whatever else
     /// has already arrived. `Ok(true)`: the body is complete. Cancel-safe:
     /// what was read has been handed over.
-    pub async fn read(&mut self, sink: &mut (dyn FnMut(&[u8]) + Send)) -> Result<bool, String> {
+    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, String> {
         match self {
             StreamBody::Direct(body) => body.read(sink).await.map_err(|e| e.to_string()),
             StreamBody::Pooled(stream) => {
                 match stream.next().await {
                     None => return Ok(true),
                     Some(Err(e)) => return Err(error_chain(&e)),
-                    Some(Ok(chunk)) => sink(&chunk),
+                    Some(Ok(chunk)) => sink.put(&chunk),
                 }
                 // hyper's connection task hands over one HTTP chunk per
                 // turn: while a turn brings another, keep taking them (a
@@ -77,7 +90,7 @@ impl StreamBody {
                         Some(None) => return Ok(true),
                         Some(Some(Err(e))) => return Err(error_chain(&e)),
                         Some(Some(Ok(chunk))) => {
-                            sink(&chunk);
+                            sink.put(&chunk);
                             productive = true;
                         }
                         None if productive => {
