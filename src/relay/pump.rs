@@ -195,7 +195,9 @@ impl Pump {
         let mut body_done = false;
         let mut failure: Option<ReadError> = None;
         let mut seq = self.live.base;
-        let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
+        // Grown as bursts need it: a held stream batches one event at a
+        // time, and 256 slots reserved up front were 14 KiB per stream.
+        let mut batch: Vec<Event> = Vec::new();
         loop {
             // Number every event decoded so far: one store write and one
             // wake-up for the lot (a read brings a whole burst).

@@ -65,7 +65,14 @@ enum Data {
 
 impl crate::upstream::Sink for SseDecoder {
     fn reserve(&mut self, additional: usize) {
-        self.buf.reserve(additional.max(INITIAL_BUFFER));
+        if self.buf.is_empty() && self.buf.capacity() < additional {
+            // Nothing pending: a buffer of just this size. Growing the old
+            // one (which earlier events still share) would allocate at
+            // least its original size for every read of a paced stream.
+            self.buf = BytesMut::with_capacity(additional);
+        } else {
+            self.buf.reserve(additional);
+        }
     }
 
     fn put(&mut self, bytes: &[u8]) {

@@ -41,7 +41,9 @@ pub struct Follow {
 pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     async_stream::stream! {
         let Follow { who, mut cursor, live, end_after_replay, store, heartbeat, retry_hint, deadline } = f;
-        let mut buf = BytesMut::with_capacity(1024);
+        // Grown by what is framed into it: a held stream writes one small event
+        // at a time.
+        let mut buf = BytesMut::new();
         if let Some(hint) = retry_hint {
             buf.put_slice(format!("retry: {}\n\n", hint.as_millis()).as_bytes());
         }

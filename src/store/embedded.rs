@@ -108,6 +108,9 @@ impl EmbeddedStore {
             // to the queue while the second is busy, which spins a core
             // (measured: ~10% of the gateway's CPU under load).
             .worker_threads(1)
+            // Batches are a few KiB of JSON and live for minutes: lz4 in
+            // the journal cost the writer thread more than it saved.
+            .journal_compression(fjall::CompressionType::None)
             .open()
             .map_err(|e| match e {
             fjall::Error::Locked => StoreError::Unavailable(format!(

@@ -269,15 +269,22 @@ fn still_open(stream: &TcpStream) -> bool {
 async fn read_once(stream: &TcpStream, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
     loop {
         stream.readable().await?;
-        let mut buf = [0u8; READ_SIZE];
-        match stream.try_read(&mut buf) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                sink(&buf[..n]);
-                return Ok(());
-            }
+        match read_now(stream, &mut sink) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            other => return other,
+        }
+    }
+}
+
+/// One non-blocking read into a buffer on the stack: a plain function, so
+/// the buffer is never part of a waiting stream's state.
+fn read_now(stream: &TcpStream, sink: &mut impl FnMut(&[u8])) -> io::Result<()> {
+    let mut buf = [0u8; READ_SIZE];
+    match stream.try_read(&mut buf)? {
+        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        n => {
+            sink(&buf[..n]);
+            Ok(())
         }
     }
 }
@@ -640,7 +647,7 @@ mod tests {
         let mut out = Vec::new();
         let mut used = 0;
         for part in parts {
-            used += c.decode(part, &mut |b| out.extend_from_slice(b))?;
+            used += c.decode(part, &mut |b: &[u8]| out.extend_from_slice(b))?;
         }
         Ok((out, c.is_done(), used))
     }

@@ -78,7 +78,10 @@ impl StreamBody {
                 match stream.next().await {
                     None => return Ok(true),
                     Some(Err(e)) => return Err(error_chain(&e)),
-                    Some(Ok(chunk)) => sink.put(&chunk),
+                    Some(Ok(chunk)) => {
+                        sink.reserve(chunk.len());
+                        sink.put(&chunk);
+                    }
                 }
                 // hyper's connection task hands over one HTTP chunk per
                 // turn: while a turn brings another, keep taking them (a
@@ -90,6 +93,7 @@ impl StreamBody {
                         Some(None) => return Ok(true),
                         Some(Some(Err(e))) => return Err(error_chain(&e)),
                         Some(Some(Ok(chunk))) => {
+                            sink.reserve(chunk.len());
                             sink.put(&chunk);
                             productive = true;
                         }
