@@ -192,6 +192,9 @@ impl Pump {
         tokio::pin!(hold);
         let token = &self.live.token;
         let mut decoder = SseDecoder::default();
+        let stall = tokio::time::sleep(idle);
+        tokio::pin!(stall);
+        let mut last_read = tokio::time::Instant::now();
         let mut body_done = false;
         let mut failure: Option<ReadError> = None;
         let mut seq = self.live.base;
@@ -246,12 +249,24 @@ impl Pump {
                     announce(started);
                     continue;
                 }
-                read = tokio::time::timeout(idle, body.read(&mut decoder)) => read,
+                _ = &mut stall => {
+                    // One timer for the stream, moved only when it fires:
+                    // a timer per read cost two timer-wheel updates per read.
+                    let quiet_until = last_read + idle;
+                    if tokio::time::Instant::now() < quiet_until {
+                        stall.as_mut().reset(quiet_until);
+                        continue;
+                    }
+                    Err(ReadError::Stalled)
+                }
+                read = body.read(&mut decoder) => {
+                    last_read = tokio::time::Instant::now();
+                    read.map_err(ReadError::Failed)
+                }
             };
             match read {
-                Ok(Ok(done)) => body_done = done,
-                Ok(Err(detail)) => failure = Some(ReadError::Failed(detail)),
-                Err(_) => failure = Some(ReadError::Stalled),
+                Ok(done) => body_done = done,
+                Err(e) => failure = Some(e),
             }
         }
     }

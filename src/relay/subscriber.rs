@@ -74,6 +74,11 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
 
         let mut changes = live.watch();
         let mut settle: Option<tokio::time::Instant> = None;
+        // One heartbeat timer, moved only when it fires: a new timer per
+        // wake-up cost two timer-wheel updates per write.
+        let beat = tokio::time::sleep(heartbeat);
+        tokio::pin!(beat);
+        let mut last_write = tokio::time::Instant::now();
         // The first write goes at once: it joins the response head.
         let mut first = true;
         loop {
@@ -93,6 +98,7 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                     tokio::task::yield_now().await;
                     let _ = live.write_after(&mut cursor, &mut buf);
                 }
+                last_write = tokio::time::Instant::now();
                 yield Ok(buf.split().freeze());
                 continue;
             }
@@ -107,8 +113,15 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                     yield Ok(buf.split().freeze());
                     return;
                 }
-                _ = tokio::time::sleep(heartbeat) => {
-                    yield Ok(Bytes::from_static(b": ping\n\n"));
+                _ = &mut beat => {
+                    let due = last_write + heartbeat;
+                    if tokio::time::Instant::now() >= due {
+                        last_write = tokio::time::Instant::now();
+                        beat.as_mut().reset(last_write + heartbeat);
+                        yield Ok(Bytes::from_static(b": ping\n\n"));
+                    } else {
+                        beat.as_mut().reset(due);
+                    }
                 }
             }
         }

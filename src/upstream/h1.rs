@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Sink;
@@ -222,7 +222,7 @@ impl Pool {
         stream.write_all(request).await?;
         let mut head = BytesMut::new();
         loop {
-            read_once(&stream, |bytes| head.extend_from_slice(bytes)).await?;
+            read_once(&mut stream, |bytes| head.extend_from_slice(bytes)).await?;
             if let Some(parsed) = parse_head(&head)? {
                 let rest = head.split_off(parsed.len).freeze();
                 if parsed.status.is_informational() {
@@ -266,25 +266,30 @@ fn still_open(stream: &TcpStream) -> bool {
 
 /// Wait until `stream` is readable, read once, hand the bytes to `sink`.
 /// End of stream is an `UnexpectedEof` error.
-async fn read_once(stream: &TcpStream, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
-    loop {
-        stream.readable().await?;
-        match read_now(stream, &mut sink) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
-        }
-    }
+async fn read_once(stream: &mut TcpStream, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+    std::future::poll_fn(|cx| poll_read_once(stream, cx, &mut sink)).await
 }
 
-/// One non-blocking read into a buffer on the stack: a plain function, so
-/// the buffer is never part of a waiting stream's state.
-fn read_now(stream: &TcpStream, sink: &mut impl FnMut(&[u8])) -> io::Result<()> {
-    let mut buf = [0u8; READ_SIZE];
-    match stream.try_read(&mut buf)? {
-        0 => Err(io::ErrorKind::UnexpectedEof.into()),
-        n => {
-            sink(&buf[..n]);
-            Ok(())
+/// One read into a buffer on the stack: a plain function, so the buffer is
+/// never part of a waiting stream's state. Through `AsyncRead`, which takes
+/// a short read as the socket drained (edge-triggered readiness), so the
+/// next read waits instead of paying a system call for `EAGAIN`.
+fn poll_read_once(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    sink: &mut impl FnMut(&[u8]),
+) -> Poll<io::Result<()>> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
+    let mut read = tokio::io::ReadBuf::uninit(&mut buf);
+    match std::pin::Pin::new(stream).poll_read(cx, &mut read) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) if read.filled().is_empty() => {
+            Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+        }
+        Poll::Ready(Ok(())) => {
+            sink(read.filled());
+            Poll::Ready(Ok(()))
         }
     }
 }
@@ -394,18 +399,24 @@ impl Body {
     /// the connection then goes back to the pool. Cancel-safe: bytes are
     /// handed over in the same step they are read.
     pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, H1Error> {
-        let Some(stream) = &self.stream else {
+        let Body {
+            stream: Some(stream),
+            framing,
+            reusable,
+            pending,
+            ..
+        } = self
+        else {
             return Ok(true);
         };
-        let result = if matches!(self.framing, Framing::Length(0)) {
+        let result = if matches!(framing, Framing::Length(0)) {
             Ok(true)
-        } else if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            decode(&mut self.framing, &mut self.reusable, &pending, sink)
+        } else if !pending.is_empty() {
+            let pending = std::mem::take(pending);
+            decode(framing, reusable, &pending, sink)
         } else {
             // The stream stays in `self` across the wait: a read dropped
             // half-way (the pump's other branches) keeps the connection.
-            let (framing, reusable) = (&mut self.framing, &mut self.reusable);
             let mut result = Ok(false);
             match read_once(stream, |bytes| {
                 result = decode(framing, reusable, bytes, sink)
