@@ -119,9 +119,9 @@ impl Pump {
         };
         let mut started = Some(started);
         let mut body = response.body;
-        let end = self.relay(&mut body, &mut started).await;
+        let (end, recorded) = self.relay(&mut body, &mut started).await;
         announce(&mut started);
-        self.finish(end, None).await;
+        self.finish(end, None, recorded).await;
         if end == End::Done {
             // The answer is complete and its clients told; what follows
             // `[DONE]` is the body's framing. Reading it lets the
@@ -179,14 +179,16 @@ impl Pump {
         } else {
             Status::Failed
         };
-        self.finish(End::Abort(kind), Some(status)).await;
+        self.finish(End::Abort(kind), Some(status), false).await;
     }
 
     /// Relay until the stream ends. `started` is answered once the first
     /// event is published (or the stream ended, or [`FIRST_EVENT_HOLD`]
     /// passed), so the handler's response head and the first event go to
     /// the client in one write.
-    async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> End {
+    /// Returns how the stream ended and whether that end is already
+    /// recorded (written with the last events).
+    async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> (End, bool) {
         let idle = self.upstream.config.idle_timeout;
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
@@ -222,29 +224,46 @@ impl Pump {
                 }
             }
             if !batch.is_empty() {
+                let store = &self.ctx.store;
+                let id = &self.live.who.id;
+                // The last batch carries the stream's end: one store write.
+                let write = async {
+                    match step {
+                        Some(end) => {
+                            let (status, reason) = ending(end, None);
+                            store
+                                .append_final(id, &batch, status, reason, &self.ctx.instance)
+                                .await
+                        }
+                        None => store.append(id, &batch).await,
+                    }
+                };
                 let written = tokio::select! {
                     biased;
-                    _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
-                    r = self.ctx.store.append(&self.live.who.id, &batch) => r,
+                    _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
+                    r = write => r,
                 };
                 if let Err(e) = written {
                     tracing::error!(stream = %self.live.who.id, error = %e, "store write failed; ending the stream");
                     self.ctx.metrics.store_errors.inc();
-                    return End::Abort(AbortKind::StoreFailed);
+                    return (End::Abort(AbortKind::StoreFailed), false);
                 }
                 self.ctx.metrics.events_relayed.add(batch.len() as u64);
                 self.live.push(batch.drain(..));
                 announce(started);
+                if let Some(end) = step {
+                    return (end, true);
+                }
             }
             if let Some(end) = step {
-                return end;
+                return (end, false);
             }
             if full {
                 continue;
             }
             let read = tokio::select! {
                 biased;
-                _ = token.cancelled() => return End::Abort(self.live.cancel_reason()),
+                _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
                 _ = &mut hold, if started.is_some() => {
                     announce(started);
                     continue;
@@ -327,27 +346,17 @@ impl Pump {
         finished.then_some(End::Done)
     }
 
-    /// Every exit: record the status, release the lease, wake subscribers.
-    async fn finish(&self, end: End, status: Option<Status>) {
-        let (status, reason) = match end {
-            End::Done => (Status::Completed, None),
-            End::Abort(kind) => (
-                status.unwrap_or(match kind {
-                    AbortKind::Cancelled => Status::Cancelled,
-                    AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
-                    AbortKind::ServerRestarting
-                    | AbortKind::UpstreamFailed
-                    | AbortKind::ClientGone => Status::Interrupted,
-                }),
-                Some(kind.as_str()),
-            ),
-        };
+    /// Every exit: record the status (unless `recorded` with the last
+    /// events), release the lease, wake subscribers.
+    async fn finish(&self, end: End, status: Option<Status>, recorded: bool) {
+        let (status, reason) = ending(end, status);
         let id = &self.live.who.id;
-        if let Err(e) = self
-            .ctx
-            .store
-            .set_status(id, status, reason, &self.ctx.instance)
-            .await
+        if !recorded
+            && let Err(e) = self
+                .ctx
+                .store
+                .set_status(id, status, reason, &self.ctx.instance)
+                .await
         {
             tracing::error!(stream = %id, error = %e, "could not record the stream's end");
             self.ctx.metrics.store_errors.inc();
@@ -361,6 +370,24 @@ impl Pump {
         self.live.finish(end);
         self.ctx.metrics.stream_ended(end);
         tracing::debug!(stream = %id, status = status.as_str(), "stream ended");
+    }
+}
+
+/// The status and reason a stream's end is recorded with; `status`
+/// overrides the status an abort would get.
+fn ending(end: End, status: Option<Status>) -> (Status, Option<&'static str>) {
+    match end {
+        End::Done => (Status::Completed, None),
+        End::Abort(kind) => (
+            status.unwrap_or(match kind {
+                AbortKind::Cancelled => Status::Cancelled,
+                AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
+                AbortKind::ServerRestarting | AbortKind::UpstreamFailed | AbortKind::ClientGone => {
+                    Status::Interrupted
+                }
+            }),
+            Some(kind.as_str()),
+        ),
     }
 }
 

@@ -225,6 +225,33 @@ fn writer_loop(
     let _ = db.persist(PersistMode::SyncAll);
 }
 
+/// The write of one append: the batch under its last seq.
+fn batch_op(stream_id: &str, events: &[Event]) -> Option<Op> {
+    let last = events.last()?;
+    Some(Op::Put(
+        Space::Batches,
+        event_key(stream_id, last.seq),
+        encode_batch(events),
+    ))
+}
+
+/// The write of a status change.
+fn status_op(
+    stream_id: &str,
+    status: Status,
+    reason: Option<&str>,
+    instance: &str,
+) -> Result<Op, StoreError> {
+    let latest = StatusRecord {
+        status,
+        reason: reason.map(str::to_owned),
+        updated_ms: now_ms(),
+        instance: instance.to_owned(),
+    };
+    let value = serde_json::to_vec(&latest).map_err(io)?;
+    Ok(Op::Put(Space::Status, stream_id.as_bytes().to_vec(), value))
+}
+
 fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
     if let Ok(bytes) = std::fs::read(path)
         && bytes.len() >= 32
@@ -256,12 +283,23 @@ impl Store for EmbeddedStore {
     }
 
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
-        let Some(last) = events.last() else {
-            return Ok(());
-        };
-        let key = event_key(stream_id, last.seq);
-        self.write(vec![Op::Put(Space::Batches, key, encode_batch(events))])
-            .await
+        match batch_op(stream_id, events) {
+            Some(op) => self.write(vec![op]).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn append_final(
+        &self,
+        stream_id: &str,
+        events: &[Event],
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let mut ops: Vec<Op> = batch_op(stream_id, events).into_iter().collect();
+        ops.push(status_op(stream_id, status, reason, instance)?);
+        self.write(ops).await
     }
 
     async fn set_status(
@@ -271,19 +309,8 @@ impl Store for EmbeddedStore {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let latest = StatusRecord {
-            status,
-            reason: reason.map(str::to_owned),
-            updated_ms: now_ms(),
-            instance: instance.to_owned(),
-        };
-        let value = serde_json::to_vec(&latest).map_err(io)?;
-        self.write(vec![Op::Put(
-            Space::Status,
-            stream_id.as_bytes().to_vec(),
-            value,
-        )])
-        .await
+        self.write(vec![status_op(stream_id, status, reason, instance)?])
+            .await
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {

@@ -95,6 +95,20 @@ pub trait Store: Send + Sync {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError>;
     /// Append events (in order, one stream); durable when this returns.
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError>;
+    /// Append a run's last events and record how it ended: one write where
+    /// the backend can group them (embedded: one commit, one round trip to
+    /// the writer). Durable when this returns, like the two calls it joins.
+    async fn append_final(
+        &self,
+        stream_id: &str,
+        events: &[Event],
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        self.append(stream_id, events).await?;
+        self.set_status(stream_id, status, reason, instance).await
+    }
     /// Set a stream's status (and why it ended).
     async fn set_status(
         &self,
