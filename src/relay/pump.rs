@@ -223,6 +223,8 @@ impl Pump {
                     step = self.step(None, &mut seq, &mut batch);
                 }
             }
+            // Whether the end went into the store with the last batch.
+            let mut recorded = false;
             if !batch.is_empty() {
                 let store = &self.ctx.store;
                 let id = &self.live.who.id;
@@ -251,12 +253,10 @@ impl Pump {
                 self.ctx.metrics.events_relayed.add(batch.len() as u64);
                 self.live.push(batch.drain(..));
                 announce(started);
-                if let Some(end) = step {
-                    return (end, true);
-                }
+                recorded = step.is_some();
             }
             if let Some(end) = step {
-                return (end, false);
+                return (end, recorded);
             }
             if full {
                 continue;

@@ -222,7 +222,17 @@ impl Pool {
         stream.write_all(request).await?;
         let mut head = BytesMut::new();
         loop {
-            read_once(&mut stream, |bytes| head.extend_from_slice(bytes)).await?;
+            match read_once(&mut stream, |bytes| head.extend_from_slice(bytes)).await {
+                Ok(()) => {}
+                // Only a close before any byte of the answer may be retried
+                // (`post`); a head cut short is the provider's failure.
+                Err(e) if !head.is_empty() && e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(H1Error::protocol(
+                        "the provider closed the connection inside the response head",
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
             if let Some(parsed) = parse_head(&head)? {
                 let rest = head.split_off(parsed.len).freeze();
                 if parsed.status.is_informational() {

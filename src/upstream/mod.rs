@@ -52,10 +52,11 @@ pub enum StreamBody {
 }
 
 impl StreamBody {
-    /// Read and drop the rest of the body, within `limit` and up to 64 KiB:
-    /// a body read to its end gives its connection back to the pool.
+    /// Read and drop the rest of the body, within `limit` and up to
+    /// [`REST_LIMIT`]: a body read to its end gives its connection back to
+    /// the pool.
     pub async fn finish(&mut self, limit: Duration) {
-        let mut left = ERROR_BODY_LIMIT;
+        let mut left = REST_LIMIT;
         let rest = async {
             loop {
                 let mut sink = |bytes: &[u8]| left = left.saturating_sub(bytes.len());
@@ -345,6 +346,9 @@ impl Upstream {
 /// How long, and how much of, a provider's error body is read to pass on.
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// How much of what follows a finished stream's end is read, at most, to
+/// keep its connection.
+const REST_LIMIT: usize = 64 * 1024;
 
 /// The client headers a pump keeps for its provider call: the forwarded
 /// ones and the client's own credential (used only without `api_key_env`).
