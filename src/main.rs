@@ -12,6 +12,12 @@ const EXIT_CONFIG: u8 = 64;
 /// Exit code for a dependency that is not there (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 
+/// mimalloc rather than glibc's malloc: the relay allocates and frees small
+/// buffers per event, and glibc spent a sixth of the gateway's CPU on it
+/// (see benches/OPTIMISATIONS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tidegate",
