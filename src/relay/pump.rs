@@ -261,9 +261,18 @@ impl Pump {
             if full {
                 continue;
             }
+            // The read before the timers: a timer is first registered when
+            // it is first polled, so a read that is ready at once (a burst,
+            // the body that came with the head) costs no timer-wheel
+            // insertion, nor the wake-up of the parked driver that the
+            // earliest timer's insertion makes.
             let read = tokio::select! {
                 biased;
                 _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
+                read = body.read(&mut decoder) => {
+                    last_read = tokio::time::Instant::now();
+                    read.map_err(ReadError::Failed)
+                }
                 _ = &mut hold, if started.is_some() => {
                     announce(started);
                     continue;
@@ -277,10 +286,6 @@ impl Pump {
                         continue;
                     }
                     Err(ReadError::Stalled)
-                }
-                read = body.read(&mut decoder) => {
-                    last_read = tokio::time::Instant::now();
-                    read.map_err(ReadError::Failed)
                 }
             };
             match read {
