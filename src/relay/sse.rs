@@ -90,8 +90,9 @@ impl SseDecoder {
 
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
-            let line = self.next_line()?;
-            if line.is_empty() {
+            let len = self.next_line()?;
+            if len == 0 {
+                self.end_line(0);
                 let name = self.name.take();
                 let data = match std::mem::take(&mut self.data) {
                     Data::None => continue,
@@ -100,11 +101,15 @@ impl SseDecoder {
                 };
                 return Some(SseEvent { name, data });
             }
-            self.field(line);
+            self.field(len);
         }
     }
 
-    fn next_line(&mut self) -> Option<BytesMut> {
+    /// The length of the next complete line, which starts `buf`; the
+    /// caller consumes it (and its end) with [`end_line`](Self::end_line).
+    /// Only the values kept are split off the buffer: an empty line or a
+    /// comment costs no reference count.
+    fn next_line(&mut self) -> Option<usize> {
         if self.after_cr && !self.buf.is_empty() {
             if self.buf[0] == b'\n' {
                 self.buf.advance(1);
@@ -125,29 +130,35 @@ impl SseDecoder {
             self.scanned = self.buf.len();
             return None;
         };
-        let end = self.scanned + at;
+        let len = self.scanned + at;
         self.scanned = 0;
-        let line = self.buf.split_to(end);
-        self.after_cr = self.buf[0] == b'\r';
-        self.buf.advance(1);
-        Some(line)
+        Some(len)
     }
 
-    fn field(&mut self, mut line: BytesMut) {
-        if line.first() == Some(&b':') {
-            return;
+    /// Drop the first `len` bytes of `buf` and the line end after them.
+    fn end_line(&mut self, len: usize) {
+        self.after_cr = self.buf[len] == b'\r';
+        self.buf.advance(len + 1);
+    }
+
+    /// Take the field on the next line, `len` bytes long.
+    fn field(&mut self, len: usize) {
+        let line = &self.buf[..len];
+        if line[0] == b':' {
+            return self.end_line(len);
         }
-        let (name_len, value_at) = match memchr::memchr(b':', &line) {
+        let (name_len, value_at) = match memchr::memchr(b':', line) {
             Some(colon) if line.get(colon + 1) == Some(&b' ') => (colon, colon + 2),
             Some(colon) => (colon, colon + 1),
-            None => (line.len(), line.len()),
+            None => (len, len),
         };
         let is_data = &line[..name_len] == b"data";
         if !is_data && &line[..name_len] != b"event" {
-            return;
+            return self.end_line(len);
         }
-        line.advance(value_at);
-        let value = line.freeze();
+        self.buf.advance(value_at);
+        let value = self.buf.split_to(len - value_at).freeze();
+        self.end_line(0);
         if is_data {
             self.data = match std::mem::take(&mut self.data) {
                 Data::None => Data::One(value),
