@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tokio::sync::oneshot;
 
 use super::AppState;
@@ -51,13 +51,12 @@ struct ChatRequest {
 }
 
 fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRequest, ApiError> {
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let object = value
-        .as_object()
+    let fields = serde_json::from_slice::<Top>(&bytes)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?
+        .0
         .ok_or_else(|| ApiError::InvalidRequest("the request body must be a JSON object".into()))?;
-    let model = match object.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.as_str(),
+    let model = match &fields.model {
+        Some(Shape::Str(m)) if !m.is_empty() => m.as_ref(),
         Some(_) => {
             return Err(ApiError::InvalidRequest(
                 "`model` must be a non-empty string".into(),
@@ -69,9 +68,9 @@ fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRe
             ));
         }
     };
-    match object.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => {}
-        Some(Value::Array(_)) => {
+    match fields.messages {
+        Some(Shape::Array { empty: false }) => {}
+        Some(Shape::Array { empty: true }) => {
             return Err(ApiError::InvalidRequest(
                 "`messages` must not be empty".into(),
             ));
@@ -87,15 +86,14 @@ fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRe
             ));
         }
     }
-    if protocol == Protocol::Anthropic && object.get("max_tokens").and_then(Value::as_u64).is_none()
-    {
+    if protocol == Protocol::Anthropic && !matches!(fields.max_tokens, Some(Shape::Unsigned)) {
         return Err(ApiError::InvalidRequest(
             "missing required field `max_tokens`".into(),
         ));
     }
-    let stream = match object.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+    let stream = match fields.stream {
+        None | Some(Shape::Null) => false,
+        Some(Shape::Bool(b)) => b,
         Some(_) => {
             return Err(ApiError::InvalidRequest(
                 "`stream` must be a boolean".into(),
@@ -112,6 +110,162 @@ fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRe
         stream,
         upstream: state.upstreams[index].clone(),
     })
+}
+
+/// The request body as validation reads it: the four fields it checks,
+/// each reduced to its [`Shape`], and nothing else kept. Building the whole
+/// JSON tree (every message's text) was most of this handler's allocations.
+/// `None`: the body is JSON but not an object. A repeated key counts by its
+/// last value, as it would in a parsed object.
+struct Top<'a>(Option<Fields<'a>>);
+
+#[derive(Default)]
+struct Fields<'a> {
+    model: Option<Shape<'a>>,
+    messages: Option<Shape<'a>>,
+    max_tokens: Option<Shape<'a>>,
+    stream: Option<Shape<'a>>,
+}
+
+/// What validation needs to know of a JSON value.
+enum Shape<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    Array {
+        empty: bool,
+    },
+    Bool(bool),
+    /// An integer that fits `u64`.
+    Unsigned,
+    Null,
+    /// An object, a negative or fractional number.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Model => &mut fields.model,
+                        Key::Messages => &mut fields.messages,
+                        Key::MaxTokens => &mut fields.max_tokens,
+                        Key::Stream => &mut fields.stream,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(Top(Some(fields)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top<'de>, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Top(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+            fn visit_unit<E>(self) -> Result<Top<'de>, E> {
+                Ok(Top(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+enum Key {
+    Model,
+    Messages,
+    MaxTokens,
+    Stream,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "messages" => Key::Messages,
+                    "max_tokens" => Key::MaxTokens,
+                    "stream" => Key::Stream,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Shape<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Shape<'de>, E> {
+                Ok(Shape::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Shape<'de>, E> {
+                Ok(if n >= 0 {
+                    Shape::Unsigned
+                } else {
+                    Shape::Other
+                })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Shape<'de>, E> {
+                Ok(Shape::Unsigned)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Shape<'de>, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Shape<'de>, E> {
+                Ok(Shape::Str(s.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Shape<'de>, E> {
+                Ok(Shape::Str(s.to_owned().into()))
+            }
+            fn visit_unit<E>(self) -> Result<Shape<'de>, E> {
+                Ok(Shape::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
+                let empty = seq.next_element::<IgnoredAny>()?.is_none();
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Shape::Array { empty })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape<'de>, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Shape::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 async fn handle(
@@ -326,5 +480,98 @@ async fn passthrough(
     tokio::select! {
         result = call => result,
         _ = state.drain.streams.cancelled() => Err(ApiError::ServerRestarting),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How validation sees a body: each checked field's shape, as text.
+    fn read(json: &str) -> Result<Option<[String; 4]>, String> {
+        fn show(s: &Option<Shape>) -> String {
+            match s {
+                None => "-".into(),
+                Some(Shape::Str(s)) => format!("str {s}"),
+                Some(Shape::Array { empty }) => format!("array empty={empty}"),
+                Some(Shape::Bool(b)) => format!("bool {b}"),
+                Some(Shape::Unsigned) => "unsigned".into(),
+                Some(Shape::Null) => "null".into(),
+                Some(Shape::Other) => "other".into(),
+            }
+        }
+        let top: Top = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        Ok(top.0.map(|f| {
+            [
+                show(&f.model),
+                show(&f.messages),
+                show(&f.max_tokens),
+                show(&f.stream),
+            ]
+        }))
+    }
+
+    #[test]
+    fn reads_the_checked_fields_and_skips_the_rest() {
+        let got = read(
+            r#"{"model":"m\u00e9","pad":{"a":[1,{"b":null}]},"messages":[{"role":"user","content":"hi"}],"max_tokens":64,"stream":true}"#,
+        );
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str mé".into(),
+                "array empty=false".into(),
+                "unsigned".into(),
+                "bool true".into()
+            ]))
+        );
+        let got = read(r#"{"model":"","messages":[],"max_tokens":-1,"stream":null}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str ".into(),
+                "array empty=true".into(),
+                "other".into(),
+                "null".into()
+            ]))
+        );
+        let got = read(r#"{"model":7,"messages":{},"max_tokens":1.5,"stream":"yes"}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "unsigned".into(),
+                "other".into(),
+                "other".into(),
+                "str yes".into()
+            ]))
+        );
+        assert_eq!(
+            read("{}"),
+            Ok(Some(["-".into(), "-".into(), "-".into(), "-".into()]))
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_counts_by_its_last_value() {
+        let got = read(r#"{"model":"a","model":"b","messages":[1],"messages":[]}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str b".into(),
+                "array empty=true".into(),
+                "-".into(),
+                "-".into()
+            ]))
+        );
+    }
+
+    #[test]
+    fn json_that_is_not_an_object_and_json_that_is_not_json() {
+        for json in ["[1,[2]]", "\"x\"", "3", "-3", "0.5", "true", "null"] {
+            assert_eq!(read(json), Ok(None), "{json}");
+        }
+        for json in ["{not json", "{\"model\":\"a\"} trailing", "[1,", ""] {
+            assert!(read(json).is_err(), "{json}");
+        }
     }
 }
