@@ -161,8 +161,10 @@ pub async fn run(
 
     // Bodies end by themselves at the deadline; the listener is closed.
     let connections_closed = timeout_at(exit_by, &mut serve).await.is_ok();
+    let closed_after = deadline.elapsed();
     drain.tracker.close();
     let tasks_done = timeout_at(exit_by, drain.tracker.wait()).await.is_ok();
+    let tasks_after = deadline.elapsed();
     let flushed = match timeout_at(exit_by, store.flush()).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
@@ -178,7 +180,9 @@ pub async fn run(
         aborted_at_deadline = report.aborted_at_deadline,
         upstreams_dropped = dropped,
         connections_closed,
+        connections_closed_after = ?closed_after,
         tasks_done,
+        tasks_done_after = ?tasks_after,
         store_flushed = flushed,
         since_signal = ?drain.elapsed(),
         exit_after_deadline = ?deadline.elapsed(),
