@@ -51,10 +51,13 @@ struct ChatRequest {
 }
 
 fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRequest, ApiError> {
-    let fields = serde_json::from_slice::<Top>(&bytes)
-        .map_err(|e| ApiError::MalformedJson(e.to_string()))?
-        .0
-        .ok_or_else(|| ApiError::InvalidRequest("the request body must be a JSON object".into()))?;
+    let top = serde_json::from_slice::<Top>(&bytes)
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let Shape::Object(fields) = top.0 else {
+        return Err(ApiError::InvalidRequest(
+            "the request body must be a JSON object".into(),
+        ));
+    };
     let model = match &fields.model {
         Some(Shape::Str(m)) if !m.is_empty() => m.as_ref(),
         Some(_) => {
@@ -112,12 +115,12 @@ fn validate(state: &AppState, protocol: Protocol, bytes: Bytes) -> Result<ChatRe
     })
 }
 
-/// The request body as validation reads it: the four fields it checks,
-/// each reduced to its [`Shape`], and nothing else kept. Building the whole
-/// JSON tree (every message's text) was most of this handler's allocations.
-/// `None`: the body is JSON but not an object. A repeated key counts by its
-/// last value, as it would in a parsed object.
-struct Top<'a>(Option<Fields<'a>>);
+/// The request body as validation reads it: an object's four checked
+/// fields, each reduced to its [`Shape`], and nothing else kept. Building
+/// the whole JSON tree (every message's text) was most of this handler's
+/// allocations. A repeated key counts by its last value, as it would in a
+/// parsed object.
+struct Top<'a>(Shape<'a>);
 
 #[derive(Default)]
 struct Fields<'a> {
@@ -137,58 +140,21 @@ enum Shape<'a> {
     /// An integer that fits `u64`.
     Unsigned,
     Null,
-    /// An object, a negative or fractional number.
+    /// The body's own object (only at the top: a nested one is `Other`).
+    Object(Box<Fields<'a>>),
+    /// A nested object, a negative or fractional number.
     Other,
 }
 
 impl<'de> Deserialize<'de> for Top<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Top<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
-                let mut fields = Fields::default();
-                while let Some(key) = map.next_key::<Key>()? {
-                    let slot = match key {
-                        Key::Model => &mut fields.model,
-                        Key::Messages => &mut fields.messages,
-                        Key::MaxTokens => &mut fields.max_tokens,
-                        Key::Stream => &mut fields.stream,
-                        Key::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = Some(map.next_value()?);
-                }
-                Ok(Top(Some(fields)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top<'de>, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Top(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-            fn visit_unit<E>(self) -> Result<Top<'de>, E> {
-                Ok(Top(None))
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(ShapeVisitor { top: true }).map(Top)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor { top: false })
     }
 }
 
@@ -222,49 +188,66 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-impl<'de> Deserialize<'de> for Shape<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Shape<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_bool<E>(self, b: bool) -> Result<Shape<'de>, E> {
-                Ok(Shape::Bool(b))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Shape<'de>, E> {
-                Ok(if n >= 0 {
-                    Shape::Unsigned
-                } else {
-                    Shape::Other
-                })
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Shape<'de>, E> {
-                Ok(Shape::Unsigned)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Shape<'de>, E> {
-                Ok(Shape::Other)
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Shape<'de>, E> {
-                Ok(Shape::Str(s.into()))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Shape<'de>, E> {
-                Ok(Shape::Str(s.to_owned().into()))
-            }
-            fn visit_unit<E>(self) -> Result<Shape<'de>, E> {
-                Ok(Shape::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
-                let empty = seq.next_element::<IgnoredAny>()?.is_none();
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Shape::Array { empty })
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape<'de>, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Shape::Other)
-            }
+/// Reads one value as its [`Shape`]; `top`: the body itself, whose
+/// object's checked fields are kept.
+struct ShapeVisitor {
+    top: bool,
+}
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Shape<'de>, E> {
+        Ok(Shape::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Shape<'de>, E> {
+        Ok(if n >= 0 {
+            Shape::Unsigned
+        } else {
+            Shape::Other
+        })
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Unsigned)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(s.into()))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(s.to_owned().into()))
+    }
+    fn visit_unit<E>(self) -> Result<Shape<'de>, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
+        let empty = seq.next_element::<IgnoredAny>()?.is_none();
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Shape::Array { empty })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape<'de>, A::Error> {
+        if !self.top {
+            return IgnoredAny.visit_map(map).map(|_| Shape::Other);
         }
-        d.deserialize_any(V)
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::Model => &mut fields.model,
+                Key::Messages => &mut fields.messages,
+                Key::MaxTokens => &mut fields.max_tokens,
+                Key::Stream => &mut fields.stream,
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(Shape::Object(Box::new(fields)))
     }
 }
 
@@ -497,18 +480,20 @@ mod tests {
                 Some(Shape::Bool(b)) => format!("bool {b}"),
                 Some(Shape::Unsigned) => "unsigned".into(),
                 Some(Shape::Null) => "null".into(),
+                Some(Shape::Object(_)) => "object".into(),
                 Some(Shape::Other) => "other".into(),
             }
         }
         let top: Top = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        Ok(top.0.map(|f| {
-            [
+        Ok(match top.0 {
+            Shape::Object(f) => Some([
                 show(&f.model),
                 show(&f.messages),
                 show(&f.max_tokens),
                 show(&f.stream),
-            ]
-        }))
+            ]),
+            _ => None,
+        })
     }
 
     #[test]
