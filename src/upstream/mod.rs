@@ -20,7 +20,7 @@ pub struct Upstream {
     openai_url: reqwest::Url,
     anthropic_url: reqwest::Url,
     /// The configured credential as a ready header (marked sensitive).
-    credential: Option<(&'static str, HeaderValue)>,
+    credential: Option<(HeaderName, HeaderValue)>,
     /// Plain-HTTP/1.1 providers: the connections a pump drives itself
     /// (`h1.rs`); `None` where streams go through reqwest.
     direct: Option<std::sync::Arc<h1::Pool>>,
@@ -128,12 +128,16 @@ pub enum UpstreamError {
 
 /// Client headers worth passing to the provider. Everything else (cookies,
 /// hop-by-hop headers, our own) stays behind.
-const FORWARDED: &[&str] = &[
-    "anthropic-version",
-    "anthropic-beta",
-    "openai-organization",
-    "openai-project",
+const FORWARDED: [HeaderName; 4] = [
+    ANTHROPIC_VERSION,
+    HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
 ];
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The client's own credential headers, passed on without `api_key_env`.
+const CLIENT_CREDENTIAL: [HeaderName; 2] = [header::AUTHORIZATION, X_API_KEY];
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
@@ -164,8 +168,8 @@ impl Upstream {
             None => None,
             Some(key) => {
                 let (name, text) = match config.protocol {
-                    Protocol::OpenAi => ("authorization", format!("Bearer {}", key.0)),
-                    Protocol::Anthropic => ("x-api-key", key.0.clone()),
+                    Protocol::OpenAi => (header::AUTHORIZATION, format!("Bearer {}", key.0)),
+                    Protocol::Anthropic => (X_API_KEY, key.0.clone()),
                 };
                 let mut value = HeaderValue::from_str(&text).map_err(|_| {
                     format!(
@@ -220,26 +224,20 @@ impl Upstream {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )];
-        for name in FORWARDED {
-            if let Some(v) = client_headers.get(*name) {
-                out.push((HeaderName::from_static(name), v.clone()));
-            }
-        }
-        if protocol == Protocol::Anthropic && !client_headers.contains_key("anthropic-version") {
-            out.push((
-                HeaderName::from_static("anthropic-version"),
-                HeaderValue::from_static("2023-06-01"),
-            ));
-        }
-        match &self.credential {
-            Some((name, value)) => out.push((HeaderName::from_static(name), value.clone())),
-            None => {
-                for name in ["authorization", "x-api-key"] {
-                    if let Some(v) = client_headers.get(name) {
-                        out.push((HeaderName::from_static(name), v.clone()));
-                    }
+        let copied = |names: &[HeaderName], out: &mut Vec<_>| {
+            for name in names {
+                if let Some(v) = client_headers.get(name) {
+                    out.push((name.clone(), v.clone()));
                 }
             }
+        };
+        copied(&FORWARDED, &mut out);
+        if protocol == Protocol::Anthropic && !client_headers.contains_key(ANTHROPIC_VERSION) {
+            out.push((ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01")));
+        }
+        match &self.credential {
+            Some((name, value)) => out.push((name.clone(), value.clone())),
+            None => copied(&CLIENT_CREDENTIAL, &mut out),
         }
         out
     }
@@ -354,9 +352,9 @@ const REST_LIMIT: usize = 64 * 1024;
 /// ones and the client's own credential (used only without `api_key_env`).
 pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for name in FORWARDED.iter().chain(&["authorization", "x-api-key"]) {
-        if let Some(v) = headers.get(*name) {
-            out.insert(*name, v.clone());
+    for name in FORWARDED.iter().chain(&CLIENT_CREDENTIAL) {
+        if let Some(v) = headers.get(name) {
+            out.insert(name.clone(), v.clone());
         }
     }
     out
