@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::protocol::{Continuation, Protocol};
+
 /// Where environment variables come from. Tests pass a `HashMap`; the binary
 /// passes the process environment.
 pub trait Env {
@@ -226,40 +228,6 @@ pub struct StreamsConfig {
     pub on_client_disconnect: DisconnectPolicy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    OpenAi,
-    Anthropic,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::OpenAi => "openai",
-            Protocol::Anthropic => "anthropic",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Continuation {
-    ContinueFinalMessage,
-    Prefix,
-    AssistantPrefix,
-    None,
-}
-
-impl Continuation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Continuation::ContinueFinalMessage => "continue_final_message",
-            Continuation::Prefix => "prefix",
-            Continuation::AssistantPrefix => "assistant_prefix",
-            Continuation::None => "none",
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -278,6 +246,25 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 to the provider (prior knowledge on http://, required
     /// on https://): every stream multiplexed on a few connections.
     pub http2: bool,
+}
+
+impl UpstreamConfig {
+    /// The built-in mock provider of the zero-config demo, at `base_url`.
+    pub fn builtin_mock(base_url: String) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "builtin-mock".into(),
+            protocol: Protocol::OpenAi,
+            base_url,
+            api_key_env: None,
+            api_key: None,
+            models: vec!["*".into()],
+            continuation: Continuation::ContinueFinalMessage,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            http2: false,
+        }
+    }
 }
 
 /// A string that never shows itself in logs or `Debug` output.
@@ -526,13 +513,6 @@ impl Config {
         })
     }
 
-    /// The upstream that serves `model`: the first whose globs match.
-    pub fn route(&self, model: &str) -> Option<usize> {
-        self.upstreams
-            .iter()
-            .position(|u| u.models.iter().any(|glob| glob_match(glob, model)))
-    }
-
     /// The shutdown budget a supervisor must allow: from the signal to the
     /// last possible exit, plus a margin for the runtime to tear down.
     pub fn stop_budget(&self) -> Duration {
@@ -621,29 +601,6 @@ fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
             format!("`{text}` is not a duration like \"250ms\" or \"25s\": {e}"),
         )
     })
-}
-
-/// `*` matches any run of characters, `?` any one; everything else is literal.
-pub fn glob_match(glob: &str, text: &str) -> bool {
-    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
-    let (mut gi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
-            gi += 1;
-            ti += 1;
-        } else if gi < g.len() && g[gi] == '*' {
-            star = Some((gi, ti));
-            gi += 1;
-        } else if let Some((sg, st)) = star {
-            gi = sg + 1;
-            ti = st + 1;
-            star = Some((sg, st + 1));
-        } else {
-            return false;
-        }
-    }
-    g[gi..].iter().all(|c| *c == '*')
 }
 
 /// Apply `TIDEGATE_SECTION__KEY=value` variables onto the parsed file.
@@ -871,23 +828,5 @@ mod tests {
     fn bad_durations_are_explained() {
         let err = Config::from_toml("[drain]\ngrace = \"soon\"", &env(&[])).unwrap_err();
         assert!(err.to_string().contains("drain.grace"), "{err}");
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*", "gpt-4o"));
-        assert!(glob_match("gpt-*", "gpt-4o"));
-        assert!(!glob_match("gpt-*", "claude"));
-        assert!(glob_match("claude-?-*", "claude-3-opus"));
-        assert!(glob_match("exact", "exact"));
-        assert!(!glob_match("exact", "exactly"));
-    }
-
-    #[test]
-    fn routes_first_match() {
-        let file = "[[upstreams]]\nname=\"a\"\nbase_url=\"http://a/v1\"\nmodels=[\"gpt-*\"]\n[[upstreams]]\nname=\"b\"\nbase_url=\"http://b/v1\"\n";
-        let c = Config::from_toml(file, &env(&[])).unwrap();
-        assert_eq!(c.route("gpt-4"), Some(0));
-        assert_eq!(c.route("llama"), Some(1));
     }
 }

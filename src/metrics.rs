@@ -6,7 +6,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::relay::event::{AbortKind, End};
+use crate::stream::{AbortKind, End};
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -23,20 +23,11 @@ impl Counter {
     }
 }
 
-const ABORT_KINDS: [AbortKind; 6] = [
-    AbortKind::ServerRestarting,
-    AbortKind::UpstreamFailed,
-    AbortKind::StoreFailed,
-    AbortKind::Cancelled,
-    AbortKind::Incomplete,
-    AbortKind::ClientGone,
-];
-
 #[derive(Default)]
 pub struct Metrics {
     pub streams_started: Counter,
     pub streams_completed: Counter,
-    aborted: [Counter; 6],
+    aborted: [Counter; AbortKind::ALL.len()],
     pub events_relayed: Counter,
     pub upstream_requests: Counter,
     pub upstream_errors: Counter,
@@ -52,7 +43,7 @@ impl Metrics {
         match end {
             End::Done => self.streams_completed.inc(),
             End::Abort(kind) => {
-                if let Some(i) = ABORT_KINDS.iter().position(|k| *k == kind) {
+                if let Some(i) = AbortKind::ALL.iter().position(|k| *k == kind) {
                     self.aborted[i].inc();
                 }
             }
@@ -60,7 +51,7 @@ impl Metrics {
     }
 
     pub fn aborted(&self, kind: AbortKind) -> u64 {
-        ABORT_KINDS
+        AbortKind::ALL
             .iter()
             .position(|k| *k == kind)
             .map_or(0, |i| self.aborted[i].get())
@@ -128,7 +119,7 @@ impl Metrics {
             out,
             "# HELP tidegate_streams_aborted_total Runs that ended with an in-band abort, by type.\n# TYPE tidegate_streams_aborted_total counter"
         );
-        for (i, kind) in ABORT_KINDS.iter().enumerate() {
+        for (i, kind) in AbortKind::ALL.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "tidegate_streams_aborted_total{{type=\"{}\"}} {}",

@@ -12,22 +12,26 @@ use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout_at};
 
 use crate::api::{self, AppState};
-use crate::config::{Config, Continuation, Protocol, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
-use crate::relay::event::AbortKind;
 use crate::relay::live::Registry;
-use crate::relay::pump::RelayContext;
-use crate::store::token::{TokenSigner, random_string};
-use crate::store::{self, StoreError, hash_hex};
-use crate::upstream::Upstream;
+use crate::relay::{Relay, Settings};
+use crate::store::{self, StoreError};
+use crate::stream::AbortKind;
+use crate::token::{TokenSigner, hash_hex, random_string};
+use crate::upstream::{BuildError, Upstream, Upstreams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot build the HTTP client for upstream `{name}`: {message}")]
-    Client { name: String, message: String },
+    #[error("upstream `{name}`: {source}")]
+    Client {
+        name: String,
+        #[source]
+        source: BuildError,
+    },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -55,19 +59,9 @@ pub async fn run(
         tracing::warn!(
             "NO UPSTREAM CONFIGURED and OPENAI_API_KEY is not set: routing every model to the built-in mock provider at http://{address}/v1 (answers are made-up words). Configure [[upstreams]] or set OPENAI_API_KEY for real answers."
         );
-        config.upstreams.push(UpstreamConfig {
-            name: "builtin-mock".into(),
-            protocol: Protocol::OpenAi,
-            base_url: format!("http://{address}/v1"),
-            api_key_env: None,
-            api_key: None,
-            models: vec!["*".into()],
-            continuation: Continuation::ContinueFinalMessage,
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(60),
-            http2: false,
-        });
+        config
+            .upstreams
+            .push(UpstreamConfig::builtin_mock(format!("http://{address}/v1")));
         let stop = drain.close_listener.clone();
         drain.tracker.spawn(async move {
             crate::mock::serve(
@@ -81,9 +75,9 @@ pub async fn run(
 
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
-        let upstream = Upstream::new(u.clone()).map_err(|message| ServeError::Client {
+        let upstream = Upstream::new(u.clone()).map_err(|source| ServeError::Client {
             name: u.name.clone(),
-            message,
+            source,
         })?;
         upstreams.push(Arc::new(upstream));
     }
@@ -102,10 +96,18 @@ pub async fn run(
             .map(|k| hash_hex(k.as_bytes()))
             .collect::<HashSet<_>>()
     });
-    let relay = Arc::new(RelayContext {
+    let relay = Arc::new(Relay {
         store: store.clone(),
-        registry: Arc::new(Registry::default()),
-        metrics: Arc::new(Metrics::default()),
+        registry: Registry::default(),
+        metrics: Metrics::default(),
+        upstreams: Upstreams::new(upstreams),
+        signer: TokenSigner::new(secret),
+        drain: drain.clone(),
+        settings: Settings {
+            heartbeat: config.streams.heartbeat,
+            on_client_disconnect: config.streams.on_client_disconnect,
+            retry_hint: config.resume.retry_hint,
+        },
         instance: random_string(9),
     });
     log_startup(&config, &listener, store.name());
@@ -113,9 +115,6 @@ pub async fn run(
     let lease_every = config.store.lease_ttl / 3;
     let state = Arc::new(AppState {
         config,
-        upstreams,
-        store: store.clone(),
-        signer: TokenSigner::new(secret),
         relay: relay.clone(),
         drain: drain.clone(),
         key_hashes,
@@ -140,21 +139,20 @@ pub async fn run(
     // reference count). Given the `Router` itself, axum::serve rebuilds
     // its route table for every connection: ~5 KiB per held stream.
     let serve = axum::serve(
-        listener.tap_io(no_delay),
+        listener.tap_io(crate::net::no_delay),
         api::app(state).into_make_service(),
     )
     .with_graceful_shutdown(drain.close_listener.clone().cancelled_owned())
     .into_future();
     tokio::pin!(serve);
     let aborted_before = relay.metrics.aborted(AbortKind::ServerRestarting);
-    let registry = relay.registry.clone();
     let report = tokio::select! {
         result = &mut serve => {
             // axum::serve only returns on a listener error before a drain.
             result?;
             return Ok(());
         }
-        report = drain.timeline(drain_config, || registry.len()) => report,
+        report = drain.timeline(drain_config, || relay.registry.len()) => report,
     };
     let deadline = Instant::now();
     let exit_by = deadline + drain_config.exit_timeout;
@@ -189,14 +187,6 @@ pub async fn run(
         "drain complete; exiting"
     );
     Ok(())
-}
-
-/// Every event is small and latency-bound: never let Nagle hold one back
-/// waiting for the peer's delayed ACK.
-pub fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
 }
 
 fn log_startup(config: &Config, listener: &TcpListener, store: &str) {
@@ -249,7 +239,7 @@ async fn sweep(store: store::SharedStore, drain: Arc<Drain>) {
 
 /// Shared stores: renew this replica's leases, and honour `DELETE`s that
 /// reached another replica.
-async fn keep_leases(relay: Arc<RelayContext>, drain: Arc<Drain>, every: Duration) {
+async fn keep_leases(relay: Arc<Relay>, drain: Arc<Drain>, every: Duration) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

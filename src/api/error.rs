@@ -10,10 +10,10 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::config::Protocol;
+use crate::protocol::{Protocol, RequestError};
+use crate::relay::RelayError;
 use crate::store::StoreError;
 use crate::upstream::UpstreamError;
 
@@ -53,6 +53,34 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> ApiError {
+        match e {
+            RequestError::Malformed(e) => ApiError::MalformedJson(e.to_string()),
+            RequestError::Invalid(message) => ApiError::InvalidRequest(message.into()),
+        }
+    }
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> ApiError {
+        match e {
+            RelayError::NotFound | RelayError::IdempotentStreamGone => {
+                ApiError::NotFound(e.to_string())
+            }
+            RelayError::IdempotencyConflict => ApiError::Conflict(e.to_string()),
+            RelayError::Draining => ApiError::Draining,
+            RelayError::ServerRestarting => ApiError::ServerRestarting,
+            RelayError::Upstream(e) => ApiError::Upstream(e),
+            RelayError::NotAStream { .. } => ApiError::UpstreamNotAStream(e.to_string()),
+            RelayError::Store(e) => ApiError::Store(e),
+            RelayError::CancelledBeforeStart(_)
+            | RelayError::PumpVanished
+            | RelayError::Encode(_) => ApiError::Internal(e.to_string()),
+        }
+    }
 }
 
 /// Put in a response's extensions so the middleware can log the cause once.
@@ -140,18 +168,16 @@ impl ApiError {
         let message = self.public_message();
         // An upstream's own error body, when it is in the protocol's shape,
         // tells the client more than we could.
+        let wire = protocol.wire();
         let passthrough = match &self {
             ApiError::Upstream(UpstreamError::Status { body, .. }) => {
-                upstream_error_body(body, protocol)
+                serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .filter(|v| wire.is_error_body(v))
             }
             _ => None,
         };
-        let body = passthrough.unwrap_or_else(|| match protocol {
-            Protocol::OpenAi => json!({"error": {"message": message, "type": kind, "code": code}}),
-            Protocol::Anthropic => {
-                json!({"type": "error", "error": {"type": kind, "message": message}})
-            }
-        });
+        let body = passthrough.unwrap_or_else(|| wire.error_body(kind, code, &message));
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if matches!(self, ApiError::Draining | ApiError::ServerRestarting) {
@@ -171,15 +197,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.render(Protocol::OpenAi)
     }
-}
-
-fn upstream_error_body(body: &Bytes, protocol: Protocol) -> Option<Value> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let shaped = match protocol {
-        Protocol::OpenAi => v.get("error").is_some_and(Value::is_object),
-        Protocol::Anthropic => v.get("type").and_then(Value::as_str) == Some("error"),
-    };
-    shaped.then_some(v)
 }
 
 /// Log each error response once, with its cause and whose fault it was.

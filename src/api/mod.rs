@@ -1,14 +1,17 @@
 //! The HTTP surface: routes, the state they share, and request-level
-//! concerns (authentication, body limits).
+//! concerns (authentication, body limits). Handlers read the request, call
+//! into [`crate::relay`], and turn what it returns into a response.
 //!
 //! - [`chat`]: `POST /v1/chat/completions` and `POST /v1/messages`;
 //! - [`streams`]: resume, state and cancel of a stream by id;
 //! - [`ops`]: health, metrics, `/admin/drain`, and the demo page;
+//! - [`sse`]: the head of every event-stream answer;
 //! - [`error`]: the one error type at the edge.
 
 pub mod chat;
 pub mod error;
 pub mod ops;
+pub mod sse;
 pub mod streams;
 
 use std::collections::HashSet;
@@ -23,21 +26,14 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::relay::event::StreamIdentity;
-use crate::relay::live::{LiveStream, Registry};
-use crate::relay::pump::RelayContext;
-use crate::store::SharedStore;
-use crate::store::token::TokenSigner;
-use crate::upstream::Upstream;
+use crate::relay::Relay;
+use crate::token::hash_hex;
 use error::ApiError;
 
 /// Everything a handler may need, built once at start-up.
 pub struct AppState {
     pub config: Config,
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub store: SharedStore,
-    pub signer: TokenSigner,
-    pub relay: Arc<RelayContext>,
+    pub relay: Arc<Relay>,
     pub drain: Arc<Drain>,
     /// SHA-256 hashes of the client keys; `None` when the gateway is open.
     pub key_hashes: Option<HashSet<String>>,
@@ -46,10 +42,6 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn registry(&self) -> &Registry {
-        &self.relay.registry
-    }
-
     /// Who is asking: the hash of their key, or `anonymous` on an open
     /// gateway. Accepts `Authorization: Bearer` and Anthropic's `x-api-key`.
     pub fn owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
@@ -64,32 +56,12 @@ impl AppState {
                     .map(str::trim)
             })
             .ok_or(ApiError::Unauthorized)?;
-        let hash = crate::store::hash_hex(presented.as_bytes());
+        let hash = hash_hex(presented.as_bytes());
         if hashes.contains(&hash) {
             Ok(hash)
         } else {
             Err(ApiError::Unauthorized)
         }
-    }
-
-    /// A run of stream `who` in this process, for events after `base`: its
-    /// token a child of the drain's, its disconnect policy the config's.
-    pub fn new_live(&self, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
-        Arc::new(LiveStream::new(
-            who,
-            owner.to_owned(),
-            base,
-            self.drain.streams.child_token(),
-            self.config.streams.on_client_disconnect,
-            self.drain.tracker.clone(),
-        ))
-    }
-
-    pub fn upstream_named(&self, name: &str) -> Option<Arc<Upstream>> {
-        self.upstreams
-            .iter()
-            .find(|u| u.config.name == name)
-            .cloned()
     }
 }
 
@@ -111,13 +83,14 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(ApiError::PayloadTooLarge(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large =
-            std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
-        if too_large || e.to_string().contains("length limit") {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<http_body_util::LengthLimitError>() {
+                return ApiError::PayloadTooLarge(limit);
+            }
+            cause = c.source();
         }
+        ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
     })
 }
 

@@ -34,7 +34,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let body = state
         .relay
         .metrics
-        .render(state.registry().len(), state.drain.requested());
+        .render(state.relay.registry.len(), state.drain.requested());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -47,7 +47,7 @@ pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap)
     };
     let presented = super::bearer(&headers).unwrap_or("");
     let matches =
-        crate::store::hash_hex(presented.as_bytes()) == crate::store::hash_hex(expected.as_bytes());
+        crate::token::hash_hex(presented.as_bytes()) == crate::token::hash_hex(expected.as_bytes());
     if presented.is_empty() || !matches {
         return ApiError::Unauthorized.into_response();
     }

@@ -70,7 +70,7 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
-        crate::server::no_delay(&mut stream);
+        crate::net::no_delay(&mut stream);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)

@@ -19,8 +19,10 @@ use tokio_util::task::TaskTracker;
 
 use bytes::BytesMut;
 
-use super::event::{AbortKind, End, Event, StreamIdentity, frame_size, write_frame};
+use super::end::StreamIdentity;
 use crate::config::DisconnectPolicy;
+use crate::protocol::sse::{frame_size, write_frame};
+use crate::stream::{AbortKind, End, Event};
 
 pub struct LiveStream {
     pub who: StreamIdentity,
@@ -241,7 +243,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Protocol;
+    use crate::protocol::Protocol;
     use bytes::Bytes;
 
     fn live(policy: DisconnectPolicy) -> Arc<LiveStream> {

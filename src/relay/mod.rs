@@ -1,16 +1,220 @@
-//! The relay: one stream's life from the upstream's first byte to `[DONE]`
-//! or an in-band abort event.
+//! The relay: a stream's whole life, from the request that starts it to
+//! `[DONE]` or an in-band abort event, and every later resume of it.
 //!
-//! - [`event`]: relayed events, how streams end, and their SSE frames;
-//! - [`live`]: streams running in this process, shared by every client that
-//!   follows them (the original request, resumes, idempotent retries);
-//! - [`pump`]: the one task per stream that talks to the provider and writes
+//! - [`start`]: a new stream — its record, its registry entry, its pump —
+//!   and the idempotent retry that joins one;
+//! - [`resume`]: a client that comes back: follow, replay, continue;
+//! - [`remote`]: following a run that another replica holds;
+//! - [`control`]: a stream's state and its cancellation;
+//! - [`passthrough`]: a non-streaming request;
+//! - [`pump`]: the one task per run that talks to the provider and writes
 //!   ahead to the store;
-//! - [`sse`]: decoding the provider's event stream into shared slices;
-//! - [`subscriber`]: a client's SSE body: replay from the store, then follow.
+//! - [`live`]: runs in this process, shared by every client that follows
+//!   them;
+//! - [`subscriber`]: a client's SSE body: replay from the store, then follow;
+//! - [`end`]: how a body ends (`[DONE]` or the abort event).
+//!
+//! The HTTP layer calls [`Relay`]'s methods and turns what they return into
+//! responses; nothing here knows a route.
 
-pub mod event;
+pub mod control;
+pub mod end;
 pub mod live;
+pub mod passthrough;
 pub mod pump;
-pub mod sse;
+pub mod remote;
+pub mod resume;
+pub mod start;
 pub mod subscriber;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::config::DisconnectPolicy;
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::protocol::Protocol;
+use crate::store::{SharedStore, StoreError};
+use crate::stream::{AbortKind, End, Event};
+use crate::token::TokenSigner;
+use crate::upstream::{UpstreamError, Upstreams};
+pub use end::StreamIdentity;
+use live::{LiveStream, Registry, Subscription};
+use subscriber::Follow;
+
+/// What a client's stream needs from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How often a quiet body sends `: ping`.
+    pub heartbeat: Duration,
+    /// What the last client leaving does to a run.
+    pub on_client_disconnect: DisconnectPolicy,
+    /// The `retry:` hint on resume streams.
+    pub retry_hint: Duration,
+}
+
+/// Everything a stream's life needs, built once at start-up and shared by
+/// every handler and pump.
+pub struct Relay {
+    pub store: SharedStore,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub upstreams: Upstreams,
+    pub signer: TokenSigner,
+    /// Its phase says whether new runs may start; its root token is the
+    /// parent of every run's; its tracker holds every task.
+    pub drain: Arc<Drain>,
+    pub settings: Settings,
+    /// This process's id, recorded as the runner of its streams.
+    pub instance: String,
+}
+
+/// Why the relay could not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// No such stream, or the token or owner does not match it (the same
+    /// answer either way).
+    #[error("no such stream (or the resume token does not match it)")]
+    NotFound,
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyConflict,
+    #[error("the stream this Idempotency-Key started is gone")]
+    IdempotentStreamGone,
+    /// The drain has passed `pre_stop_delay`: no new provider calls.
+    #[error("the gateway is draining and accepts no new streams; retry on another instance")]
+    Draining,
+    /// The drain deadline came first.
+    #[error("the gateway is restarting; retry the request")]
+    ServerRestarting,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The provider answered 200 but not with an event stream.
+    #[error("upstream `{upstream}` answered with {content_type}, not an event stream")]
+    NotAStream {
+        upstream: String,
+        content_type: String,
+    },
+    #[error("the partial-response store is unavailable: {0}")]
+    Store(#[from] StoreError),
+    /// The run was cancelled before its provider answered, other than by
+    /// the drain (its client left, a `DELETE`).
+    #[error("stream cancelled before it started: {}", .0.as_str())]
+    CancelledBeforeStart(AbortKind),
+    #[error("the stream's pump ended without a word")]
+    PumpVanished,
+    #[error("cannot encode the continuation request: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// Who may attach to a stream.
+#[derive(Debug, Clone, Copy)]
+pub enum Access<'a> {
+    /// A client presenting this resume token.
+    Token(&'a str),
+    /// The owner itself (an idempotent retry, authenticated by its key).
+    Owner(&'a str),
+}
+
+/// A client attached to a stream: the head its response carries and the
+/// body that follows.
+pub struct Attached {
+    pub who: StreamIdentity,
+    follow: Follow,
+}
+
+impl Attached {
+    /// The SSE body: replay, then follow, then the end.
+    pub fn into_body(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+        subscriber::body(self.follow)
+    }
+}
+
+impl Relay {
+    /// Refuse new provider calls once the drain has passed `pre_stop_delay`.
+    pub fn admit(&self) -> Result<(), RelayError> {
+        if self.drain.accepting() {
+            Ok(())
+        } else {
+            self.metrics.rejected_draining.inc();
+            Err(RelayError::Draining)
+        }
+    }
+
+    fn identity(&self, id: &str, owner: &str, protocol: Protocol) -> StreamIdentity {
+        StreamIdentity {
+            id: id.to_owned(),
+            resume_token: self.signer.sign(id, owner),
+            protocol,
+        }
+    }
+
+    /// Whether `access` may attach to a stream of `owner`.
+    fn allows(&self, access: Access<'_>, id: &str, owner: &str) -> Result<(), RelayError> {
+        let allowed = match access {
+            Access::Token(token) => self.signer.verify(id, owner, token),
+            Access::Owner(who) => who == owner,
+        };
+        allowed.then_some(()).ok_or(RelayError::NotFound)
+    }
+
+    /// A run of stream `who` in this process, for events after `base`: its
+    /// token a child of the drain's, its disconnect policy the config's.
+    fn new_live(&self, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
+        Arc::new(LiveStream::new(
+            who,
+            owner.to_owned(),
+            base,
+            self.drain.streams.child_token(),
+            self.settings.on_client_disconnect,
+            self.drain.tracker.clone(),
+        ))
+    }
+
+    /// A client's body for stream `who` from `cursor`: the run `live` to
+    /// follow, or `end` after the replay of a stream that is over.
+    /// `stored`: the stream's events, when the caller has already read
+    /// them (from seq 1), so the replay does not read them again.
+    fn attach(
+        &self,
+        who: StreamIdentity,
+        cursor: u64,
+        live: Option<Arc<LiveStream>>,
+        end: End,
+        stored: Option<Vec<Event>>,
+        is_resume: bool,
+    ) -> Attached {
+        let live = live.map(|l| {
+            let subscription = l.subscribe();
+            (l, subscription)
+        });
+        self.attach_subscribed(who, cursor, live, end, stored, is_resume)
+    }
+
+    /// [`attach`](Self::attach) with a subscription taken earlier.
+    fn attach_subscribed(
+        &self,
+        who: StreamIdentity,
+        cursor: u64,
+        live: Option<(Arc<LiveStream>, Subscription)>,
+        end_after_replay: End,
+        stored: Option<Vec<Event>>,
+        is_resume: bool,
+    ) -> Attached {
+        let follow = Follow {
+            who: who.clone(),
+            cursor,
+            live,
+            end_after_replay,
+            stored,
+            store: self.store.clone(),
+            heartbeat: self.settings.heartbeat,
+            retry_hint: is_resume.then_some(self.settings.retry_hint),
+            deadline: self.drain.streams.clone(),
+        };
+        Attached { who, follow }
+    }
+}

@@ -13,14 +13,14 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::event::{AbortKind, End, Event};
-use super::live::{LiveStream, Registry};
-use super::sse::{SseDecoder, SseEvent};
-use crate::config::Protocol;
-use crate::metrics::Metrics;
-use crate::store::{SharedStore, Status, StoreError};
+use super::live::LiveStream;
+use super::{Relay, RelayError};
+use crate::protocol::sse::{SseDecoder, SseEvent};
+use crate::protocol::{Protocol, Terminal, Wire};
+use crate::store::StoreError;
+use crate::stream::{AbortKind, End, Event, Status};
 use crate::upstream::{
-    StreamBody, StreamResponse, Upstream, UpstreamError, continuation, is_event_stream,
+    BodyError, StreamBody, StreamResponse, Upstream, UpstreamError, is_event_stream,
 };
 
 /// At most this many events go into one store write.
@@ -46,16 +46,7 @@ fn announce(started: &mut Option<Started>) {
 /// Why reading the provider's stream failed.
 enum ReadError {
     Stalled,
-    Failed(String),
-}
-
-/// What every pump shares.
-pub struct RelayContext {
-    pub store: SharedStore,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    /// This process's id, recorded as the runner of its streams.
-    pub instance: String,
+    Failed(BodyError),
 }
 
 /// Why a pump could not start relaying.
@@ -63,11 +54,38 @@ pub struct RelayContext {
 pub enum StartError {
     Upstream(UpstreamError),
     /// The provider answered 200 but not with an event stream.
-    NotAStream(String),
+    NotAStream {
+        upstream: String,
+        content_type: String,
+    },
     /// The stream's token was cancelled first (drain deadline, client gone).
     Cancelled(AbortKind),
     /// The stream's record could not be written: the provider call is dropped.
     Store(StoreError),
+}
+
+impl From<StartError> for RelayError {
+    fn from(e: StartError) -> RelayError {
+        match e {
+            StartError::Upstream(e) => RelayError::Upstream(e),
+            StartError::NotAStream {
+                upstream,
+                content_type,
+            } => RelayError::NotAStream {
+                upstream,
+                content_type,
+            },
+            StartError::Cancelled(AbortKind::ServerRestarting) => RelayError::ServerRestarting,
+            StartError::Cancelled(kind) => RelayError::CancelledBeforeStart(kind),
+            StartError::Store(e) => RelayError::Store(e),
+        }
+    }
+}
+
+/// A continuation run: what its events take from the original.
+pub struct Continued {
+    /// The original's chunk id, given to continued chunks.
+    pub chunk_id: Option<String>,
 }
 
 /// Writing a new stream's record (and taking its lease), which the pump
@@ -79,10 +97,11 @@ pub struct Pump {
     pub upstream: Arc<Upstream>,
     pub protocol: Protocol,
     pub body: Bytes,
+    /// What of the client's headers goes to the provider.
     pub client_headers: HeaderMap,
-    /// Set for a continuation: the original chunk id to give new chunks.
-    pub continuation: Option<Option<String>>,
-    pub ctx: Arc<RelayContext>,
+    /// Set for a continuation.
+    pub continued: Option<Continued>,
+    pub relay: Arc<Relay>,
 }
 
 impl Pump {
@@ -91,7 +110,7 @@ impl Pump {
     /// instead of adding up); nothing is relayed before the record is there,
     /// and a failed write drops the provider call.
     pub async fn run(self, started: Started, recording: Option<Recording>) {
-        let metrics = &self.ctx.metrics;
+        let metrics = &self.relay.metrics;
         metrics.upstream_requests.inc();
         let token = self.live.token.clone();
         let sent = tokio::select! {
@@ -107,13 +126,11 @@ impl Pump {
                     .as_ref()
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("no content type");
-                let message = format!(
-                    "upstream `{}` answered with {content_type}, not an event stream",
-                    self.upstream.config.name
-                );
-                return self
-                    .start_failed(StartError::NotAStream(message), started)
-                    .await;
+                let error = StartError::NotAStream {
+                    upstream: self.upstream.config.name.clone(),
+                    content_type: content_type.to_owned(),
+                };
+                return self.start_failed(error, started).await;
             }
             Err(e) => return self.start_failed(e, started).await,
         };
@@ -138,9 +155,9 @@ impl Pump {
         &self,
         recording: Option<Recording>,
     ) -> Result<StreamResponse, StartError> {
-        let send =
-            self.upstream
-                .open_stream(self.protocol, self.body.clone(), &self.client_headers);
+        let send = self
+            .upstream
+            .open_stream(self.body.clone(), &self.client_headers);
         let Some(mut recording) = recording else {
             return send.await.map_err(StartError::Upstream);
         };
@@ -163,18 +180,18 @@ impl Pump {
         let kind = match &error {
             StartError::Cancelled(kind) => *kind,
             StartError::Store(_) => {
-                self.ctx.metrics.store_errors.inc();
+                self.relay.metrics.store_errors.inc();
                 AbortKind::StoreFailed
             }
             _ => {
-                self.ctx.metrics.upstream_errors.inc();
+                self.relay.metrics.upstream_errors.inc();
                 AbortKind::UpstreamFailed
             }
         };
         let _ = started.send(Err(error));
         // A first request that never started is over (its client got an
         // error status); a continuation stays resumable.
-        let status = if self.continuation.is_some() {
+        let status = if self.continued.is_some() {
             Status::Interrupted
         } else {
             Status::Failed
@@ -190,6 +207,7 @@ impl Pump {
     /// recorded (written with the last events).
     async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> (End, bool) {
         let idle = self.upstream.config.idle_timeout;
+        let wire = self.protocol.wire();
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
         let token = &self.live.token;
@@ -209,7 +227,7 @@ impl Pump {
             let mut step = None;
             let mut full = false;
             while let Some(event) = decoder.next_event() {
-                step = self.step(Some(Ok(event)), &mut seq, &mut batch);
+                step = self.step(wire, Some(Ok(event)), &mut seq, &mut batch);
                 full = batch.len() >= MAX_BATCH;
                 if step.is_some() || full {
                     break;
@@ -218,23 +236,23 @@ impl Pump {
             // The body's end or failure counts once what came before it is in.
             if step.is_none() && !full {
                 if let Some(failure) = failure.take() {
-                    step = self.step(Some(Err(failure)), &mut seq, &mut batch);
+                    step = self.step(wire, Some(Err(failure)), &mut seq, &mut batch);
                 } else if body_done {
-                    step = self.step(None, &mut seq, &mut batch);
+                    step = self.step(wire, None, &mut seq, &mut batch);
                 }
             }
             // Whether the end went into the store with the last batch.
             let mut recorded = false;
             if !batch.is_empty() {
-                let store = &self.ctx.store;
+                let store = &self.relay.store;
                 let id = &self.live.who.id;
                 // The last batch carries the stream's end: one store write.
                 let write = async {
                     match step {
                         Some(end) => {
-                            let (status, reason) = ending(end, None);
+                            let (status, reason) = Status::of_end(end);
                             store
-                                .append_final(id, &batch, status, reason, &self.ctx.instance)
+                                .append_final(id, &batch, status, reason, &self.relay.instance)
                                 .await
                         }
                         None => store.append(id, &batch).await,
@@ -247,10 +265,10 @@ impl Pump {
                 };
                 if let Err(e) = written {
                     tracing::error!(stream = %self.live.who.id, error = %e, "store write failed; ending the stream");
-                    self.ctx.metrics.store_errors.inc();
+                    self.relay.metrics.store_errors.inc();
                     return (End::Abort(AbortKind::StoreFailed), false);
                 }
-                self.ctx.metrics.events_relayed.add(batch.len() as u64);
+                self.relay.metrics.events_relayed.add(batch.len() as u64);
                 self.live.push(batch.drain(..));
                 announce(started);
                 recorded = step.is_some();
@@ -299,13 +317,14 @@ impl Pump {
     /// `batch`, or say how the stream ends.
     fn step(
         &self,
+        wire: &dyn Wire,
         next: Option<Result<SseEvent, ReadError>>,
         seq: &mut u64,
         batch: &mut Vec<Event>,
     ) -> Option<End> {
         let failed = |what: &str, detail: String| {
             tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = %detail, "{what}");
-            self.ctx.metrics.upstream_errors.inc();
+            self.relay.metrics.upstream_errors.inc();
             Some(End::Abort(AbortKind::UpstreamFailed))
         };
         let event = match next {
@@ -321,25 +340,24 @@ impl Pump {
                     format!("no event for {:?}", self.upstream.config.idle_timeout),
                 );
             }
-            Some(Err(ReadError::Failed(detail))) => {
-                return failed("upstream failed mid-stream", detail);
+            Some(Err(ReadError::Failed(e))) => {
+                return failed("upstream failed mid-stream", e.to_string());
             }
             Some(Ok(event)) => event,
         };
-        if self.protocol == Protocol::OpenAi && event.data == b"[DONE]"[..] {
+        let terminal = wire.terminal(&event);
+        if terminal == Some(Terminal::Sentinel) {
             return Some(End::Done);
         }
-        if self.continuation.is_some() && continuation::skip_in_continuation(self.protocol, &event)
-        {
+        if self.continued.is_some() && wire.skip_in_continuation(&event) {
             return None;
         }
-        let finished = self.protocol == Protocol::Anthropic && event.name_is("message_stop");
         let name = match event.name.as_deref() {
             None | Some(b"") | Some(b"message") => None,
             Some(other) => Some(String::from_utf8_lossy(other).into()),
         };
-        let data = match &self.continuation {
-            Some(chunk_id) => continuation::rewrite(self.protocol, event.data, chunk_id.as_deref()),
+        let data = match &self.continued {
+            Some(continued) => wire.rewrite_continued(event.data, continued.chunk_id.as_deref()),
             None => event.data,
         };
         *seq += 1;
@@ -348,111 +366,34 @@ impl Pump {
             name,
             data,
         });
-        finished.then_some(End::Done)
+        terminal.map(|_| End::Done)
     }
 
     /// Every exit: record the status (unless `recorded` with the last
     /// events), release the lease, wake subscribers.
+    /// `status` overrides the status `end` is recorded with.
     async fn finish(&self, end: End, status: Option<Status>, recorded: bool) {
-        let (status, reason) = ending(end, status);
+        let (ended, reason) = Status::of_end(end);
+        let status = status.unwrap_or(ended);
         let id = &self.live.who.id;
+        let relay = &self.relay;
         if !recorded
-            && let Err(e) = self
-                .ctx
+            && let Err(e) = relay
                 .store
-                .set_status(id, status, reason, &self.ctx.instance)
+                .set_status(id, status, reason, &relay.instance)
                 .await
         {
             tracing::error!(stream = %id, error = %e, "could not record the stream's end");
-            self.ctx.metrics.store_errors.inc();
+            relay.metrics.store_errors.inc();
         }
-        if let Err(e) = self.ctx.store.release_lease(id, &self.ctx.instance).await {
+        if let Err(e) = relay.store.release_lease(id, &relay.instance).await {
             tracing::warn!(stream = %id, error = %e, "could not release the stream's lease");
         }
         // Out of the registry first: a client that reacts to the end at once
         // must find the stored status, not this finished run.
-        self.ctx.registry.remove(&self.live);
+        relay.registry.remove(&self.live);
         self.live.finish(end);
-        self.ctx.metrics.stream_ended(end);
+        relay.metrics.stream_ended(end);
         tracing::debug!(stream = %id, status = status.as_str(), "stream ended");
     }
-}
-
-/// The status and reason a stream's end is recorded with; `status`
-/// overrides the status an abort would get.
-fn ending(end: End, status: Option<Status>) -> (Status, Option<&'static str>) {
-    match end {
-        End::Done => (Status::Completed, None),
-        End::Abort(kind) => (
-            status.unwrap_or(match kind {
-                AbortKind::Cancelled => Status::Cancelled,
-                AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
-                AbortKind::ServerRestarting | AbortKind::UpstreamFailed | AbortKind::ClientGone => {
-                    Status::Interrupted
-                }
-            }),
-            Some(kind.as_str()),
-        ),
-    }
-}
-
-/// Feed `live` from a stream that another replica runs (shared store):
-/// what it writes to the store is published here as it lands, until the
-/// record says the run is over. Nothing is written and no provider is
-/// called; the runner's lease makes sure of that.
-pub async fn follow_remote(live: Arc<LiveStream>, ctx: Arc<RelayContext>) {
-    const WAIT: std::time::Duration = std::time::Duration::from_millis(250);
-    let id = live.who.id.clone();
-    let mut last = live.base;
-    let end = loop {
-        let batch = tokio::select! {
-            biased;
-            _ = live.token.cancelled() => break End::Abort(live.cancel_reason()),
-            r = ctx.store.follow(&id, last, WAIT) => r,
-        };
-        match batch {
-            Err(e) => {
-                tracing::error!(stream = %id, error = %e, "following a remote stream failed");
-                break End::Abort(AbortKind::StoreFailed);
-            }
-            Ok(events) if !events.is_empty() => {
-                last = events.last().map_or(last, |e| e.seq);
-                live.push(events);
-                continue;
-            }
-            Ok(_) => {}
-        }
-        let record = match ctx.store.get(&id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => break End::Abort(AbortKind::Incomplete),
-            Err(_) => break End::Abort(AbortKind::StoreFailed),
-        };
-        let end = match record.status {
-            Status::Running => match ctx.store.lease_alive(&id).await {
-                Ok(true) => continue,
-                // The runner died without a word: resume to continue.
-                Ok(false) => End::Abort(AbortKind::ServerRestarting),
-                Err(_) => End::Abort(AbortKind::StoreFailed),
-            },
-            Status::Completed => End::Done,
-            Status::Cancelled => End::Abort(AbortKind::Cancelled),
-            Status::Failed => End::Abort(AbortKind::Incomplete),
-            Status::Interrupted => End::Abort(
-                record
-                    .reason
-                    .as_deref()
-                    .and_then(AbortKind::parse)
-                    .filter(|k| k.resumable())
-                    .unwrap_or(AbortKind::ServerRestarting),
-            ),
-        };
-        // Whatever landed between the last read and the status change.
-        match ctx.store.events_after(&id, last).await {
-            Ok(events) => live.push(events),
-            Err(_) => break End::Abort(AbortKind::StoreFailed),
-        }
-        break end;
-    };
-    ctx.registry.remove(&live);
-    live.finish(end);
 }

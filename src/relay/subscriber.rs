@@ -14,9 +14,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
-use super::event::{AbortKind, End, StreamIdentity, end_frame, write_frame};
+use super::end::{StreamIdentity, end_frame};
 use super::live::{LiveStream, Subscription};
+use crate::protocol::sse::write_frame;
 use crate::store::SharedStore;
+use crate::stream::{AbortKind, End, Event};
 
 /// How long a body waits, after the drain deadline, for its pump to record
 /// the stream's end before it says `server_restarting` itself.
@@ -30,6 +32,10 @@ pub struct Follow {
     pub live: Option<(Arc<LiveStream>, Subscription)>,
     /// How a stream that is over ends after its replay.
     pub end_after_replay: End,
+    /// The stream's stored events from seq 1, when the caller has read
+    /// them already: the replay then reads the store only if they fall
+    /// short of the run it follows.
+    pub stored: Option<Vec<Event>>,
     pub store: SharedStore,
     pub heartbeat: Duration,
     /// `retry:` hint for a browser `EventSource` (resume streams).
@@ -40,7 +46,7 @@ pub struct Follow {
 
 pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     async_stream::stream! {
-        let Follow { who, mut cursor, live, end_after_replay, store, heartbeat, retry_hint, deadline } = f;
+        let Follow { who, mut cursor, live, end_after_replay, stored, store, heartbeat, retry_hint, deadline } = f;
         // Grown by what is framed into it: a held stream writes one small event
         // at a time.
         let mut buf = BytesMut::new();
@@ -51,9 +57,18 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         // Replay what only the store has: events before this run started.
         let replay_to = live.as_ref().map_or(u64::MAX, |(l, _)| l.base);
         if cursor < replay_to {
-            match store.events_after(&who.id, cursor).await {
+            let covers = |events: &Vec<Event>| {
+                live.is_none() || events.last().map_or(0, |e| e.seq) >= replay_to
+            };
+            let events = match stored.filter(covers) {
+                Some(events) => Ok(events),
+                None => store.events_after(&who.id, cursor).await,
+            };
+            match events {
                 Ok(events) => {
-                    for event in events.iter().take_while(|e| e.seq <= replay_to) {
+                    let after = cursor;
+                    let fresh = events.iter().skip_while(|e| e.seq <= after);
+                    for event in fresh.take_while(|e| e.seq <= replay_to) {
                         write_frame(&mut buf, event);
                         cursor = event.seq;
                     }

@@ -37,7 +37,7 @@ use super::{
     IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
 };
 use crate::config::StoreConfig;
-use crate::relay::event::Event;
+use crate::stream::Event;
 
 #[derive(Clone, Copy)]
 enum Space {
@@ -258,7 +258,7 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
     {
         return Ok(bytes);
     }
-    let secret = super::token::random_string(32).into_bytes();
+    let secret = crate::token::random_string(32).into_bytes();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &secret).map_err(io)?;
     #[cfg(unix)]
@@ -475,7 +475,7 @@ mod tests {
     async fn records_events_status_and_expiry() {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-embedded-{}",
-            super::super::token::random_string(6)
+            crate::token::random_string(6)
         ));
         let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_millis(300))).unwrap();
         store.create(&record("s1")).await.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{IdempotencyEntry, Status, Store, StoreError, StreamRecord, now_ms};
-use crate::relay::event::Event;
+use crate::stream::Event;
 
 pub struct MemoryStore {
     ttl_ms: u64,

@@ -13,17 +13,16 @@
 pub mod embedded;
 pub mod memory;
 pub mod redis;
-pub mod token;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::config::{StoreConfig, StoreKind};
-use crate::relay::event::Event;
+use crate::stream::Event;
+pub use crate::stream::{IdempotencyEntry, Status, StreamRecord, now_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,60 +32,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is unavailable: {0}")]
     Unavailable(String),
-}
-
-/// Where a stream stands. `Running` is only true while its owner lives: a
-/// record left `Running` by a dead process reads as interrupted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Running,
-    Completed,
-    Interrupted,
-    Failed,
-    Cancelled,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Running => "running",
-            Status::Completed => "completed",
-            Status::Interrupted => "interrupted",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// One stream's record: what resume needs besides the events themselves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StreamRecord {
-    pub id: String,
-    /// A hash of the client key, never the key.
-    pub owner: String,
-    /// `openai` or `anthropic`: how events are framed and continued.
-    pub protocol: String,
-    /// The upstream that served it, by name, so a continuation goes there.
-    pub upstream: String,
-    /// The original request body, for the continuation call.
-    pub request: String,
-    pub status: Status,
-    /// Why the stream ended when it ended badly (the abort event's type).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub created_ms: u64,
-    pub updated_ms: u64,
-    /// The process (replica) that runs it while `Running`.
-    pub instance: String,
-}
-
-/// What `Idempotency-Key` maps to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct IdempotencyEntry {
-    pub stream_id: String,
-    /// A hash of the request body: the same key with another body is a 409.
-    pub body_hash: String,
 }
 
 #[async_trait]
@@ -183,13 +128,6 @@ pub async fn open(config: &StoreConfig) -> Result<SharedStore, StoreError> {
     })
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Encode an event for a byte-oriented store: `[name len][name][data]`.
 pub fn encode_event(event: &Event) -> Vec<u8> {
     let name = event.name.as_deref().unwrap_or("").as_bytes();
@@ -263,11 +201,6 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, StoreError> {
         name,
         data: Bytes::copy_from_slice(&rest[len..]),
     })
-}
-
-pub fn hash_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(bytes)[..16])
 }
 
 #[cfg(test)]

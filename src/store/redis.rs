@@ -27,7 +27,7 @@ use super::{
     IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
 };
 use crate::config::StoreConfig;
-use crate::relay::event::Event;
+use crate::stream::Event;
 
 /// How long one Redis command may take before the store reports itself
 /// unavailable (a stream then ends with `store_failed`, never hangs).

@@ -1,8 +1,12 @@
-//! Providers: one HTTP client per configured upstream, how a request is
-//! sent (credentials, timeouts), and how its failures are classified.
+//! Providers, as transport: one HTTP client per configured upstream, how a
+//! request is sent (credentials, timeouts), how its failures are
+//! classified, and which upstream serves a model ([`route`]). What the
+//! bytes mean is the protocol's business (`crate::protocol`).
 
-pub mod continuation;
 pub mod h1;
+pub mod route;
+
+pub use route::Upstreams;
 
 use std::time::Duration;
 
@@ -10,15 +14,15 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 
-use crate::config::{Protocol, UpstreamConfig};
+use crate::config::UpstreamConfig;
+use crate::protocol::sse::SseDecoder;
 
 /// A provider and the pooled client that talks to it.
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: reqwest::Client,
-    /// Parsed once: `/chat/completions` and `/messages` under the base URL.
-    openai_url: reqwest::Url,
-    anthropic_url: reqwest::Url,
+    /// Parsed once: the protocol's path under the base URL.
+    url: reqwest::Url,
     /// The configured credential as a ready header (marked sensitive).
     credential: Option<(HeaderName, HeaderValue)>,
     /// Plain-HTTP/1.1 providers: the connections a pump drives itself
@@ -42,6 +46,16 @@ pub trait Sink: Send {
 impl<F: FnMut(&[u8]) + Send> Sink for F {
     fn put(&mut self, bytes: &[u8]) {
         self(bytes)
+    }
+}
+
+impl Sink for SseDecoder {
+    fn reserve(&mut self, additional: usize) {
+        SseDecoder::reserve(self, additional);
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.feed(bytes);
     }
 }
 
@@ -72,13 +86,13 @@ impl StreamBody {
     /// Wait for more of the body and hand it to `sink`, with whatever else
     /// has already arrived. `Ok(true)`: the body is complete. Cancel-safe:
     /// what was read has been handed over.
-    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, String> {
+    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, BodyError> {
         match self {
-            StreamBody::Direct(body) => body.read(sink).await.map_err(|e| e.to_string()),
+            StreamBody::Direct(body) => body.read(sink).await.map_err(BodyError::Direct),
             StreamBody::Pooled(stream) => {
                 match stream.next().await {
                     None => return Ok(true),
-                    Some(Err(e)) => return Err(error_chain(&e)),
+                    Some(Err(e)) => return Err(BodyError::Pooled(e)),
                     Some(Ok(chunk)) => {
                         sink.reserve(chunk.len());
                         sink.put(&chunk);
@@ -92,7 +106,7 @@ impl StreamBody {
                 loop {
                     match stream.next().now_or_never() {
                         Some(None) => return Ok(true),
-                        Some(Some(Err(e))) => return Err(error_chain(&e)),
+                        Some(Some(Err(e))) => return Err(BodyError::Pooled(e)),
                         Some(Some(Ok(chunk))) => {
                             sink.reserve(chunk.len());
                             sink.put(&chunk);
@@ -108,6 +122,28 @@ impl StreamBody {
             }
         }
     }
+}
+
+/// Why reading a provider's body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// On the pump's own connection.
+    #[error(transparent)]
+    Direct(h1::H1Error),
+    /// Through reqwest, whose errors hide the useful part in their sources.
+    #[error("{}", error_chain(.0))]
+    Pooled(#[source] reqwest::Error),
+}
+
+/// Why an upstream's client could not be built at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("invalid base_url: {0}")]
+    Url(#[source] url::ParseError),
+    #[error("the key in {var} cannot be sent as an HTTP header (control characters?)")]
+    KeyNotAHeader { var: String },
 }
 
 /// Why a request to the provider failed before its first event.
@@ -129,18 +165,17 @@ pub enum UpstreamError {
 /// Client headers worth passing to the provider. Everything else (cookies,
 /// hop-by-hop headers, our own) stays behind.
 const FORWARDED: [HeaderName; 4] = [
-    ANTHROPIC_VERSION,
+    HeaderName::from_static("anthropic-version"),
     HeaderName::from_static("anthropic-beta"),
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
 ];
-const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// The client's own credential headers, passed on without `api_key_env`.
 const CLIENT_CREDENTIAL: [HeaderName; 2] = [header::AUTHORIZATION, X_API_KEY];
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, BuildError> {
         let builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
@@ -157,29 +192,21 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::none())
             .retry(reqwest::retry::never())
             .build()
-            .map_err(|e| e.to_string())?;
-        let url = |path: &str| {
-            reqwest::Url::parse(&format!("{}{path}", config.base_url))
-                .map_err(|e| format!("invalid base_url: {e}"))
-        };
-        let openai_url = url("/chat/completions")?;
-        let anthropic_url = url("/messages")?;
+            .map_err(BuildError::Client)?;
+        let wire = config.protocol.wire();
+        let url = reqwest::Url::parse(&format!("{}{}", config.base_url, wire.path()))
+            .map_err(BuildError::Url)?;
         let credential = match &config.api_key {
             None => None,
             Some(key) => {
-                let (name, text) = match config.protocol {
-                    Protocol::OpenAi => (header::AUTHORIZATION, format!("Bearer {}", key.0)),
-                    Protocol::Anthropic => (X_API_KEY, key.0.clone()),
-                };
-                let mut value = HeaderValue::from_str(&text).map_err(|_| {
-                    format!(
-                        "the key in {} cannot be sent as an HTTP header (control characters?)",
-                        config
+                let (name, text) = wire.credential(&key.0);
+                let mut value =
+                    HeaderValue::from_str(&text).map_err(|_| BuildError::KeyNotAHeader {
+                        var: config
                             .api_key_env
-                            .as_deref()
-                            .unwrap_or("the upstream's key variable")
-                    )
-                })?;
+                            .clone()
+                            .unwrap_or_else(|| "the upstream's key variable".into()),
+                    })?;
                 value.set_sensitive(true);
                 Some((name, value))
             }
@@ -192,34 +219,22 @@ impl Upstream {
         let direct = if config.http2 || proxied {
             None
         } else {
-            h1::Pool::for_url(&openai_url, config.connect_timeout)
+            h1::Pool::for_url(&url, config.connect_timeout)
         };
         Ok(Upstream {
             config,
             client,
-            openai_url,
-            anthropic_url,
+            url,
             credential,
             direct,
         })
     }
 
-    pub fn url(&self, protocol: Protocol) -> &reqwest::Url {
-        match protocol {
-            Protocol::OpenAi => &self.openai_url,
-            Protocol::Anthropic => &self.anthropic_url,
-        }
-    }
-
     /// The headers a request to this provider carries besides
-    /// `content-type`: the forwarded client headers, a default
-    /// `anthropic-version`, and the credential — the configured one, else
-    /// the client's own.
-    fn request_headers(
-        &self,
-        protocol: Protocol,
-        client_headers: &HeaderMap,
-    ) -> Vec<(HeaderName, HeaderValue)> {
+    /// `content-type`: the forwarded client headers, the protocol's
+    /// required ones the client did not send, and the credential — the
+    /// configured one, else the client's own.
+    fn request_headers(&self, client_headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
         let mut out = vec![(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -232,8 +247,10 @@ impl Upstream {
             }
         };
         copied(&FORWARDED, &mut out);
-        if protocol == Protocol::Anthropic && !client_headers.contains_key(ANTHROPIC_VERSION) {
-            out.push((ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01")));
+        for (name, value) in self.config.protocol.wire().required_headers() {
+            if !client_headers.contains_key(name) {
+                out.push((name.clone(), value.clone()));
+            }
         }
         match &self.credential {
             Some((name, value)) => out.push((name.clone(), value.clone())),
@@ -261,12 +278,11 @@ impl Upstream {
     /// its body. Non-streaming requests and reqwest-served streams.
     pub async fn send(
         &self,
-        protocol: Protocol,
         body: Bytes,
         client_headers: &HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut request = self.client.post(self.url(protocol).clone()).body(body);
-        for (name, value) in self.request_headers(protocol, client_headers) {
+        let mut request = self.client.post(self.url.clone()).body(body);
+        for (name, value) in self.request_headers(client_headers) {
             request = request.header(name, value);
         }
         let after = self.config.first_byte_timeout;
@@ -301,19 +317,18 @@ impl Upstream {
     /// for a plain-HTTP/1.1 provider, else through reqwest.
     pub async fn open_stream(
         &self,
-        protocol: Protocol,
         body: Bytes,
         client_headers: &HeaderMap,
     ) -> Result<StreamResponse, UpstreamError> {
         let Some(pool) = &self.direct else {
-            let response = self.send(protocol, body, client_headers).await?;
+            let response = self.send(body, client_headers).await?;
             return Ok(StreamResponse {
                 content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
                 body: StreamBody::Pooled(Box::pin(response.bytes_stream())),
             });
         };
-        let headers = self.request_headers(protocol, client_headers);
-        let url = self.url(protocol);
+        let headers = self.request_headers(client_headers);
+        let url = &self.url;
         let path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
@@ -378,8 +393,4 @@ pub fn is_event_stream(content_type: Option<&HeaderValue>) -> bool {
     content_type
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
-}
-
-pub fn header_value(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }

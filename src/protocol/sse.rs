@@ -19,6 +19,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::stream::Event;
+
 /// The first buffer of a stream; later ones are as large as needed.
 /// Small, because a slow stream holds one for as long as it lives.
 const INITIAL_BUFFER: usize = 1024;
@@ -63,8 +65,9 @@ enum Data {
     Many(BytesMut),
 }
 
-impl crate::upstream::Sink for SseDecoder {
-    fn reserve(&mut self, additional: usize) {
+impl SseDecoder {
+    /// About `additional` bytes are coming: grow once for them.
+    pub fn reserve(&mut self, additional: usize) {
         if self.buf.is_empty() && self.buf.capacity() < additional {
             // Nothing pending: a buffer of just this size. Growing the old
             // one (which earlier events still share) would allocate at
@@ -75,12 +78,6 @@ impl crate::upstream::Sink for SseDecoder {
         }
     }
 
-    fn put(&mut self, bytes: &[u8]) {
-        self.feed(bytes);
-    }
-}
-
-impl SseDecoder {
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.buf.capacity() == 0 {
             self.buf.reserve(INITIAL_BUFFER.max(chunk.len()));
@@ -181,6 +178,42 @@ impl SseDecoder {
     }
 }
 
+/// About how many bytes [`write_frame`] writes for `event`, to reserve.
+pub fn frame_size(event: &Event) -> usize {
+    event.data.len() + event.name.as_ref().map_or(0, |n| n.len() + 8) + 40
+}
+
+/// Append one relayed event as an SSE frame, `id:` (its seq) first.
+pub fn write_frame(out: &mut BytesMut, event: &Event) {
+    out.put_slice(b"id: ");
+    out.put_slice(itoa::Buffer::new().format(event.seq).as_bytes());
+    out.put_u8(b'\n');
+    if let Some(name) = &event.name {
+        out.put_slice(b"event: ");
+        out.put_slice(name.as_bytes());
+        out.put_u8(b'\n');
+    }
+    write_data(out, &event.data);
+}
+
+/// Append `data` as the `data:` lines of a frame, and the empty line that
+/// dispatches it.
+pub fn write_data(out: &mut BytesMut, data: &[u8]) {
+    let mut rest = data;
+    while let Some(at) = memchr::memchr(b'\n', rest) {
+        data_line(out, &rest[..at]);
+        rest = &rest[at + 1..];
+    }
+    data_line(out, rest);
+    out.put_u8(b'\n');
+}
+
+fn data_line(out: &mut BytesMut, line: &[u8]) {
+    out.put_slice(b"data: ");
+    out.put_slice(line);
+    out.put_u8(b'\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +292,29 @@ mod tests {
                 (Some("".into()), "2".into())
             ]
         );
+    }
+
+    #[test]
+    fn frames() {
+        let mut out = BytesMut::new();
+        write_frame(
+            &mut out,
+            &Event {
+                seq: 3,
+                name: None,
+                data: Bytes::from_static(b"{\"a\":1}"),
+            },
+        );
+        assert_eq!(&out[..], b"id: 3\ndata: {\"a\":1}\n\n");
+        let mut out = BytesMut::new();
+        write_frame(
+            &mut out,
+            &Event {
+                seq: 4,
+                name: Some("ping".into()),
+                data: Bytes::from_static(b"a\nb"),
+            },
+        );
+        assert_eq!(&out[..], b"id: 4\nevent: ping\ndata: a\ndata: b\n\n");
     }
 }

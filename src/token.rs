@@ -1,5 +1,7 @@
-//! Resume tokens: an HMAC of the stream id and its owner under the resume
-//! secret. A token is a capability for one stream of one owner; checking it
+//! Secrets and identifiers: resume tokens, random ids, key hashes.
+//!
+//! A resume token is an HMAC of the stream id and its owner under the
+//! resume secret: a capability for one stream of one owner; checking it
 //! needs no lookup, and a wrong token is indistinguishable from no stream.
 
 use base64::Engine;
@@ -58,6 +60,13 @@ pub fn random_string(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::Rng::fill(&mut rand::rng(), &mut buf[..]);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// A short hash of a secret (a client key, a request body) that can be
+/// stored and compared without keeping the secret.
+pub fn hash_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(bytes)[..16])
 }
 
 #[cfg(test)]

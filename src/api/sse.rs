@@ -1,0 +1,29 @@
+//! The head of every event-stream answer.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+
+use crate::relay::Attached;
+
+/// An attached client's response: the stream id and resume token come in
+/// the head, before the first body byte, so a client can resume even
+/// after a silent cut.
+pub fn response(attached: Attached) -> Response {
+    let value = |text: &str| {
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    };
+    let id = value(&attached.who.id);
+    let token = value(&attached.who.resume_token);
+    let mut response = Response::new(Body::from_stream(attached.into_body()));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert("x-tidegate-stream-id", id);
+    h.insert("x-tidegate-resume-token", token);
+    response
+}

@@ -1,0 +1,305 @@
+//! Reading the few fields of a request body the gateway checks, without
+//! building its JSON tree, and the checks all protocols share.
+
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// What the relay needs from a valid request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary<'a> {
+    pub model: Cow<'a, str>,
+    /// `stream: true`: relayed as a stream; else passed through.
+    pub stream: bool,
+}
+
+/// Why a request body is refused (a 400 in the protocol's shape).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request body is not valid JSON: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// Read `body`'s checked fields; a body that is not a JSON object is refused.
+pub fn read(body: &[u8]) -> Result<Fields<'_>, RequestError> {
+    let top = serde_json::from_slice::<Top>(body).map_err(RequestError::Malformed)?;
+    match top.0 {
+        Shape::Object(fields) => Ok(*fields),
+        _ => Err(RequestError::Invalid(
+            "the request body must be a JSON object",
+        )),
+    }
+}
+
+impl<'a> Fields<'a> {
+    /// `model`: a non-empty string (taken out of the fields).
+    pub fn take_model(&mut self) -> Result<Cow<'a, str>, RequestError> {
+        match self.model.take() {
+            Some(Shape::Str(m)) if !m.is_empty() => Ok(m),
+            Some(_) => Err(RequestError::Invalid("`model` must be a non-empty string")),
+            None => Err(RequestError::Invalid("missing required field `model`")),
+        }
+    }
+
+    /// `messages`: a non-empty array.
+    pub fn require_messages(&self) -> Result<(), RequestError> {
+        match self.messages {
+            Some(Shape::Array { empty: false }) => Ok(()),
+            Some(Shape::Array { empty: true }) => {
+                Err(RequestError::Invalid("`messages` must not be empty"))
+            }
+            Some(_) => Err(RequestError::Invalid("`messages` must be an array")),
+            None => Err(RequestError::Invalid("missing required field `messages`")),
+        }
+    }
+
+    /// `max_tokens`: a whole number.
+    pub fn require_max_tokens(&self) -> Result<(), RequestError> {
+        match self.max_tokens {
+            Some(Shape::Unsigned) => Ok(()),
+            _ => Err(RequestError::Invalid("missing required field `max_tokens`")),
+        }
+    }
+
+    /// `stream`: a boolean, `null` or absent (false).
+    pub fn stream(&self) -> Result<bool, RequestError> {
+        match self.stream {
+            None | Some(Shape::Null) => Ok(false),
+            Some(Shape::Bool(b)) => Ok(b),
+            Some(_) => Err(RequestError::Invalid("`stream` must be a boolean")),
+        }
+    }
+}
+
+/// The request body as validation reads it: an object's four checked
+/// fields, each reduced to its [`Shape`], and nothing else kept. Building
+/// the whole JSON tree (every message's text) was most of this handler's
+/// allocations. A repeated key counts by its last value, as it would in a
+/// parsed object.
+struct Top<'a>(Shape<'a>);
+
+#[derive(Default)]
+pub struct Fields<'a> {
+    model: Option<Shape<'a>>,
+    messages: Option<Shape<'a>>,
+    max_tokens: Option<Shape<'a>>,
+    stream: Option<Shape<'a>>,
+}
+
+/// What validation needs to know of a JSON value.
+enum Shape<'a> {
+    Str(Cow<'a, str>),
+    Array {
+        empty: bool,
+    },
+    Bool(bool),
+    /// An integer that fits `u64`.
+    Unsigned,
+    Null,
+    /// The body's own object (only at the top: a nested one is `Other`).
+    Object(Box<Fields<'a>>),
+    /// A nested object, a negative or fractional number.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor { top: true }).map(Top)
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor { top: false })
+    }
+}
+
+enum Key {
+    Model,
+    Messages,
+    MaxTokens,
+    Stream,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "messages" => Key::Messages,
+                    "max_tokens" => Key::MaxTokens,
+                    "stream" => Key::Stream,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Reads one value as its [`Shape`]; `top`: the body itself, whose
+/// object's checked fields are kept.
+struct ShapeVisitor {
+    top: bool,
+}
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Shape<'de>, E> {
+        Ok(Shape::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Shape<'de>, E> {
+        Ok(if n >= 0 {
+            Shape::Unsigned
+        } else {
+            Shape::Other
+        })
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Unsigned)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(s.into()))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Shape<'de>, E> {
+        Ok(Shape::Str(s.to_owned().into()))
+    }
+    fn visit_unit<E>(self) -> Result<Shape<'de>, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape<'de>, A::Error> {
+        let empty = seq.next_element::<IgnoredAny>()?.is_none();
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Shape::Array { empty })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape<'de>, A::Error> {
+        if !self.top {
+            return IgnoredAny.visit_map(map).map(|_| Shape::Other);
+        }
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::Model => &mut fields.model,
+                Key::Messages => &mut fields.messages,
+                Key::MaxTokens => &mut fields.max_tokens,
+                Key::Stream => &mut fields.stream,
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(Shape::Object(Box::new(fields)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How validation sees a body: each checked field's shape, as text.
+    fn read(json: &str) -> Result<Option<[String; 4]>, String> {
+        fn show(s: &Option<Shape>) -> String {
+            match s {
+                None => "-".into(),
+                Some(Shape::Str(s)) => format!("str {s}"),
+                Some(Shape::Array { empty }) => format!("array empty={empty}"),
+                Some(Shape::Bool(b)) => format!("bool {b}"),
+                Some(Shape::Unsigned) => "unsigned".into(),
+                Some(Shape::Null) => "null".into(),
+                Some(Shape::Object(_)) => "object".into(),
+                Some(Shape::Other) => "other".into(),
+            }
+        }
+        let top: Top = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        Ok(match top.0 {
+            Shape::Object(f) => Some([
+                show(&f.model),
+                show(&f.messages),
+                show(&f.max_tokens),
+                show(&f.stream),
+            ]),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn reads_the_checked_fields_and_skips_the_rest() {
+        let got = read(
+            r#"{"model":"m\u00e9","pad":{"a":[1,{"b":null}]},"messages":[{"role":"user","content":"hi"}],"max_tokens":64,"stream":true}"#,
+        );
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str mé".into(),
+                "array empty=false".into(),
+                "unsigned".into(),
+                "bool true".into()
+            ]))
+        );
+        let got = read(r#"{"model":"","messages":[],"max_tokens":-1,"stream":null}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str ".into(),
+                "array empty=true".into(),
+                "other".into(),
+                "null".into()
+            ]))
+        );
+        let got = read(r#"{"model":7,"messages":{},"max_tokens":1.5,"stream":"yes"}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "unsigned".into(),
+                "other".into(),
+                "other".into(),
+                "str yes".into()
+            ]))
+        );
+        assert_eq!(
+            read("{}"),
+            Ok(Some(["-".into(), "-".into(), "-".into(), "-".into()]))
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_counts_by_its_last_value() {
+        let got = read(r#"{"model":"a","model":"b","messages":[1],"messages":[]}"#);
+        assert_eq!(
+            got,
+            Ok(Some([
+                "str b".into(),
+                "array empty=true".into(),
+                "-".into(),
+                "-".into()
+            ]))
+        );
+    }
+
+    #[test]
+    fn json_that_is_not_an_object_and_json_that_is_not_json() {
+        for json in ["[1,[2]]", "\"x\"", "3", "-3", "0.5", "true", "null"] {
+            assert_eq!(read(json), Ok(None), "{json}");
+        }
+        for json in ["{not json", "{\"model\":\"a\"} trailing", "[1,", ""] {
+            assert!(read(json).is_err(), "{json}");
+        }
+    }
+}

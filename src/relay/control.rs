@@ -1,0 +1,98 @@
+//! A stream's state, and its cancellation, by id and resume token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{Access, Relay, RelayError};
+use crate::protocol::Protocol;
+use crate::stream::{AbortKind, Status};
+
+/// What `GET /v1/streams/{id}/state` answers.
+#[derive(Debug, Serialize)]
+pub struct StreamState {
+    pub id: String,
+    pub status: &'static str,
+    pub reason: Option<String>,
+    pub last_seq: u64,
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub protocol: String,
+    pub upstream: String,
+    #[serde(rename = "created_at_ms")]
+    pub created_ms: u64,
+    #[serde(rename = "updated_at_ms")]
+    pub updated_ms: u64,
+}
+
+/// How long a cancel waits for the pump to record the end, so that a state
+/// read right after its answer agrees.
+const CANCEL_SETTLE: Duration = Duration::from_secs(2);
+
+impl Relay {
+    /// The stream's record and what its stored events say so far.
+    pub async fn state(&self, id: &str, access: Access<'_>) -> Result<StreamState, RelayError> {
+        let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
+        self.allows(access, id, &record.owner)?;
+        let events = self.store.events_after(id, 0).await?;
+        let protocol = Protocol::parse(&record.protocol).unwrap_or(Protocol::OpenAi);
+        let partial = protocol.wire().partial(&events);
+        let local = self.registry.get(id).is_some();
+        let status = match record.status {
+            Status::Running if !local && !self.store.lease_alive(id).await? => Status::Interrupted,
+            other => other,
+        };
+        Ok(StreamState {
+            id: record.id,
+            status: status.as_str(),
+            reason: record.reason,
+            last_seq: partial.last_seq,
+            text: partial.text,
+            finish_reason: partial.finish_reason,
+            protocol: record.protocol,
+            upstream: record.upstream,
+            created_ms: record.created_ms,
+            updated_ms: record.updated_ms,
+        })
+    }
+
+    /// Cancel the stream wherever it runs; answer its status after.
+    pub async fn cancel(
+        self: &Arc<Self>,
+        id: &str,
+        access: Access<'_>,
+    ) -> Result<&'static str, RelayError> {
+        if let Some(live) = self.registry.get(id) {
+            self.allows(access, id, &live.owner)?;
+            live.cancel(AbortKind::Cancelled);
+            let mut changes = live.watch();
+            let _ = tokio::time::timeout(CANCEL_SETTLE, async {
+                while live.end().is_none() {
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        } else {
+            let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
+            self.allows(access, id, &record.owner)?;
+            if self.store.shared()
+                && record.status == Status::Running
+                && self.store.lease_alive(id).await?
+            {
+                self.store.request_cancel(id).await?;
+            } else if matches!(record.status, Status::Running | Status::Interrupted) {
+                self.store
+                    .set_status(id, Status::Cancelled, Some("cancelled"), &self.instance)
+                    .await?;
+            }
+        }
+        Ok(self
+            .store
+            .get(id)
+            .await?
+            .map_or("cancelled", |r| r.status.as_str()))
+    }
+}

@@ -1,0 +1,67 @@
+//! `stream: false`: the provider's JSON answer, passed through whole. At
+//! the drain deadline a request still waiting ends with
+//! `server_restarting` instead of hanging.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use bytes::Bytes;
+
+use super::{Relay, RelayError};
+use crate::upstream::{BodyError, Upstream, UpstreamError};
+
+/// A provider's whole answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl Relay {
+    pub async fn passthrough(
+        &self,
+        upstream: &Arc<Upstream>,
+        body: Bytes,
+        client_headers: &HeaderMap,
+    ) -> Result<Answer, RelayError> {
+        self.admit()?;
+        let _in_flight = self.drain.in_flight();
+        self.metrics.non_streaming.inc();
+        self.metrics.upstream_requests.inc();
+        let call = async {
+            let response = upstream.send(body, client_headers).await?;
+            let status =
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+            let name = || upstream.config.name.clone();
+            let after = upstream.config.idle_timeout;
+            let body = match tokio::time::timeout(after, response.bytes()).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Connect {
+                        upstream: name(),
+                        message: BodyError::Pooled(e).to_string(),
+                    });
+                }
+                Err(_) => {
+                    return Err(UpstreamError::Timeout {
+                        upstream: name(),
+                        after,
+                    });
+                }
+            };
+            Ok(Answer {
+                status,
+                content_type,
+                body,
+            })
+        };
+        tokio::select! {
+            result = call => result.map_err(RelayError::Upstream),
+            _ = self.drain.streams.cancelled() => Err(RelayError::ServerRestarting),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! A new stream: its record, its run in the registry, its pump — and the
+//! idempotent retry that joins the stream its key started instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::pump::{Pump, Recording};
+use super::{Access, Attached, Relay, RelayError};
+use crate::protocol::Protocol;
+use crate::stream::{End, IdempotencyEntry, Status, StreamRecord, now_ms};
+use crate::token::{hash_hex, random_string};
+use crate::upstream::{Upstream, forwardable};
+
+/// A validated streaming request, routed.
+pub struct NewStream<'a> {
+    pub protocol: Protocol,
+    pub upstream: Arc<Upstream>,
+    /// The request body, as the client sent it.
+    pub body: Bytes,
+    /// The client's headers: the forwardable ones go to the provider.
+    pub client_headers: &'a HeaderMap,
+    /// A hash of the client's key (or `anonymous`).
+    pub owner: String,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// How long an idempotent retry waits for the stream its key started to
+/// be recorded (the first request claims the key a moment before), and
+/// how often it looks.
+const JOIN_WAIT: Duration = Duration::from_secs(1);
+const JOIN_POLL: Duration = Duration::from_millis(25);
+
+impl Relay {
+    /// Start a stream and answer once the provider has answered (so its
+    /// errors become status codes); or, for a retried `Idempotency-Key`,
+    /// attach to the stream the key started.
+    pub async fn start(self: &Arc<Self>, new: NewStream<'_>) -> Result<Attached, RelayError> {
+        self.admit()?;
+        let id = format!("tg_{}", random_string(15));
+        if let Some(key) = new.idempotency_key {
+            let entry = IdempotencyEntry {
+                stream_id: id.clone(),
+                body_hash: hash_hex(&new.body),
+            };
+            if let Some(existing) = self
+                .store
+                .claim_idempotency(&new.owner, key, &entry)
+                .await?
+            {
+                if existing.body_hash != entry.body_hash {
+                    return Err(RelayError::IdempotencyConflict);
+                }
+                return self.join(&existing.stream_id, &new.owner).await;
+            }
+        }
+        self.run_first(new, id).await
+    }
+
+    /// The same request again: attach to the first stream from its start,
+    /// once it is there.
+    async fn join(self: &Arc<Self>, id: &str, owner: &str) -> Result<Attached, RelayError> {
+        let until = tokio::time::Instant::now() + JOIN_WAIT;
+        loop {
+            match self.resume(id, Access::Owner(owner), 0, false).await {
+                Err(RelayError::NotFound) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(JOIN_POLL).await
+                }
+                Err(RelayError::NotFound) => return Err(RelayError::IdempotentStreamGone),
+                other => return other,
+            }
+        }
+    }
+
+    /// Record the stream, start its pump, and wait for the provider's head.
+    async fn run_first(
+        self: &Arc<Self>,
+        new: NewStream<'_>,
+        id: String,
+    ) -> Result<Attached, RelayError> {
+        let now = now_ms();
+        let record = StreamRecord {
+            id: id.clone(),
+            owner: new.owner.clone(),
+            protocol: new.protocol.as_str().into(),
+            upstream: new.upstream.config.name.clone(),
+            request: String::from_utf8_lossy(&new.body).into_owned(),
+            status: Status::Running,
+            reason: None,
+            created_ms: now,
+            updated_ms: now,
+            instance: self.instance.clone(),
+        };
+        let who = self.identity(&id, &new.owner, new.protocol);
+        let live = self.new_live(who.clone(), &new.owner, 0);
+        // In the registry before the record exists: whoever finds the record
+        // (an idempotent retry) finds this run too, and never starts another.
+        self.registry.get_or_insert(&id, || live.clone());
+        let (store, instance) = (self.store.clone(), self.instance.clone());
+        let recording: Recording = Box::pin(async move {
+            store.create(&record).await?;
+            store.try_lease(&record.id, &instance).await.map(|_| ())
+        });
+        // Subscribe before the pump starts: if this client leaves while we
+        // wait for the provider, the subscription's drop cancels the pump.
+        let subscription = live.subscribe();
+        self.metrics.streams_started.inc();
+        let (started_tx, started_rx) = oneshot::channel();
+        let pump = Pump {
+            live: live.clone(),
+            upstream: new.upstream,
+            protocol: new.protocol,
+            body: new.body,
+            client_headers: forwardable(new.client_headers),
+            continued: None,
+            relay: self.clone(),
+        };
+        self.drain
+            .tracker
+            .spawn(pump.run(started_tx, Some(recording)));
+        match started_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(RelayError::PumpVanished),
+        }
+        Ok(self.attach_subscribed(who, 0, Some((live, subscription)), End::Done, None, false))
+    }
+}

@@ -1,0 +1,203 @@
+//! What a stream is, in the words every layer shares: its events, its
+//! record, where it stands and how it ended. Pure data, no I/O: the store
+//! keeps these, the relay makes them, the protocols frame them, and none of
+//! those needs another to name them.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// One upstream SSE event as relayed: numbered per stream from 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    /// The SSE `event:` name (Anthropic names every event; OpenAI none).
+    pub name: Option<Box<str>>,
+    /// The `data:` payload, untouched.
+    pub data: Bytes,
+}
+
+/// Why a stream ended without finishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortKind {
+    /// The gateway reached its drain deadline.
+    ServerRestarting,
+    /// The provider failed, stalled or closed mid-stream.
+    UpstreamFailed,
+    /// The store refused a write: continuing would break write-ahead.
+    StoreFailed,
+    /// `DELETE /v1/streams/{id}`.
+    Cancelled,
+    /// A resume that cannot continue (continuation = "none").
+    Incomplete,
+    /// Every client went away (not sent to anyone: nobody is there).
+    ClientGone,
+}
+
+impl AbortKind {
+    /// Every kind, for counters.
+    pub const ALL: [AbortKind; 6] = [
+        AbortKind::ServerRestarting,
+        AbortKind::UpstreamFailed,
+        AbortKind::StoreFailed,
+        AbortKind::Cancelled,
+        AbortKind::Incomplete,
+        AbortKind::ClientGone,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortKind::ServerRestarting => "server_restarting",
+            AbortKind::UpstreamFailed => "upstream_failed",
+            AbortKind::StoreFailed => "store_failed",
+            AbortKind::Cancelled => "cancelled",
+            AbortKind::Incomplete => "incomplete",
+            AbortKind::ClientGone => "client_gone",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AbortKind> {
+        AbortKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Whether a resume can finish the answer.
+    pub fn resumable(self) -> bool {
+        matches!(
+            self,
+            AbortKind::ServerRestarting | AbortKind::UpstreamFailed | AbortKind::ClientGone
+        )
+    }
+
+    /// What the abort event tells the client.
+    pub fn message(self) -> &'static str {
+        match self {
+            AbortKind::ServerRestarting => "the gateway is restarting; resume this stream",
+            AbortKind::UpstreamFailed => {
+                "the provider failed mid-stream; resume this stream to continue"
+            }
+            AbortKind::StoreFailed => "the partial-response store failed; the stream cannot go on",
+            AbortKind::Cancelled => "the stream was cancelled",
+            AbortKind::Incomplete => {
+                "the answer was interrupted and this provider cannot continue it"
+            }
+            AbortKind::ClientGone => "the client went away",
+        }
+    }
+}
+
+/// How a stream's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Finished: OpenAI bodies close with `data: [DONE]`.
+    Done,
+    Abort(AbortKind),
+}
+
+/// Where a stream stands. `Running` is only true while its owner lives: a
+/// record left `Running` by a dead process reads as interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Completed,
+    Interrupted,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Interrupted => "interrupted",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// The status and reason a run's `end` is recorded with.
+    pub fn of_end(end: End) -> (Status, Option<&'static str>) {
+        match end {
+            End::Done => (Status::Completed, None),
+            End::Abort(kind) => {
+                let status = match kind {
+                    AbortKind::Cancelled => Status::Cancelled,
+                    AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
+                    AbortKind::ServerRestarting
+                    | AbortKind::UpstreamFailed
+                    | AbortKind::ClientGone => Status::Interrupted,
+                };
+                (status, Some(kind.as_str()))
+            }
+        }
+    }
+
+    /// How the body of a stream that stands here, and is not running,
+    /// ends after its replay. `reason` is the recorded abort kind.
+    pub fn end_after_replay(self, reason: Option<&str>) -> End {
+        let reason = reason.and_then(AbortKind::parse);
+        match self {
+            Status::Completed => End::Done,
+            Status::Cancelled => End::Abort(AbortKind::Cancelled),
+            Status::Failed if reason == Some(AbortKind::StoreFailed) => {
+                End::Abort(AbortKind::StoreFailed)
+            }
+            Status::Failed => End::Abort(AbortKind::Incomplete),
+            Status::Running | Status::Interrupted => End::Abort(
+                reason
+                    .filter(|k| k.resumable())
+                    .unwrap_or(AbortKind::ServerRestarting),
+            ),
+        }
+    }
+}
+
+/// One stream's record: what resume needs besides the events themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamRecord {
+    pub id: String,
+    /// A hash of the client key, never the key.
+    pub owner: String,
+    /// `openai` or `anthropic`: how events are framed and continued.
+    pub protocol: String,
+    /// The upstream that served it, by name, so a continuation goes there.
+    pub upstream: String,
+    /// The original request body, for the continuation call.
+    pub request: String,
+    pub status: Status,
+    /// Why the stream ended when it ended badly (the abort event's type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// The process (replica) that runs it while `Running`.
+    pub instance: String,
+}
+
+/// What `Idempotency-Key` maps to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdempotencyEntry {
+    pub stream_id: String,
+    /// A hash of the request body: the same key with another body is a 409.
+    pub body_hash: String,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abort_kinds_round_trip() {
+        for kind in AbortKind::ALL {
+            assert_eq!(AbortKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(AbortKind::parse("nope"), None);
+    }
+}
