@@ -27,6 +27,7 @@
 //! inserts, flushes and compactions scale with appends, not events.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,7 +35,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
+    Corruption, IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch,
+    encode_batch, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::stream::Event;
@@ -64,7 +66,8 @@ enum Op {
 
 struct Write {
     ops: Vec<Op>,
-    done: oneshot::Sender<Result<(), String>>,
+    /// The group commit's result, shared by every write it held.
+    done: oneshot::Sender<Result<(), Arc<fjall::Error>>>,
 }
 
 pub struct EmbeddedStore {
@@ -78,8 +81,21 @@ pub struct EmbeddedStore {
     secret: Vec<u8>,
 }
 
-fn io(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io(e.to_string())
+/// Turns a fjall error into a [`StoreError::Engine`] that says what failed.
+fn engine(context: &'static str) -> impl FnOnce(fjall::Error) -> StoreError {
+    move |e| StoreError::Engine {
+        context,
+        source: Arc::new(e),
+    }
+}
+
+/// Turns an I/O error on `path` into a [`StoreError::Io`] that says what
+/// failed and where.
+fn io_at(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |source| StoreError::Io {
+        context: format!("cannot {action} {}", path.display()),
+        source,
+    }
 }
 
 fn event_key(stream_id: &str, seq: u64) -> Vec<u8> {
@@ -100,8 +116,7 @@ fn pair_key(a: &str, b: &str) -> Vec<u8> {
 
 impl EmbeddedStore {
     pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", path.display())))?;
+        std::fs::create_dir_all(path).map_err(io_at("create", path))?;
         let db = Database::builder(path.join("db"))
             // One background thread for flushes and compactions. With two,
             // fjall 3.1 has the first hand every compaction request back
@@ -113,20 +128,22 @@ impl EmbeddedStore {
             .journal_compression(fjall::CompressionType::None)
             .open()
             .map_err(|e| match e {
-            fjall::Error::Locked => StoreError::Unavailable(format!(
-                "{} is in use by another tidegate process (the embedded store serves one process; use store.kind = \"redis\" for replicas)",
-                path.display()
-            )),
-            other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
-        })?;
-        let open = |name: &str| {
+                fjall::Error::Locked => StoreError::Locked {
+                    path: path.to_owned(),
+                },
+                source => StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
+        let open = |name: &str, context: &'static str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(io)
+                .map_err(engine(context))
         };
-        let streams = open("streams")?;
-        let batches = open("batches")?;
-        let idempotency = open("idempotency")?;
-        let status = open("status")?;
+        let streams = open("streams", "cannot open the streams keyspace")?;
+        let batches = open("batches", "cannot open the batches keyspace")?;
+        let idempotency = open("idempotency", "cannot open the idempotency keyspace")?;
+        let status = open("status", "cannot open the status keyspace")?;
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -141,7 +158,10 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("tidegate-store-writer".into())
             .spawn(move || writer_loop(writer_db, spaces, rx, interval))
-            .map_err(io)?;
+            .map_err(|source| StoreError::Io {
+                context: "cannot start the store writer thread".into(),
+                source,
+            })?;
         Ok(EmbeddedStore {
             db,
             streams,
@@ -158,14 +178,21 @@ impl EmbeddedStore {
         let (done, wait) = oneshot::channel();
         self.writer
             .send(Write { ops, done })
-            .map_err(|_| StoreError::Unavailable("store writer has stopped".into()))?;
+            .map_err(|_| StoreError::WriterStopped)?;
         wait.await
-            .map_err(|_| StoreError::Unavailable("store writer has stopped".into()))?
-            .map_err(StoreError::Io)
+            .map_err(|_| StoreError::WriterStopped)?
+            .map_err(|source| StoreError::Engine {
+                context: "cannot commit a write batch",
+                source,
+            })
     }
 
     fn read_record(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        match self.streams.get(stream_id).map_err(io)? {
+        match self
+            .streams
+            .get(stream_id)
+            .map_err(engine("cannot read a stream record"))?
+        {
             Some(bytes) => self.with_status(stream_id, &bytes).map(Some),
             None => Ok(None),
         }
@@ -173,10 +200,21 @@ impl EmbeddedStore {
 
     /// A stored record with its latest status applied.
     fn with_status(&self, stream_id: &str, record: &[u8]) -> Result<StreamRecord, StoreError> {
-        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
-        let mut record: StreamRecord = serde_json::from_slice(record).map_err(corrupt)?;
-        if let Some(bytes) = self.status.get(stream_id).map_err(io)? {
-            let latest: StatusRecord = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        let mut record: StreamRecord =
+            serde_json::from_slice(record).map_err(|source| StoreError::Decode {
+                what: "stream record",
+                source,
+            })?;
+        if let Some(bytes) = self
+            .status
+            .get(stream_id)
+            .map_err(engine("cannot read a stream's status"))?
+        {
+            let latest: StatusRecord =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
+                    what: "stream status",
+                    source,
+                })?;
             record.status = latest.status;
             record.reason = latest.reason;
             record.updated_ms = latest.updated_ms;
@@ -217,7 +255,7 @@ fn writer_loop(
                 }
             }
         }
-        let result = batch.commit().map_err(|e| e.to_string());
+        let result = batch.commit().map_err(Arc::new);
         for write in pending.drain(..) {
             let _ = write.done.send(result.clone());
         }
@@ -248,7 +286,7 @@ fn status_op(
         updated_ms: now_ms(),
         instance: instance.to_owned(),
     };
-    let value = serde_json::to_vec(&latest).map_err(io)?;
+    let value = serde_json::to_vec(&latest).map_err(StoreError::Encode)?;
     Ok(Op::Put(Space::Status, stream_id.as_bytes().to_vec(), value))
 }
 
@@ -260,20 +298,21 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
     }
     let secret = crate::token::random_string(32).into_bytes();
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &secret).map_err(io)?;
+    std::fs::write(&tmp, &secret).map_err(io_at("write", &tmp))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_at("restrict the permissions of", &tmp))?;
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io_at("move the new resume secret to", path))?;
     Ok(secret)
 }
 
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(record).map_err(io)?;
+        let value = serde_json::to_vec(record).map_err(StoreError::Encode)?;
         self.write(vec![Op::Put(
             Space::Streams,
             record.id.as_bytes().to_vec(),
@@ -324,10 +363,12 @@ impl Store for EmbeddedStore {
         let end = event_key(stream_id, u64::MAX);
         let mut out = Vec::new();
         for guard in self.batches.range(start..=end) {
-            let (key, value) = guard.into_inner().map_err(io)?;
+            let (key, value) = guard
+                .into_inner()
+                .map_err(engine("cannot read a stream's event batches"))?;
             let last: [u8; 8] = key[key.len().saturating_sub(8)..]
                 .try_into()
-                .map_err(|_| StoreError::Corrupt("short event key".into()))?;
+                .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
             out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
         }
         Ok(out)
@@ -340,13 +381,16 @@ impl Store for EmbeddedStore {
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         let k = pair_key(owner, key);
-        if let Some(bytes) = self.idempotency.get(&k).map_err(io)?
+        if let Some(bytes) = self
+            .idempotency
+            .get(&k)
+            .map_err(engine("cannot read an idempotency key"))?
             && let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes)
             && at + self.ttl_ms > now_ms()
         {
             return Ok(Some(existing));
         }
-        let value = serde_json::to_vec(&(entry, now_ms())).map_err(io)?;
+        let value = serde_json::to_vec(&(entry, now_ms())).map_err(StoreError::Encode)?;
         self.write(vec![Op::Put(Space::Idempotency, k, value)])
             .await?;
         Ok(None)
@@ -375,7 +419,9 @@ impl Store for EmbeddedStore {
         let mut ops = Vec::new();
         let mut gone = 0;
         for guard in self.streams.iter() {
-            let (key, value) = guard.into_inner().map_err(io)?;
+            let (key, value) = guard
+                .into_inner()
+                .map_err(engine("cannot scan the stream records"))?;
             let id = std::str::from_utf8(&key).unwrap_or_default();
             let expired = match self.with_status(id, &value) {
                 Ok(record) => record.updated_ms + self.ttl_ms <= now,
@@ -388,7 +434,10 @@ impl Store for EmbeddedStore {
                 for batch in self.batches.prefix(&prefix) {
                     ops.push(Op::Remove(
                         Space::Batches,
-                        batch.key().map_err(io)?.to_vec(),
+                        batch
+                            .key()
+                            .map_err(engine("cannot scan a stream's event batches"))?
+                            .to_vec(),
                     ));
                 }
                 ops.push(Op::Remove(Space::Streams, key.to_vec()));
@@ -396,7 +445,9 @@ impl Store for EmbeddedStore {
             }
         }
         for guard in self.idempotency.iter() {
-            let (key, value) = guard.into_inner().map_err(io)?;
+            let (key, value) = guard
+                .into_inner()
+                .map_err(engine("cannot scan the idempotency keys"))?;
             let expired = serde_json::from_slice::<(IdempotencyEntry, u64)>(&value)
                 .map(|(_, at)| at + self.ttl_ms <= now)
                 .unwrap_or(true);
@@ -414,8 +465,8 @@ impl Store for EmbeddedStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncAll))
             .await
-            .map_err(io)?
-            .map_err(io)
+            .map_err(StoreError::FlushTask)?
+            .map_err(engine("cannot persist the journal"))
     }
 
     fn shared(&self) -> bool {
@@ -510,5 +561,61 @@ mod tests {
             store.streams.get("s1").unwrap().is_none() && store.status.get("s1").unwrap().is_none()
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_open_is_locked_out() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            super::super::token::random_string(6)
+        ));
+        let first = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap();
+        let Err(second) = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))) else {
+            panic!("a second open of a locked store succeeded");
+        };
+        assert!(matches!(&second, StoreError::Locked { path } if *path == dir));
+        assert!(
+            second
+                .to_string()
+                .contains("in use by another tidegate process")
+        );
+        drop(first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn engine_and_decode_errors_keep_their_sources() {
+        use std::error::Error;
+        let source = Arc::new(fjall::Error::Io(std::io::Error::other("disk on fire")));
+        let e = StoreError::Engine {
+            context: "cannot commit a write batch",
+            source: source.clone(),
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("store i/o: cannot commit a write batch: {source}")
+        );
+        let fjall = e.source().unwrap();
+        assert!(fjall.downcast_ref::<Arc<fjall::Error>>().is_some());
+        let io = fjall.source().unwrap();
+        assert_eq!(io.to_string(), "disk on fire");
+
+        let Err(json) = serde_json::from_slice::<StatusRecord>(b"{") else {
+            panic!("half a JSON object decoded");
+        };
+        let e = StoreError::Decode {
+            what: "stream status",
+            source: json,
+        };
+        assert!(
+            e.to_string()
+                .starts_with("store record is corrupt: cannot decode the stream status: ")
+        );
+        assert!(
+            e.source()
+                .unwrap()
+                .downcast_ref::<serde_json::Error>()
+                .is_some()
+        );
     }
 }

@@ -35,9 +35,7 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
-        self.inner
-            .lock()
-            .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
+        self.inner.lock().map_err(|_| StoreError::Poisoned)
     }
 
     fn live(&self, record: &StreamRecord, now: u64) -> bool {
@@ -63,7 +61,9 @@ impl Store for MemoryStore {
         let entry = inner
             .streams
             .get_mut(stream_id)
-            .ok_or_else(|| StoreError::Io(format!("no record for stream {stream_id}")))?;
+            .ok_or_else(|| StoreError::NoRecord {
+                stream_id: stream_id.to_owned(),
+            })?;
         entry.events.extend_from_slice(events);
         Ok(())
     }

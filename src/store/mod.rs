@@ -14,6 +14,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,14 +25,120 @@ use crate::config::{StoreConfig, StoreKind};
 use crate::stream::Event;
 pub use crate::stream::{IdempotencyEntry, Status, StreamRecord, now_ms};
 
+/// Why a store call failed, with the typed cause as its source.
+///
+/// Every Display names the store's state first (`store i/o`, `store record
+/// is corrupt`, `store is unavailable`) and ends with the cause's own text:
+/// callers log errors with `%e` and never walk the source chain, so the
+/// message alone has to tell an operator what went wrong. Redis URLs in it
+/// are always redacted.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store i/o: {0}")]
-    Io(String),
+    /// The embedded store's directory, or a file in it, could not be created
+    /// or written (or the writer thread could not start).
+    #[error("store i/o: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// fjall could not open the embedded store's database.
+    #[error("store i/o: cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: fjall::Error,
+    },
+    /// Another process holds the embedded store's directory lock.
+    #[error(
+        "store is unavailable: {} is in use by another tidegate process (the embedded store serves one process; use store.kind = \"redis\" for replicas)",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    /// A read or a commit of the embedded store failed. The error is shared
+    /// because one failed group commit fails every write it held.
+    #[error("store i/o: {context}: {source}")]
+    Engine {
+        context: &'static str,
+        #[source]
+        source: Arc<fjall::Error>,
+    },
+    /// The embedded store's writer thread is gone, so nothing more can be
+    /// written.
+    #[error("store is unavailable: the store writer has stopped")]
+    WriterStopped,
+    /// The blocking task that persists the embedded store's journal did not
+    /// finish (it panicked or was cancelled).
+    #[error("store i/o: the journal flush task did not finish: {0}")]
+    FlushTask(#[source] tokio::task::JoinError),
+    /// A Redis command or connection failed; `url` is already redacted.
+    #[error("store is unavailable: redis at {url}: {what}: {source}")]
+    Redis {
+        url: String,
+        what: &'static str,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// A Redis command (or connecting, or a blocking XREAD) took longer than
+    /// its deadline; `url` is already redacted.
+    #[error("store is unavailable: redis at {url}: {what} timed out after {after:?}")]
+    Timeout {
+        url: String,
+        what: &'static str,
+        after: Duration,
+    },
+    /// The memory store's lock was poisoned by a panic while it was held.
+    #[error("store is unavailable: memory store lock poisoned")]
+    Poisoned,
+    /// An event was appended to a stream the memory store has no record of.
+    #[error("store i/o: no record for stream {stream_id}")]
+    NoRecord { stream_id: String },
+    /// A record could not be encoded as JSON.
+    #[error("store i/o: cannot encode a record as JSON: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// A stored JSON value did not decode; `what` names the value.
+    #[error("store record is corrupt: cannot decode the {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Bytes in our own encoding (event batches, keys, entry ids) are
+    /// malformed.
     #[error("store record is corrupt: {0}")]
-    Corrupt(String),
-    #[error("store is unavailable: {0}")]
-    Unavailable(String),
+    Corrupt(#[source] Corruption),
+}
+
+/// What is wrong with bytes the gateway encoded itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Corruption {
+    /// A batch ends inside an event's length prefix.
+    #[error("short event batch")]
+    ShortBatch,
+    /// An event's length runs past the end of its batch.
+    #[error("event overruns its batch")]
+    EventOverrunsBatch,
+    /// A batch holds more events than there are seqs up to its last one.
+    #[error("a batch ending at {last} is too long")]
+    BatchTooLong { last: u64 },
+    /// An encoded event has no bytes at all.
+    #[error("empty event")]
+    EmptyEvent,
+    /// An event's name length runs past the end of the event.
+    #[error("event name overruns")]
+    NameOverruns,
+    /// An event's name is not UTF-8.
+    #[error("event name is not UTF-8: {0}")]
+    NameNotUtf8(#[source] std::str::Utf8Error),
+    /// An embedded store key is too short to end in a seq.
+    #[error("short event key")]
+    ShortEventKey,
+    /// A Redis stream entry's id is not `<seq>-<n>`.
+    #[error("bad stream id {0}")]
+    BadEntryId(String),
+    /// A Redis stream entry has no `b` (event batch) field.
+    #[error("stream entry {0} holds no event batch")]
+    NoBatch(String),
 }
 
 #[async_trait]
@@ -160,18 +267,18 @@ pub fn decode_batch(last: u64, bytes: &[u8], after: u64) -> Result<Vec<Event>, S
     while !rest.is_empty() {
         let (len, tail) = rest
             .split_first_chunk::<4>()
-            .ok_or_else(|| StoreError::Corrupt("short event batch".into()))?;
+            .ok_or(StoreError::Corrupt(Corruption::ShortBatch))?;
         let len = u32::from_le_bytes(*len) as usize;
         encoded.push(
             tail.get(..len)
-                .ok_or_else(|| StoreError::Corrupt("event overruns its batch".into()))?,
+                .ok_or(StoreError::Corrupt(Corruption::EventOverrunsBatch))?,
         );
         rest = &tail[len..];
     }
     let first = (last + 1)
         .checked_sub(encoded.len() as u64)
         .filter(|first| *first >= 1)
-        .ok_or_else(|| StoreError::Corrupt(format!("a batch ending at {last} is too long")))?;
+        .ok_or(StoreError::Corrupt(Corruption::BatchTooLong { last }))?;
     (first..)
         .zip(encoded)
         .filter(|(seq, _)| *seq > after)
@@ -182,17 +289,17 @@ pub fn decode_batch(last: u64, bytes: &[u8], after: u64) -> Result<Vec<Event>, S
 pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, StoreError> {
     let (&len, rest) = bytes
         .split_first()
-        .ok_or_else(|| StoreError::Corrupt("empty event".into()))?;
+        .ok_or(StoreError::Corrupt(Corruption::EmptyEvent))?;
     let len = len as usize;
     if rest.len() < len {
-        return Err(StoreError::Corrupt("event name overruns".into()));
+        return Err(StoreError::Corrupt(Corruption::NameOverruns));
     }
     let name = if len == 0 {
         None
     } else {
         Some(
             std::str::from_utf8(&rest[..len])
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .map_err(|e| StoreError::Corrupt(Corruption::NameNotUtf8(e)))?
                 .into(),
         )
     };
@@ -219,7 +326,58 @@ mod tests {
             assert_eq!(back.name, e.name);
             assert_eq!(back.data, e.data);
         }
-        assert!(decode_event(1, &[]).is_err());
-        assert!(decode_event(1, &[5, b'a']).is_err());
+        assert!(matches!(
+            decode_event(1, &[]),
+            Err(StoreError::Corrupt(Corruption::EmptyEvent))
+        ));
+        assert!(matches!(
+            decode_event(1, &[5, b'a']),
+            Err(StoreError::Corrupt(Corruption::NameOverruns))
+        ));
+    }
+
+    #[test]
+    fn corrupt_names_keep_their_utf8_error() {
+        use std::error::Error;
+        let e = decode_event(1, &[1, 0xff]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("store record is corrupt: event name is not UTF-8: "),
+            "{e}"
+        );
+        let reason = e.source().unwrap();
+        assert!(reason.downcast_ref::<Corruption>().is_some());
+        assert!(
+            reason
+                .source()
+                .unwrap()
+                .downcast_ref::<std::str::Utf8Error>()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn batches_round_trip_and_reject_bad_lengths() {
+        let events: Vec<Event> = (3..=5)
+            .map(|seq| Event {
+                seq,
+                name: None,
+                data: Bytes::from(format!("e{seq}")),
+            })
+            .collect();
+        let bytes = encode_batch(&events);
+        assert_eq!(decode_batch(5, &bytes, 3).unwrap(), events[1..]);
+        assert!(matches!(
+            decode_batch(5, &bytes[..2], 0),
+            Err(StoreError::Corrupt(Corruption::ShortBatch))
+        ));
+        assert!(matches!(
+            decode_batch(5, &bytes[..bytes.len() - 1], 0),
+            Err(StoreError::Corrupt(Corruption::EventOverrunsBatch))
+        ));
+        assert!(matches!(
+            decode_batch(2, &bytes, 0),
+            Err(StoreError::Corrupt(Corruption::BatchTooLong { last: 2 }))
+        ));
     }
 }

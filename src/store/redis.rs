@@ -6,8 +6,7 @@
 //!   explicit id `<last seq>-0`: XRANGE from `<n+1>-0` and XREAD after
 //!   `<n>-0` both return exactly the entries holding events after `n`
 //!   (XADD to append, XRANGE to replay, XREAD BLOCK to follow live from
-//!   another replica). Entries of one event (`n`, `d`, id `<seq>-0`) from
-//!   earlier versions still read;
+//!   another replica);
 //! - `tg:{id}:rec`: the record as JSON;
 //! - `tg:{id}:lease`: the replica running it, with a TTL it renews;
 //! - `tg:{id}:cancel`: a `DELETE` that arrived at another replica.
@@ -24,7 +23,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
 use super::{
-    IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch, encode_batch, now_ms,
+    Corruption, IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch,
+    encode_batch, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::stream::Event;
@@ -33,16 +33,15 @@ use crate::stream::Event;
 /// unavailable (a stream then ends with `store_failed`, never hangs).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long connecting at startup (with its retries) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct RedisStore {
     client: redis::Client,
     conn: ConnectionManager,
     ttl_ms: u64,
     lease_ms: u64,
     url_for_errors: String,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
 }
 
 fn events_key(id: &str) -> String {
@@ -66,27 +65,38 @@ impl RedisStore {
     pub async fn connect(url: &str, config: &StoreConfig) -> Result<RedisStore, StoreError> {
         // Never echo credentials from the URL.
         let shown = redact_url(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis url {shown}: {e}")))?;
+        let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
+            url: shown.clone(),
+            what: "invalid url",
+            source,
+        })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let mut conn = tokio::time::timeout(
-            Duration::from_secs(5),
+            CONNECT_TIMEOUT,
             client.get_connection_manager_with_config(manager_config),
         )
         .await
-        .map_err(|_| {
-            StoreError::Unavailable(format!("cannot connect to redis at {shown}: timed out"))
+        .map_err(|_| StoreError::Timeout {
+            url: shown.clone(),
+            what: "connecting",
+            after: CONNECT_TIMEOUT,
         })?
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to redis at {shown}: {e}")))?;
+        .map_err(|source| StoreError::Redis {
+            url: shown.clone(),
+            what: "cannot connect",
+            source,
+        })?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| {
-                StoreError::Unavailable(format!("redis at {shown} does not answer PING: {e}"))
+            .map_err(|source| StoreError::Redis {
+                url: shown.clone(),
+                what: "does not answer PING",
+                source,
             })?;
         Ok(RedisStore {
             client,
@@ -103,18 +113,31 @@ impl RedisStore {
     {
         match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
-                "redis at {}: {e}",
-                self.url_for_errors
-            ))),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "redis at {}: command timed out",
-                self.url_for_errors
-            ))),
+            Ok(Err(source)) => Err(self.failed("command failed", source)),
+            Err(_) => Err(self.timed_out("a command", COMMAND_TIMEOUT)),
         }
     }
 
-    /// The events after `after` in these entries.
+    /// A [`StoreError::Redis`] naming this store's (redacted) URL.
+    fn failed(&self, what: &'static str, source: redis::RedisError) -> StoreError {
+        StoreError::Redis {
+            url: self.url_for_errors.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// A [`StoreError::Timeout`] naming this store's (redacted) URL.
+    fn timed_out(&self, what: &'static str, after: Duration) -> StoreError {
+        StoreError::Timeout {
+            url: self.url_for_errors.clone(),
+            what,
+            after,
+        }
+    }
+
+    /// The events after `after` in these entries, each of which must hold
+    /// a batch (field `b`).
     fn parse_entries(
         ids: Vec<redis::streams::StreamId>,
         after: u64,
@@ -125,21 +148,11 @@ impl RedisStore {
                 .id
                 .split_once('-')
                 .and_then(|(ms, _)| ms.parse().ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("bad stream id {}", entry.id)))?;
-            if let Some(batch) = entry.get::<Vec<u8>>("b") {
-                out.extend(decode_batch(seq, &batch, after)?);
-                continue;
-            }
-            if seq <= after {
-                continue;
-            }
-            let data: Vec<u8> = entry.get("d").unwrap_or_default();
-            let name: Option<String> = entry.get("n");
-            out.push(Event {
-                seq,
-                name: name.filter(|n| !n.is_empty()).map(Into::into),
-                data: data.into(),
-            });
+                .ok_or_else(|| StoreError::Corrupt(Corruption::BadEntryId(entry.id.clone())))?;
+            let batch: Vec<u8> = entry
+                .get("b")
+                .ok_or_else(|| StoreError::Corrupt(Corruption::NoBatch(entry.id.clone())))?;
+            out.extend(decode_batch(seq, &batch, after)?);
         }
         Ok(out)
     }
@@ -157,7 +170,7 @@ fn redact_url(url: &str) -> String {
 #[async_trait]
 impl Store for RedisStore {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_string(record).map_err(unavailable)?;
+        let value = serde_json::to_string(record).map_err(StoreError::Encode)?;
         let mut conn = self.conn.clone();
         self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms))
             .await
@@ -194,7 +207,7 @@ impl Store for RedisStore {
         record.reason = reason.map(str::to_owned);
         record.updated_ms = now_ms();
         record.instance = instance.to_owned();
-        let value = serde_json::to_string(&record).map_err(unavailable)?;
+        let value = serde_json::to_string(&record).map_err(StoreError::Encode)?;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(record_key(stream_id))
@@ -214,7 +227,12 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let value: Option<String> = self.run(conn.get(record_key(stream_id))).await?;
         value
-            .map(|v| serde_json::from_str(&v).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .map(|v| {
+                serde_json::from_str(&v).map_err(|source| StoreError::Decode {
+                    what: "stream record",
+                    source,
+                })
+            })
             .transpose()
     }
 
@@ -237,7 +255,7 @@ impl Store for RedisStore {
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         let redis_key = format!("tg:idem:{{{owner}:{key}}}");
-        let value = serde_json::to_string(entry).map_err(unavailable)?;
+        let value = serde_json::to_string(entry).map_err(StoreError::Encode)?;
         let mut conn = self.conn.clone();
         let set: Option<String> = self
             .run(
@@ -328,14 +346,15 @@ impl Store for RedisStore {
         let options = StreamReadOptions::default()
             .block(wait.as_millis() as usize)
             .count(512);
+        let deadline = wait + COMMAND_TIMEOUT;
         let reply: Option<StreamReadReply> = match tokio::time::timeout(
-            wait + COMMAND_TIMEOUT,
+            deadline,
             conn.xread_options(&[events_key(stream_id)], &[format!("{after}-0")], &options),
         )
         .await
         {
-            Ok(r) => r.map_err(unavailable)?,
-            Err(_) => return Err(unavailable("XREAD timed out")),
+            Ok(r) => r.map_err(|source| self.failed("XREAD failed", source))?,
+            Err(_) => return Err(self.timed_out("XREAD", deadline)),
         };
         let ids = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
@@ -418,8 +437,7 @@ mod tests {
         };
         let entries = || {
             vec![
-                // An entry of one event, as earlier versions wrote them.
-                entry("1-0", vec![("n", vec![]), ("d", b"e1".to_vec())]),
+                entry("1-0", vec![("b", encode_batch(&[event(1)]))]),
                 entry(
                     "4-0",
                     vec![("b", encode_batch(&[event(2), event(3), event(4)]))],
@@ -436,7 +454,53 @@ mod tests {
             "1-0",
             vec![("b", encode_batch(&[event(1), event(2)]))],
         )];
-        assert!(RedisStore::parse_entries(short, 0).is_err());
+        assert!(matches!(
+            RedisStore::parse_entries(short, 0),
+            Err(StoreError::Corrupt(Corruption::BatchTooLong { last: 1 }))
+        ));
+        // An entry without a batch (such as the one-event entries of early
+        // versions, fields `n` and `d`) is corrupt.
+        let unbatched = vec![entry("1-0", vec![("n", vec![]), ("d", b"e1".to_vec())])];
+        assert!(matches!(
+            RedisStore::parse_entries(unbatched, 0),
+            Err(StoreError::Corrupt(Corruption::NoBatch(id))) if id == "1-0"
+        ));
+        let bad_id = vec![entry("x-0", vec![("b", encode_batch(&[event(1)]))])];
+        assert!(matches!(
+            RedisStore::parse_entries(bad_id, 0),
+            Err(StoreError::Corrupt(Corruption::BadEntryId(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn connect_errors_never_show_the_password() {
+        let config = StoreConfig {
+            kind: crate::config::StoreKind::Memory,
+            ttl: Duration::from_secs(60),
+            commit_interval: Duration::ZERO,
+            lease_ttl: Duration::from_secs(5),
+        };
+        // An invalid port fails before any connection is tried.
+        let Err(e) = RedisStore::connect("redis://user:hunter2@host:notaport/0", &config).await
+        else {
+            panic!("an invalid URL connected");
+        };
+        let shown = e.to_string();
+        assert!(matches!(e, StoreError::Redis { .. }), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://***@host:notaport/0"), "{shown}");
+        let source = std::error::Error::source(&e).expect("a redis error as its source");
+        assert!(source.downcast_ref::<redis::RedisError>().is_some());
+
+        let timeout = StoreError::Timeout {
+            url: redact_url("redis://:hunter2@host:6379"),
+            what: "a command",
+            after: COMMAND_TIMEOUT,
+        };
+        assert_eq!(
+            timeout.to_string(),
+            "store is unavailable: redis at redis://***@host:6379: a command timed out after 2s"
+        );
     }
 
     #[test]
