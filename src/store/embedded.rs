@@ -567,7 +567,7 @@ mod tests {
     fn a_second_open_is_locked_out() {
         let dir = std::env::temp_dir().join(format!(
             "tidegate-embedded-{}",
-            super::super::token::random_string(6)
+            crate::token::random_string(6)
         ));
         let first = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap();
         let Err(second) = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))) else {
