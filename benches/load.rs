@@ -18,6 +18,11 @@
     clippy::disallowed_methods,
     reason = "a client tool: its tasks are its own"
 )]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a load tool whose setup fails should stop with the reason"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
