@@ -1,24 +1,31 @@
 //! Configuration: the TOML file, its `TIDEGATE_*` environment overrides, and
 //! the validated [`Config`] the rest of the gateway reads.
 //!
-//! Loading happens in two stages. The raw structs mirror the file exactly and
-//! reject unknown keys; [`Config::from_raw`] turns them into validated values
-//! (durations parsed, secrets resolved from the environment, globs checked),
-//! so no other module ever sees a string where it needs a `Duration`.
+//! Loading happens in two stages. The raw structs mirror the file exactly,
+//! reject unknown keys and already hold typed values (enums, durations), so a
+//! wrong value is reported with its full key path such as
+//! `upstreams[0].protocol`. [`Config::from_raw`] then fills in the defaults,
+//! resolves secrets from the environment and checks the rules that span
+//! several keys, so no other module ever sees a string where it needs a
+//! `Duration`. Every default lives in one block below.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 pub use crate::protocol::{Continuation, Protocol};
 
 /// Where environment variables come from. Tests pass a `HashMap`; the binary
 /// passes the process environment.
 pub trait Env {
+    /// Returns the variable's value, or `None` when it is unset or empty.
     fn var(&self, name: &str) -> Option<String>;
+    /// Returns every variable with its value.
     fn vars(&self) -> Vec<(String, String)>;
 }
 
@@ -43,6 +50,8 @@ impl Env for HashMap<String, String> {
     }
 }
 
+/// Why a configuration could not be loaded; every variant names the key or
+/// the environment variable at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -59,6 +68,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// Builds an [`ConfigError::Invalid`] for `key`.
     fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
@@ -68,13 +78,125 @@ impl ConfigError {
 }
 
 // ---------------------------------------------------------------------------
-// Stage one: the file as written.
+// Defaults: every value a setting takes when the file leaves it out, and the
+// built-in upstreams. Nothing else in this module spells a default.
+// ---------------------------------------------------------------------------
+
+/// The address the gateway listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The embedded store's directory by default.
+pub const DEFAULT_DATA_DIR: &str = "./tidegate-data";
+/// The largest request body accepted by default (4 MiB).
+const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+/// How long new streams are still accepted after the signal, by default.
+const DEFAULT_PRE_STOP_DELAY: Duration = Duration::ZERO;
+/// The drain's hard deadline, counted from the signal, by default.
+const DEFAULT_GRACE: Duration = Duration::from_secs(25);
+/// How long the process may take to exit after the deadline, by default.
+const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The store used when `store.kind` is left out.
+const DEFAULT_STORE_KIND: RawStoreKind = RawStoreKind::Embedded;
+/// How long stored streams are kept, by default.
+const DEFAULT_STORE_TTL: Duration = Duration::from_secs(15 * 60);
+/// The embedded store's group-commit wait by default: none.
+const DEFAULT_COMMIT_INTERVAL: Duration = Duration::ZERO;
+/// How long a replica's claim on a stream lives without renewal, by default.
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// The `retry:` hint on resume streams by default.
+const DEFAULT_RETRY_HINT: Duration = Duration::from_secs(2);
+/// The interval between SSE heartbeats by default.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// What happens to the upstream request when the last client leaves, by
+/// default.
+const DEFAULT_ON_CLIENT_DISCONNECT: DisconnectPolicy = DisconnectPolicy::Cancel;
+
+/// The settings an upstream takes for what its entry leaves out.
+struct UpstreamDefaults {
+    protocol: Protocol,
+    models: &'static [&'static str],
+    continuation: Continuation,
+    connect_timeout: Duration,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    http2: bool,
+}
+
+/// The defaults of an `[[upstreams]]` entry.
+const UPSTREAM_DEFAULTS: UpstreamDefaults = UpstreamDefaults {
+    protocol: Protocol::OpenAi,
+    models: &["*"],
+    continuation: Continuation::None,
+    connect_timeout: Duration::from_secs(5),
+    first_byte_timeout: Duration::from_secs(60),
+    idle_timeout: Duration::from_secs(60),
+    http2: false,
+};
+
+/// The environment variable whose key alone configures api.openai.com.
+const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
+/// The name of the upstream [`OPENAI_KEY_ENV`] configures.
+const OPENAI_NAME: &str = "openai";
+/// The base URL of the upstream [`OPENAI_KEY_ENV`] configures.
+const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+/// The settings of api.openai.com when [`OPENAI_KEY_ENV`] configures it: the
+/// public API is further away and slower to start answering than a
+/// self-hosted one, so its waits are longer, and it cannot continue a
+/// partial answer.
+const OPENAI_UPSTREAM: UpstreamDefaults = UpstreamDefaults {
+    continuation: Continuation::None,
+    connect_timeout: Duration::from_secs(10),
+    first_byte_timeout: Duration::from_secs(120),
+    idle_timeout: Duration::from_secs(120),
+    ..UPSTREAM_DEFAULTS
+};
+
+/// The name of the built-in mock provider of the zero-config demo.
+const BUILTIN_MOCK_NAME: &str = "builtin-mock";
+/// The settings of the built-in mock provider, which continues partial
+/// answers the vLLM way.
+const BUILTIN_MOCK_UPSTREAM: UpstreamDefaults = UpstreamDefaults {
+    continuation: Continuation::ContinueFinalMessage,
+    ..UPSTREAM_DEFAULTS
+};
+
+impl UpstreamDefaults {
+    /// Builds an upstream that takes every setting from these defaults.
+    fn upstream(
+        &self,
+        name: &str,
+        base_url: String,
+        api_key_env: Option<String>,
+        api_key: Option<Secret>,
+    ) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_owned(),
+            protocol: self.protocol,
+            base_url,
+            api_key_env,
+            api_key,
+            models: self.models(),
+            continuation: self.continuation,
+            connect_timeout: self.connect_timeout,
+            first_byte_timeout: self.first_byte_timeout,
+            idle_timeout: self.idle_timeout,
+            http2: self.http2,
+        }
+    }
+
+    /// Returns the default model globs as owned strings.
+    fn models(&self) -> Vec<String> {
+        self.models.iter().map(|glob| (*glob).to_owned()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Stage one: the file as written, with typed values.
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: Option<String>,
+    listen: Option<Listen>,
     max_body_bytes: Option<u64>,
     worker_threads: Option<u64>,
     #[serde(default)]
@@ -96,34 +218,43 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDrain {
-    pre_stop_delay: Option<String>,
-    grace: Option<String>,
-    exit_timeout: Option<String>,
+    pre_stop_delay: Option<HumanDuration>,
+    grace: Option<HumanDuration>,
+    exit_timeout: Option<HumanDuration>,
+}
+
+/// The values of `store.kind`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawStoreKind {
+    Memory,
+    Embedded,
+    Redis,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
-    kind: Option<String>,
+    kind: Option<RawStoreKind>,
     path: Option<String>,
     url: Option<String>,
-    ttl: Option<String>,
-    commit_interval: Option<String>,
-    lease_ttl: Option<String>,
+    ttl: Option<HumanDuration>,
+    commit_interval: Option<HumanDuration>,
+    lease_ttl: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawResume {
     secret_env: Option<String>,
-    retry_hint: Option<String>,
+    retry_hint: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStreams {
-    heartbeat: Option<String>,
-    on_client_disconnect: Option<String>,
+    heartbeat: Option<HumanDuration>,
+    on_client_disconnect: Option<RawDisconnect>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,23 +273,86 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
-    protocol: Option<String>,
+    protocol: Option<Protocol>,
     base_url: String,
     api_key_env: Option<String>,
     models: Option<Vec<String>>,
-    continuation: Option<String>,
-    connect_timeout: Option<String>,
-    first_byte_timeout: Option<String>,
-    idle_timeout: Option<String>,
+    continuation: Option<Continuation>,
+    connect_timeout: Option<HumanDuration>,
+    first_byte_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
     http2: Option<bool>,
+}
+
+/// A duration written as text such as `"250ms"` or `"25s"`, read with
+/// humantime.
+#[derive(Debug, Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Reads `value` when the file gives it, `default` otherwise.
+fn duration_or(value: Option<HumanDuration>, default: Duration) -> Duration {
+    value.map_or(default, |d| d.0)
+}
+
+/// Parses a humantime duration, explaining the expected form on failure.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like \"250ms\" or \"25s\": {e}"))
+}
+
+/// A socket address such as `127.0.0.1:8080`.
+#[derive(Debug, Clone, Copy)]
+struct Listen(SocketAddr);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_listen(&text).map(Listen).map_err(de::Error::custom)
+    }
+}
+
+/// Parses a listen address, naming the expected form on failure.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an address like 127.0.0.1:8080"))
+}
+
+/// `streams.on_client_disconnect`: `"cancel"` or a duration to keep going.
+#[derive(Debug, Clone, Copy)]
+struct RawDisconnect(DisconnectPolicy);
+
+impl<'de> Deserialize<'de> for RawDisconnect {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == "cancel" {
+            return Ok(RawDisconnect(DisconnectPolicy::Cancel));
+        }
+        parse_duration(&text)
+            .map(|d| RawDisconnect(DisconnectPolicy::Grace(d)))
+            .map_err(|_| {
+                de::Error::custom(format!(
+                    "`{text}` is neither \"cancel\" nor a duration like \"10s\""
+                ))
+            })
+    }
 }
 
 // ---------------------------------------------------------------------------
 // Stage two: validated values.
 // ---------------------------------------------------------------------------
 
-/// The validated configuration every module reads.
-#[derive(Debug, Clone)]
+/// The validated configuration every module reads. Its `Debug` output hides
+/// the client keys, the admin token and the resume secret.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     /// Requests with a larger body are refused with 413 before parsing.
@@ -186,7 +380,9 @@ pub struct DrainConfig {
     pub exit_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which partial-response store to open. `Debug` and `Display` hide any
+/// password in a Redis URL.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
     Embedded { path: PathBuf },
@@ -204,11 +400,12 @@ pub struct StoreConfig {
     pub lease_ttl: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// How resume tokens are signed and how soon clients retry. `Debug` hides
+/// the secret.
+#[derive(Clone)]
 pub struct ResumeConfig {
     /// The secret resume tokens are signed with, when configured.
     pub secret: Option<Vec<u8>>,
-    pub secret_env: Option<String>,
     /// The `retry:` hint on resume streams: long enough to land after a restart.
     pub retry_hint: Duration,
 }
@@ -251,19 +448,7 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     /// The built-in mock provider of the zero-config demo, at `base_url`.
     pub fn builtin_mock(base_url: String) -> UpstreamConfig {
-        UpstreamConfig {
-            name: "builtin-mock".into(),
-            protocol: Protocol::OpenAi,
-            base_url,
-            api_key_env: None,
-            api_key: None,
-            models: vec!["*".into()],
-            continuation: Continuation::ContinueFinalMessage,
-            connect_timeout: Duration::from_secs(5),
-            first_byte_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(60),
-            http2: false,
-        }
+        BUILTIN_MOCK_UPSTREAM.upstream(BUILTIN_MOCK_NAME, base_url, None, None)
     }
 }
 
@@ -271,30 +456,11 @@ impl UpstreamConfig {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
 }
-
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_DATA_DIR: &str = "./tidegate-data";
-
-/// Top-level keys an environment override may name. Variables such as
-/// `TIDEGATE_API_KEYS` or `TIDEGATE_RESUME_SECRET` hold secrets, not config,
-/// so only names whose first segment is listed here are read as overrides.
-const SECTIONS: &[&str] = &[
-    "listen",
-    "max_body_bytes",
-    "worker_threads",
-    "drain",
-    "store",
-    "resume",
-    "streams",
-    "auth",
-    "admin",
-    "upstreams",
-];
 
 impl Config {
     /// Read the file (when given), apply environment overrides, validate.
@@ -309,198 +475,33 @@ impl Config {
         Config::from_toml(&text, env)
     }
 
+    /// Parses `text`, applies the environment overrides of `env`, validates.
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
         let mut value: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         apply_env_overrides(&mut value, env)?;
-        let raw: RawConfig = toml::Value::Table(value)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(raw_error)?;
         Config::from_raw(raw, env)
     }
 
+    /// Turns the file as written into validated values, section by section.
     fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
-        let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| {
-            ConfigError::invalid(
-                "listen",
-                format!("`{listen_text}` is not an address like 127.0.0.1:8080"),
-            )
-        })?;
-
-        let drain = DrainConfig {
-            pre_stop_delay: duration("drain.pre_stop_delay", raw.drain.pre_stop_delay, "0s")?,
-            grace: duration("drain.grace", raw.drain.grace, "25s")?,
-            exit_timeout: duration("drain.exit_timeout", raw.drain.exit_timeout, "3s")?,
+        let listen = match raw.listen {
+            Some(Listen(address)) => address,
+            None => parse_listen(DEFAULT_LISTEN).map_err(|m| ConfigError::invalid("listen", m))?,
         };
-        if drain.pre_stop_delay > drain.grace {
-            return Err(ConfigError::invalid(
-                "drain.pre_stop_delay",
-                "must not be longer than drain.grace (the deadline counts from the signal)",
-            ));
-        }
-        if drain.exit_timeout.is_zero() {
-            return Err(ConfigError::invalid(
-                "drain.exit_timeout",
-                "must be more than 0s",
-            ));
-        }
-
-        let kind = match raw.store.kind.as_deref().unwrap_or("embedded") {
-            "memory" => StoreKind::Memory,
-            "embedded" => StoreKind::Embedded {
-                path: PathBuf::from(
-                    raw.store
-                        .path
-                        .unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned()),
-                ),
-            },
-            "redis" => {
-                let url = raw.store.url.ok_or_else(|| {
-                    ConfigError::invalid("store.url", "required with store.kind = \"redis\"")
-                })?;
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err(ConfigError::invalid(
-                        "store.url",
-                        "must start with redis:// or rediss://",
-                    ));
-                }
-                StoreKind::Redis { url }
-            }
-            other => {
-                return Err(ConfigError::invalid(
-                    "store.kind",
-                    format!("`{other}` is not one of memory, embedded, redis"),
-                ));
-            }
-        };
-        let store = StoreConfig {
-            kind,
-            ttl: duration("store.ttl", raw.store.ttl, "15m")?,
-            commit_interval: duration("store.commit_interval", raw.store.commit_interval, "0ms")?,
-            lease_ttl: duration("store.lease_ttl", raw.store.lease_ttl, "5s")?,
-        };
-        if store.ttl.is_zero() {
-            return Err(ConfigError::invalid("store.ttl", "must be more than 0s"));
-        }
-        if store.lease_ttl < Duration::from_millis(500) {
-            return Err(ConfigError::invalid(
-                "store.lease_ttl",
-                "must be at least 500ms",
-            ));
-        }
-
-        let secret = match &raw.resume.secret_env {
-            Some(var) => Some(
-                env.var(var)
-                    .ok_or_else(|| ConfigError::MissingSecret {
-                        var: var.clone(),
-                        key: "resume.secret_env".into(),
-                    })?
-                    .into_bytes(),
-            ),
-            None => None,
-        };
-        if matches!(store.kind, StoreKind::Redis { .. }) && secret.is_none() {
-            return Err(ConfigError::invalid(
-                "resume.secret_env",
-                "a shared store needs a shared resume secret: set resume.secret_env to the name of an environment variable holding it",
-            ));
-        }
-        let resume = ResumeConfig {
-            secret,
-            secret_env: raw.resume.secret_env,
-            retry_hint: duration("resume.retry_hint", raw.resume.retry_hint, "2s")?,
-        };
-
-        let on_client_disconnect = match raw.streams.on_client_disconnect.as_deref() {
-            None | Some("cancel") => DisconnectPolicy::Cancel,
-            Some(text) => DisconnectPolicy::Grace(
-                parse_duration("streams.on_client_disconnect", text).map_err(|_| {
-                    ConfigError::invalid(
-                        "streams.on_client_disconnect",
-                        format!("`{text}` is neither \"cancel\" nor a duration like \"10s\""),
-                    )
-                })?,
-            ),
-        };
-        let streams = StreamsConfig {
-            heartbeat: duration("streams.heartbeat", raw.streams.heartbeat, "15s")?,
-            on_client_disconnect,
-        };
-        if streams.heartbeat.is_zero() {
-            return Err(ConfigError::invalid(
-                "streams.heartbeat",
-                "must be more than 0s",
-            ));
-        }
-
-        let auth_keys = match &raw.auth.keys_env {
-            Some(var) => {
-                let keys: Vec<String> = env
-                    .var(var)
-                    .ok_or_else(|| ConfigError::MissingSecret {
-                        var: var.clone(),
-                        key: "auth.keys_env".into(),
-                    })?
-                    .split(',')
-                    .map(|k| k.trim().to_owned())
-                    .filter(|k| !k.is_empty())
-                    .collect();
-                if keys.is_empty() {
-                    return Err(ConfigError::invalid(
-                        "auth.keys_env",
-                        format!("{var} holds no key"),
-                    ));
-                }
-                Some(keys)
-            }
-            None => None,
-        };
-        let admin_token = match &raw.admin.token_env {
-            Some(var) => Some(env.var(var).ok_or_else(|| ConfigError::MissingSecret {
-                var: var.clone(),
-                key: "admin.token_env".into(),
-            })?),
-            None => None,
-        };
-
-        let mut upstreams = Vec::new();
-        for (index, raw) in raw.upstreams.into_iter().enumerate() {
-            upstreams.push(upstream(index, raw, env)?);
-        }
-        if upstreams.is_empty()
-            && let Some(key) = env.var("OPENAI_API_KEY")
-        {
-            upstreams.push(UpstreamConfig {
-                name: "openai".into(),
-                protocol: Protocol::OpenAi,
-                base_url: "https://api.openai.com/v1".into(),
-                api_key_env: Some("OPENAI_API_KEY".into()),
-                api_key: Some(Secret(key)),
-                models: vec!["*".into()],
-                continuation: Continuation::None,
-                connect_timeout: Duration::from_secs(10),
-                first_byte_timeout: Duration::from_secs(120),
-                idle_timeout: Duration::from_secs(120),
-                http2: false,
-            });
-        }
-        let builtin_mock = upstreams.is_empty();
-        let worker_threads = match raw.worker_threads {
-            None => None,
-            Some(n @ 1..=1024) => Some(n as usize),
-            Some(_) => {
-                return Err(ConfigError::invalid(
-                    "worker_threads",
-                    "must be from 1 to 1024 (leave it out for one per CPU)",
-                ));
-            }
-        };
-
+        let drain = drain(raw.drain)?;
+        let store = store(raw.store)?;
+        let resume = resume(raw.resume, &store.kind, env)?;
+        let streams = streams(raw.streams)?;
+        let auth_keys = auth(raw.auth, env)?;
+        let admin_token = admin(raw.admin, env)?;
+        let upstreams = upstreams(raw.upstreams, env)?;
+        let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Config {
             listen,
-            max_body_bytes: raw.max_body_bytes.unwrap_or(4 * 1024 * 1024) as usize,
+            max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize,
             worker_threads,
             drain,
             store,
@@ -508,8 +509,8 @@ impl Config {
             streams,
             auth_keys,
             admin_token,
+            builtin_mock: upstreams.is_empty(),
             upstreams,
-            builtin_mock,
         })
     }
 
@@ -520,21 +521,174 @@ impl Config {
     }
 }
 
+/// Turns a deserialization error into a [`ConfigError`] naming the key path.
+fn raw_error(error: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let key = error.path().to_string();
+    let inner = error.into_inner();
+    if key == "." {
+        ConfigError::Parse(inner.to_string())
+    } else {
+        ConfigError::invalid(key, inner.message())
+    }
+}
+
+/// Resolves the secret held by the environment variable `var`, which the
+/// config key `key` names.
+fn secret(env: &dyn Env, var: &str, key: &str) -> Result<String, ConfigError> {
+    env.var(var).ok_or_else(|| ConfigError::MissingSecret {
+        var: var.to_owned(),
+        key: key.to_owned(),
+    })
+}
+
+/// Validates the `[drain]` section.
+fn drain(raw: RawDrain) -> Result<DrainConfig, ConfigError> {
+    let drain = DrainConfig {
+        pre_stop_delay: duration_or(raw.pre_stop_delay, DEFAULT_PRE_STOP_DELAY),
+        grace: duration_or(raw.grace, DEFAULT_GRACE),
+        exit_timeout: duration_or(raw.exit_timeout, DEFAULT_EXIT_TIMEOUT),
+    };
+    if drain.pre_stop_delay > drain.grace {
+        return Err(ConfigError::invalid(
+            "drain.pre_stop_delay",
+            "must not be longer than drain.grace (the deadline counts from the signal)",
+        ));
+    }
+    if drain.exit_timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "drain.exit_timeout",
+            "must be more than 0s",
+        ));
+    }
+    Ok(drain)
+}
+
+/// Validates the `[store]` section.
+fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
+    let kind = match raw.kind.unwrap_or(DEFAULT_STORE_KIND) {
+        RawStoreKind::Memory => StoreKind::Memory,
+        RawStoreKind::Embedded => StoreKind::Embedded {
+            path: PathBuf::from(raw.path.unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned())),
+        },
+        RawStoreKind::Redis => {
+            let url = raw.url.ok_or_else(|| {
+                ConfigError::invalid("store.url", "required with store.kind = \"redis\"")
+            })?;
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            StoreKind::Redis { url }
+        }
+    };
+    let store = StoreConfig {
+        kind,
+        ttl: duration_or(raw.ttl, DEFAULT_STORE_TTL),
+        commit_interval: duration_or(raw.commit_interval, DEFAULT_COMMIT_INTERVAL),
+        lease_ttl: duration_or(raw.lease_ttl, DEFAULT_LEASE_TTL),
+    };
+    if store.ttl.is_zero() {
+        return Err(ConfigError::invalid("store.ttl", "must be more than 0s"));
+    }
+    if store.lease_ttl < Duration::from_millis(500) {
+        return Err(ConfigError::invalid(
+            "store.lease_ttl",
+            "must be at least 500ms",
+        ));
+    }
+    Ok(store)
+}
+
+/// Validates the `[resume]` section; a shared store needs a shared secret.
+fn resume(raw: RawResume, store: &StoreKind, env: &dyn Env) -> Result<ResumeConfig, ConfigError> {
+    let secret = match &raw.secret_env {
+        Some(var) => Some(secret(env, var, "resume.secret_env")?.into_bytes()),
+        None => None,
+    };
+    if matches!(store, StoreKind::Redis { .. }) && secret.is_none() {
+        return Err(ConfigError::invalid(
+            "resume.secret_env",
+            "a shared store needs a shared resume secret: set resume.secret_env to the name of an environment variable holding it",
+        ));
+    }
+    Ok(ResumeConfig {
+        secret,
+        retry_hint: duration_or(raw.retry_hint, DEFAULT_RETRY_HINT),
+    })
+}
+
+/// Validates the `[streams]` section.
+fn streams(raw: RawStreams) -> Result<StreamsConfig, ConfigError> {
+    let streams = StreamsConfig {
+        heartbeat: duration_or(raw.heartbeat, DEFAULT_HEARTBEAT),
+        on_client_disconnect: raw
+            .on_client_disconnect
+            .map_or(DEFAULT_ON_CLIENT_DISCONNECT, |d| d.0),
+    };
+    if streams.heartbeat.is_zero() {
+        return Err(ConfigError::invalid(
+            "streams.heartbeat",
+            "must be more than 0s",
+        ));
+    }
+    Ok(streams)
+}
+
+/// Resolves the `[auth]` client keys: a comma-separated list in a variable.
+fn auth(raw: RawAuth, env: &dyn Env) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(var) = raw.keys_env else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = secret(env, &var, "auth.keys_env")?
+        .split(',')
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if keys.is_empty() {
+        return Err(ConfigError::invalid(
+            "auth.keys_env",
+            format!("{var} holds no key"),
+        ));
+    }
+    Ok(Some(keys))
+}
+
+/// Resolves the `[admin]` token.
+fn admin(raw: RawAdmin, env: &dyn Env) -> Result<Option<String>, ConfigError> {
+    raw.token_env
+        .map(|var| secret(env, &var, "admin.token_env"))
+        .transpose()
+}
+
+/// Validates the `[[upstreams]]`; with none, `OPENAI_API_KEY` alone
+/// configures api.openai.com.
+fn upstreams(raw: Vec<RawUpstream>, env: &dyn Env) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    let mut upstreams = raw
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| upstream(index, raw, env))
+        .collect::<Result<Vec<_>, _>>()?;
+    if upstreams.is_empty()
+        && let Some(key) = env.var(OPENAI_KEY_ENV)
+    {
+        upstreams.push(OPENAI_UPSTREAM.upstream(
+            OPENAI_NAME,
+            OPENAI_BASE_URL.to_owned(),
+            Some(OPENAI_KEY_ENV.to_owned()),
+            Some(Secret(key)),
+        ));
+    }
+    Ok(upstreams)
+}
+
+/// Validates one `[[upstreams]]` entry, the `index`th.
 fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamConfig, ConfigError> {
     let key = |field: &str| format!("upstreams[{index}].{field}");
     if raw.name.is_empty() {
         return Err(ConfigError::invalid(key("name"), "must not be empty"));
     }
-    let protocol = match raw.protocol.as_deref().unwrap_or("openai") {
-        "openai" => Protocol::OpenAi,
-        "anthropic" => Protocol::Anthropic,
-        other => {
-            return Err(ConfigError::invalid(
-                key("protocol"),
-                format!("`{other}` is not one of openai, anthropic"),
-            ));
-        }
-    };
     let base_url = raw.base_url.trim_end_matches('/').to_owned();
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
         return Err(ConfigError::invalid(
@@ -549,64 +703,111 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
         ));
     }
     let api_key = match &raw.api_key_env {
-        Some(var) => Some(Secret(env.var(var).ok_or_else(|| {
-            ConfigError::MissingSecret {
-                var: var.clone(),
-                key: key("api_key_env"),
-            }
-        })?)),
+        Some(var) => Some(Secret(secret(env, var, &key("api_key_env"))?)),
         None => None,
     };
-    let models = raw.models.unwrap_or_else(|| vec!["*".into()]);
+    let defaults = &UPSTREAM_DEFAULTS;
+    let models = raw.models.unwrap_or_else(|| defaults.models());
     if models.is_empty() {
         return Err(ConfigError::invalid(key("models"), "lists no model glob"));
     }
-    let continuation = match raw.continuation.as_deref().unwrap_or("none") {
-        "continue_final_message" => Continuation::ContinueFinalMessage,
-        "prefix" => Continuation::Prefix,
-        "assistant_prefix" => Continuation::AssistantPrefix,
-        "none" => Continuation::None,
-        other => {
-            return Err(ConfigError::invalid(
-                key("continuation"),
-                format!(
-                    "`{other}` is not one of continue_final_message, prefix, assistant_prefix, none"
-                ),
-            ));
-        }
-    };
     Ok(UpstreamConfig {
-        connect_timeout: duration(&key("connect_timeout"), raw.connect_timeout, "5s")?,
-        first_byte_timeout: duration(&key("first_byte_timeout"), raw.first_byte_timeout, "60s")?,
-        idle_timeout: duration(&key("idle_timeout"), raw.idle_timeout, "60s")?,
-        http2: raw.http2.unwrap_or(false),
         name: raw.name,
-        protocol,
+        protocol: raw.protocol.unwrap_or(defaults.protocol),
         base_url,
         api_key_env: raw.api_key_env,
         api_key,
         models,
-        continuation,
+        continuation: raw.continuation.unwrap_or(defaults.continuation),
+        connect_timeout: duration_or(raw.connect_timeout, defaults.connect_timeout),
+        first_byte_timeout: duration_or(raw.first_byte_timeout, defaults.first_byte_timeout),
+        idle_timeout: duration_or(raw.idle_timeout, defaults.idle_timeout),
+        http2: raw.http2.unwrap_or(defaults.http2),
     })
 }
 
-fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
-    parse_duration(key, value.as_deref().unwrap_or(default))
+/// Validates `worker_threads`: from 1 to 1024, or one per CPU when left out.
+fn worker_threads(raw: Option<u64>) -> Result<Option<usize>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(n @ 1..=1024) => Ok(Some(n as usize)),
+        Some(_) => Err(ConfigError::invalid(
+            "worker_threads",
+            "must be from 1 to 1024 (leave it out for one per CPU)",
+        )),
+    }
 }
 
-fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        ConfigError::invalid(
-            key,
-            format!("`{text}` is not a duration like \"250ms\" or \"25s\": {e}"),
-        )
-    })
+// ---------------------------------------------------------------------------
+// Environment overrides.
+// ---------------------------------------------------------------------------
+
+/// The top-level keys of the file, read off [`RawConfig`]'s `Deserialize`
+/// impl so that a new section is an override target without being listed
+/// twice. Variables such as `TIDEGATE_API_KEYS` or `TIDEGATE_RESUME_SECRET`
+/// hold secrets, not config, so only names whose first segment is one of
+/// these are read as overrides.
+fn sections() -> &'static [&'static str] {
+    match RawConfig::deserialize(FieldNames) {
+        Err(FieldNamesError::Fields(fields)) => fields,
+        _ => &[],
+    }
+}
+
+/// A deserializer that only answers the field list a struct asks for.
+struct FieldNames;
+
+/// What [`FieldNames`] ends with: the field list, or anything else.
+#[derive(Debug)]
+enum FieldNamesError {
+    /// The fields `deserialize_struct` was called with.
+    Fields(&'static [&'static str]),
+    /// The type asked for something other than a struct.
+    NotAStruct,
+}
+
+impl fmt::Display for FieldNamesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("only reads the field names of a struct")
+    }
+}
+
+impl std::error::Error for FieldNamesError {}
+
+impl de::Error for FieldNamesError {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        FieldNamesError::NotAStruct
+    }
+}
+
+impl<'de> Deserializer<'de> for FieldNames {
+    type Error = FieldNamesError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(FieldNamesError::NotAStruct)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        Err(FieldNamesError::Fields(fields))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
+    }
 }
 
 /// Apply `TIDEGATE_SECTION__KEY=value` variables onto the parsed file.
 /// A value is read as TOML when it parses as one (numbers, booleans, arrays)
 /// and as a plain string otherwise (`20s`, `127.0.0.1:8080`).
 fn apply_env_overrides(root: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
+    let sections = sections();
     let mut vars = env.vars();
     vars.sort();
     for (name, value) in vars {
@@ -614,14 +815,14 @@ fn apply_env_overrides(root: &mut toml::Table, env: &dyn Env) -> Result<(), Conf
             continue;
         };
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        if !SECTIONS.contains(&path[0].as_str()) {
+        if !sections.contains(&path[0].as_str()) {
             if path.len() > 1 {
                 return Err(ConfigError::invalid(
                     name.as_str(),
                     format!(
                         "`{}` is not a config section (one of {})",
                         path[0],
-                        SECTIONS.join(", ")
+                        sections.join(", ")
                     ),
                 ));
             }
@@ -637,6 +838,7 @@ fn apply_env_overrides(root: &mut toml::Table, env: &dyn Env) -> Result<(), Conf
     Ok(())
 }
 
+/// Sets the key at `path` (list entries by index) to `value`.
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (head, rest) = path.split_first().ok_or("empty override path")?;
     if rest.is_empty() {
@@ -666,6 +868,55 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
         }
         _ => Err(format!("`{head}` is not a section")),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Describing a configuration: `check-config`, the start-up log, `Debug`.
+// ---------------------------------------------------------------------------
+
+/// Everything `check-config` prints for a valid configuration: the effective
+/// settings, the routing table, the drain timeline and the warnings.
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    out.push_str("config OK\n");
+    out.push_str(&format!("listen: {}\n", config.listen));
+    out.push_str(&format!(
+        "store: {} (ttl {})\n",
+        config.store.kind,
+        humantime::format_duration(config.store.ttl)
+    ));
+    out.push_str(&format!(
+        "client keys: {}\n",
+        match &config.auth_keys {
+            Some(keys) => format!("{} configured", keys.len()),
+            None => "none (the gateway is open)".into(),
+        }
+    ));
+    out.push_str("routing (first match wins):\n");
+    if config.builtin_mock {
+        out.push_str(&format!(
+            "  *  -> built-in mock provider (no upstream configured, {OPENAI_KEY_ENV} unset)\n"
+        ));
+    }
+    for u in &config.upstreams {
+        out.push_str(&format!(
+            "  {:<24} -> {} ({}, {}, continuation = {}, credential {})\n",
+            u.models.join(", "),
+            u.name,
+            u.base_url,
+            u.protocol.as_str(),
+            u.continuation.as_str(),
+            match &u.api_key_env {
+                Some(var) => format!("from ${var}"),
+                None => "passed through from the client".into(),
+            }
+        ));
+    }
+    out.push_str(&describe_timeline(&config.drain, config.stop_budget()));
+    for warning in warnings(config) {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
+    out
 }
 
 /// Text for `check-config` and the start-up log: the drain timeline and the
@@ -734,6 +985,99 @@ pub fn warnings(config: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+/// Returns `url` with everything between the scheme and the last `@` (user
+/// and password) replaced by `***`, so the text can be shown safely.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Display for StoreKind {
+    /// Writes `memory`, `embedded (./path)` or `redis (url)` with any
+    /// password in the URL redacted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Memory => f.write_str("memory"),
+            StoreKind::Embedded { path } => write!(f, "embedded ({})", path.display()),
+            StoreKind::Redis { url } => write!(f, "redis ({})", redact_url(url)),
+        }
+    }
+}
+
+impl fmt::Debug for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Memory => f.write_str("Memory"),
+            StoreKind::Embedded { path } => f.debug_struct("Embedded").field("path", path).finish(),
+            StoreKind::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for ResumeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ResumeConfig { secret, retry_hint } = self;
+        f.debug_struct("ResumeConfig")
+            .field("secret", &secret.as_ref().map(|_| Redacted))
+            .field("retry_hint", retry_hint)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    /// Writes every field, with the client keys and the admin token shown as
+    /// `<redacted>`; the destructuring makes a new field a compile error here.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Config {
+            listen,
+            max_body_bytes,
+            worker_threads,
+            drain,
+            store,
+            resume,
+            streams,
+            auth_keys,
+            admin_token,
+            upstreams,
+            builtin_mock,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("max_body_bytes", max_body_bytes)
+            .field("worker_threads", worker_threads)
+            .field("drain", drain)
+            .field("store", store)
+            .field("resume", resume)
+            .field("streams", streams)
+            .field(
+                "auth_keys",
+                &auth_keys.as_ref().map(|keys| vec![Redacted; keys.len()]),
+            )
+            .field("admin_token", &admin_token.as_ref().map(|_| Redacted))
+            .field("upstreams", upstreams)
+            .field("builtin_mock", builtin_mock)
+            .finish()
+    }
+}
+
+/// Stands in for a secret in `Debug` output.
+#[derive(Clone, Copy)]
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[cfg(test)]
@@ -828,5 +1172,406 @@ mod tests {
     fn bad_durations_are_explained() {
         let err = Config::from_toml("[drain]\ngrace = \"soon\"", &env(&[])).unwrap_err();
         assert!(err.to_string().contains("drain.grace"), "{err}");
+    }
+
+    // ----- added with the typed raw stage -----
+
+    const ONE_UPSTREAM: &str =
+        "[[upstreams]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1/v1\"\n";
+
+    /// Loads `text` with no environment, expecting an error, and returns it
+    /// as text.
+    fn error_of(text: &str) -> String {
+        Config::from_toml(text, &env(&[])).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_default_is_applied() {
+        let c = Config::from_toml("", &env(&[])).unwrap();
+        assert_eq!(c.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.drain.pre_stop_delay, Duration::ZERO);
+        assert_eq!(c.store.ttl, Duration::from_secs(15 * 60));
+        assert_eq!(c.store.commit_interval, Duration::ZERO);
+        assert_eq!(c.store.lease_ttl, Duration::from_secs(5));
+        assert_eq!(c.resume.retry_hint, Duration::from_secs(2));
+        assert!(c.resume.secret.is_none());
+        assert_eq!(c.streams.heartbeat, Duration::from_secs(15));
+        assert_eq!(c.streams.on_client_disconnect, DisconnectPolicy::Cancel);
+        assert!(c.auth_keys.is_none());
+        assert!(c.admin_token.is_none());
+
+        let c = Config::from_toml(ONE_UPSTREAM, &env(&[])).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.protocol, Protocol::OpenAi);
+        assert_eq!(u.models, ["*"]);
+        assert_eq!(u.continuation, Continuation::None);
+        assert_eq!(u.connect_timeout, Duration::from_secs(5));
+        assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
+        assert_eq!(u.idle_timeout, Duration::from_secs(60));
+        assert!(!u.http2);
+        assert!(u.api_key.is_none() && u.api_key_env.is_none());
+    }
+
+    #[test]
+    fn openai_upstream_keeps_its_longer_waits() {
+        let c = Config::from_toml("", &env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.name, "openai");
+        assert_eq!(u.protocol, Protocol::OpenAi);
+        assert_eq!(u.api_key_env.as_deref(), Some("OPENAI_API_KEY"));
+        assert_eq!(u.api_key, Some(Secret("sk-test".into())));
+        assert_eq!(u.models, ["*"]);
+        assert_eq!(u.continuation, Continuation::None);
+        assert_eq!(u.connect_timeout, Duration::from_secs(10));
+        assert_eq!(u.first_byte_timeout, Duration::from_secs(120));
+        assert_eq!(u.idle_timeout, Duration::from_secs(120));
+        assert!(!u.http2);
+        // A configured upstream wins over OPENAI_API_KEY.
+        let c = Config::from_toml(ONE_UPSTREAM, &env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].name, "a");
+    }
+
+    #[test]
+    fn builtin_mock_takes_the_ordinary_defaults() {
+        let u = UpstreamConfig::builtin_mock("http://127.0.0.1:9/v1".into());
+        assert_eq!(u.name, "builtin-mock");
+        assert_eq!(u.protocol, Protocol::OpenAi);
+        assert_eq!(u.base_url, "http://127.0.0.1:9/v1");
+        assert!(u.api_key.is_none() && u.api_key_env.is_none());
+        assert_eq!(u.models, ["*"]);
+        assert_eq!(u.continuation, Continuation::ContinueFinalMessage);
+        assert_eq!(u.connect_timeout, Duration::from_secs(5));
+        assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
+        assert_eq!(u.idle_timeout, Duration::from_secs(60));
+        assert!(!u.http2);
+    }
+
+    #[test]
+    fn enum_names_match_as_str() {
+        for p in [Protocol::OpenAi, Protocol::Anthropic] {
+            let text = format!(
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\nprotocol = \"{}\"\n",
+                p.as_str()
+            );
+            assert_eq!(
+                Config::from_toml(&text, &env(&[])).unwrap().upstreams[0].protocol,
+                p
+            );
+        }
+        for k in [
+            Continuation::ContinueFinalMessage,
+            Continuation::Prefix,
+            Continuation::AssistantPrefix,
+            Continuation::None,
+        ] {
+            let text = format!(
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\ncontinuation = \"{}\"\n",
+                k.as_str()
+            );
+            assert_eq!(
+                Config::from_toml(&text, &env(&[])).unwrap().upstreams[0].continuation,
+                k
+            );
+        }
+        for (kind, expected) in [
+            ("memory", StoreKind::Memory),
+            (
+                "embedded",
+                StoreKind::Embedded {
+                    path: DEFAULT_DATA_DIR.into(),
+                },
+            ),
+        ] {
+            let c = Config::from_toml(&format!("[store]\nkind = \"{kind}\""), &env(&[])).unwrap();
+            assert_eq!(c.store.kind, expected);
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key_path() {
+        let cases = [
+            (
+                format!("{ONE_UPSTREAM}protocol = \"grpc\"\n"),
+                "`upstreams[0].protocol`",
+                "grpc",
+            ),
+            (
+                format!("{ONE_UPSTREAM}continuation = \"maybe\"\n"),
+                "`upstreams[0].continuation`",
+                "maybe",
+            ),
+            (
+                format!("{ONE_UPSTREAM}idle_timeout = \"later\"\n"),
+                "`upstreams[0].idle_timeout`",
+                "later",
+            ),
+            (
+                format!("{ONE_UPSTREAM}http2 = \"yes\"\n"),
+                "`upstreams[0].http2`",
+                "bool",
+            ),
+            ("[drain]\ngrace = \"soon\"".into(), "`drain.grace`", "soon"),
+            ("[drain]\ngrace = 5".into(), "`drain.grace`", "integer"),
+            ("[store]\nkind = \"disk\"".into(), "`store.kind`", "disk"),
+            (
+                "[store]\nttl = \"forever\"".into(),
+                "`store.ttl`",
+                "forever",
+            ),
+            (
+                "[resume]\nretry_hint = \"x\"".into(),
+                "`resume.retry_hint`",
+                "x",
+            ),
+            (
+                "[streams]\non_client_disconnect = \"never\"".into(),
+                "`streams.on_client_disconnect`",
+                "neither \"cancel\" nor a duration",
+            ),
+            ("max_body_bytes = \"big\"".into(), "`max_body_bytes`", "big"),
+            (
+                "listen = \"nowhere\"".into(),
+                "`listen`",
+                "not an address like 127.0.0.1:8080",
+            ),
+        ];
+        for (text, key, detail) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(key) && err.contains(detail), "{text}: {err}");
+        }
+        let err = Config::from_toml("", &env(&[("TIDEGATE_DRAIN__GRACE", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("`drain.grace`"), "{err}");
+    }
+
+    #[test]
+    fn validation_rules_hold() {
+        let cases = [
+            (
+                "[drain]\npre_stop_delay = \"30s\"\ngrace = \"10s\"",
+                "drain.pre_stop_delay",
+            ),
+            ("[drain]\nexit_timeout = \"0s\"", "drain.exit_timeout"),
+            ("[store]\nttl = \"0s\"", "store.ttl"),
+            ("[store]\nlease_ttl = \"499ms\"", "store.lease_ttl"),
+            ("[streams]\nheartbeat = \"0s\"", "streams.heartbeat"),
+            ("[store]\nkind = \"redis\"", "store.url"),
+            ("[store]\nkind = \"redis\"\nurl = \"http://x\"", "store.url"),
+            (
+                "[[upstreams]]\nname = \"\"\nbase_url = \"http://x/v1\"",
+                "upstreams[0].name",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"ftp://x/v1\"",
+                "upstreams[0].base_url",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x:99999/v1\"",
+                "upstreams[0].base_url",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\nmodels = []",
+                "upstreams[0].models",
+            ),
+            ("worker_threads = 1025", "worker_threads"),
+        ];
+        for (text, key) in cases {
+            let err = error_of(text);
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let c = Config::from_toml("[store]\nlease_ttl = \"500ms\"", &env(&[])).unwrap();
+        assert_eq!(c.store.lease_ttl, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn disconnect_policy_is_cancel_or_a_duration() {
+        let policy = |value: &str| {
+            Config::from_toml(
+                &format!("[streams]\non_client_disconnect = \"{value}\""),
+                &env(&[]),
+            )
+            .unwrap()
+            .streams
+            .on_client_disconnect
+        };
+        assert_eq!(policy("cancel"), DisconnectPolicy::Cancel);
+        assert_eq!(
+            policy("10s"),
+            DisconnectPolicy::Grace(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn secrets_are_resolved_from_the_environment() {
+        let file = "[auth]\nkeys_env = \"KEYS\"\n[admin]\ntoken_env = \"ADMIN\"\n[resume]\nsecret_env = \"RESUME\"\n";
+        let vars = env(&[("KEYS", " k1, ,k2 "), ("ADMIN", "tok"), ("RESUME", "shh")]);
+        let c = Config::from_toml(file, &vars).unwrap();
+        assert_eq!(c.auth_keys, Some(vec!["k1".to_owned(), "k2".to_owned()]));
+        assert_eq!(c.admin_token.as_deref(), Some("tok"));
+        assert_eq!(c.resume.secret.as_deref(), Some(&b"shh"[..]));
+
+        let err = Config::from_toml(
+            file,
+            &env(&[("KEYS", " , "), ("ADMIN", "t"), ("RESUME", "s")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("auth.keys_env") && err.contains("KEYS holds no key"),
+            "{err}"
+        );
+        for missing in ["KEYS", "ADMIN", "RESUME"] {
+            let mut vars = vars.clone();
+            vars.remove(missing);
+            let err = Config::from_toml(file, &vars).unwrap_err().to_string();
+            assert!(err.contains(missing), "{err}");
+        }
+    }
+
+    #[test]
+    fn sections_come_from_the_raw_config() {
+        assert_eq!(
+            sections(),
+            [
+                "listen",
+                "max_body_bytes",
+                "worker_threads",
+                "drain",
+                "store",
+                "resume",
+                "streams",
+                "auth",
+                "admin",
+                "upstreams",
+            ]
+        );
+        let c = Config::from_toml(
+            "",
+            &env(&[
+                ("TIDEGATE_STORE__KIND", "memory"),
+                ("TIDEGATE_MAX_BODY_BYTES", "1024"),
+                ("TIDEGATE_RESUME_SECRET", "a secret, not an override"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store.kind, StoreKind::Memory);
+        assert_eq!(c.max_body_bytes, 1024);
+        let err = Config::from_toml(ONE_UPSTREAM, &env(&[("TIDEGATE_UPSTREAMS__1__NAME", "b")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TIDEGATE_UPSTREAMS__1__NAME") && err.contains("no entry 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn describe_prints_what_check_config_printed() {
+        let file = "[drain]\ngrace = \"40s\"\n[[upstreams]]\nname = \"v\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodels = [\"llama-*\"]\napi_key_env = \"V_KEY\"\n";
+        let c = Config::from_toml(file, &env(&[("V_KEY", "sk-v")])).unwrap();
+        let text = describe(&c);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "config OK");
+        assert_eq!(lines[1], "listen: 127.0.0.1:8080");
+        assert_eq!(lines[2], "store: embedded (./tidegate-data) (ttl 15m)");
+        assert_eq!(lines[3], "client keys: none (the gateway is open)");
+        assert_eq!(lines[4], "routing (first match wins):");
+        assert_eq!(
+            lines[5],
+            "  llama-*                  -> v (http://127.0.0.1:1/v1, openai, continuation = none, credential from $V_KEY)"
+        );
+        assert!(text.contains(&describe_timeline(&c.drain, c.stop_budget())));
+        assert!(
+            text.contains("terminationGracePeriodSeconds >= 45"),
+            "{text}"
+        );
+        assert!(text.contains("TimeoutStopSec >= 45s"), "{text}");
+        assert!(text.contains("warning: the drain needs 45s"), "{text}");
+        assert!(
+            text.contains("warning: upstream `v` has continuation = \"none\""),
+            "{text}"
+        );
+        assert!(text.ends_with('\n'));
+        assert!(!text.contains("sk-v"));
+
+        let c = Config::from_toml("[store]\nkind = \"memory\"", &env(&[])).unwrap();
+        let text = describe(&c);
+        assert!(text.contains("\nstore: memory (ttl 15m)\n"), "{text}");
+        assert!(text.contains(
+            "\n  *  -> built-in mock provider (no upstream configured, OPENAI_API_KEY unset)\n"
+        ));
+        assert!(
+            text.contains("\nwarning: store.kind = \"memory\""),
+            "{text}"
+        );
+
+        let c = Config::from_toml(
+            "[auth]\nkeys_env = \"KEYS\"",
+            &env(&[("KEYS", "a,b"), ("OPENAI_API_KEY", "sk-o")]),
+        )
+        .unwrap();
+        let text = describe(&c);
+        assert!(text.contains("\nclient keys: 2 configured\n"), "{text}");
+        assert!(text.contains("-> openai (https://api.openai.com/v1, openai, continuation = none, credential from $OPENAI_API_KEY)"), "{text}");
+        assert!(!text.contains("sk-o"));
+    }
+
+    #[test]
+    fn a_redis_password_never_shows() {
+        let file = "[store]\nkind = \"redis\"\nurl = \"redis://user:hunter2@cache.internal:6379/0\"\n[resume]\nsecret_env = \"RS\"\n";
+        let c = Config::from_toml(file, &env(&[("RS", "resume-secret")])).unwrap();
+        let text = describe(&c);
+        assert!(
+            text.contains("\nstore: redis (redis://***@cache.internal:6379/0) (ttl 15m)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{:?}", c.store).contains("hunter2"));
+        // The value the store connects with is untouched.
+        assert_eq!(
+            c.store.kind,
+            StoreKind::Redis {
+                url: "redis://user:hunter2@cache.internal:6379/0".into()
+            }
+        );
+    }
+
+    #[test]
+    fn redact_url_hides_user_and_password() {
+        assert_eq!(redact_url("redis://:pw@host:6379"), "redis://***@host:6379");
+        assert_eq!(redact_url("rediss://u:p@w@host"), "rediss://***@host");
+        assert_eq!(redact_url("redis://host:6379/1"), "redis://host:6379/1");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let file = "[auth]\nkeys_env = \"KEYS\"\n[admin]\ntoken_env = \"ADMIN\"\n[resume]\nsecret_env = \"RESUME\"\n[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\napi_key_env = \"UP\"\n";
+        let vars = env(&[
+            ("KEYS", "client-key-one,client-key-two"),
+            ("ADMIN", "admin-token-value"),
+            ("RESUME", "resume-secret-value"),
+            ("UP", "upstream-key-value"),
+        ]);
+        let c = Config::from_toml(file, &vars).unwrap();
+        let debug = format!("{c:?}");
+        let bytes = format!("{:?}", b"resume-secret-value");
+        for secret in [
+            "client-key-one",
+            "client-key-two",
+            "admin-token-value",
+            "resume-secret-value",
+            "upstream-key-value",
+            bytes.trim_matches(|c| c == '[' || c == ']'),
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(
+            debug.contains("auth_keys: Some([<redacted>, <redacted>])"),
+            "{debug}"
+        );
+        assert!(debug.contains("admin_token: Some(<redacted>)"), "{debug}");
+        assert!(debug.contains("secret: Some(<redacted>)"), "{debug}");
     }
 }

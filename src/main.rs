@@ -168,49 +168,12 @@ fn mock(listen: String, api_key: Option<String>) -> ExitCode {
     })
 }
 
+/// `check-config`: load and validate the config, then print what it means.
 fn check(path: Option<PathBuf>) -> ExitCode {
     let config = match load(path, None) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("config OK");
-    println!("listen: {}", config.listen);
-    println!(
-        "store: {:?} (ttl {})",
-        config.store.kind,
-        humantime::format_duration(config.store.ttl)
-    );
-    println!(
-        "client keys: {}",
-        match &config.auth_keys {
-            Some(keys) => format!("{} configured", keys.len()),
-            None => "none (the gateway is open)".into(),
-        }
-    );
-    println!("routing (first match wins):");
-    if config.builtin_mock {
-        println!("  *  -> built-in mock provider (no upstream configured, OPENAI_API_KEY unset)");
-    }
-    for u in &config.upstreams {
-        println!(
-            "  {:<24} -> {} ({}, {}, continuation = {}, credential {})",
-            u.models.join(", "),
-            u.name,
-            u.base_url,
-            u.protocol.as_str(),
-            u.continuation.as_str(),
-            match &u.api_key_env {
-                Some(var) => format!("from ${var}"),
-                None => "passed through from the client".into(),
-            }
-        );
-    }
-    print!(
-        "{}",
-        tidegate::config::describe_timeline(&config.drain, config.stop_budget())
-    );
-    for warning in tidegate::config::warnings(&config) {
-        println!("warning: {warning}");
-    }
+    print!("{}", tidegate::config::describe(&config));
     ExitCode::SUCCESS
 }
