@@ -218,3 +218,5 @@ impl Relay {
         Attached { who, follow }
     }
 }
+#[cfg(test)]
+mod tests;
