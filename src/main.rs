@@ -13,8 +13,7 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 /// mimalloc rather than glibc's malloc: the relay allocates and frees small
-/// buffers per event, and glibc spent a sixth of the gateway's CPU on it
-/// (see benches/OPTIMISATIONS.md).
+/// buffers per event (benches/OPTIMISATIONS.md, "allocator").
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -135,9 +135,9 @@ pub async fn run(
             .spawn(keep_leases(relay.clone(), drain.clone(), lease_every));
     }
 
-    // `into_make_service`: each connection gets a clone of the router (a
-    // reference count). Given the `Router` itself, axum::serve rebuilds
-    // its route table for every connection: ~5 KiB per held stream.
+    // Rule: serve `into_make_service`, so each connection gets a clone of
+    // the router (a reference count), not a rebuilt route table
+    // (benches/OPTIMISATIONS.md, "held streams").
     let serve = axum::serve(
         listener.tap_io(crate::net::no_delay),
         api::app(state).into_make_service(),

@@ -74,10 +74,9 @@ impl<'a> Fields<'a> {
 }
 
 /// The request body as validation reads it: an object's four checked
-/// fields, each reduced to its [`Shape`], and nothing else kept. Building
-/// the whole JSON tree (every message's text) was most of this handler's
-/// allocations. A repeated key counts by its last value, as it would in a
-/// parsed object.
+/// fields, each reduced to its [`Shape`], and nothing else kept. Rule: no
+/// JSON tree of the whole body (benches/OPTIMISATIONS.md, "validation").
+/// A repeated key counts by its last value, as it would in a parsed object.
 struct Top<'a>(Shape<'a>);
 
 #[derive(Default)]

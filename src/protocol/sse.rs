@@ -1,12 +1,12 @@
-//! Decoding the provider's `text/event-stream`, without a copy per event.
+//! `text/event-stream`, the framing every protocol here streams in:
+//! decoding the provider's bytes without a copy per event, and framing
+//! relayed events for clients.
 //!
-//! The bytes the provider sends go once into a small per-stream buffer; an
-//! event's `data` is a slice of that buffer (`Bytes`), which the store, the
-//! live stream and every subscriber then share by reference count. This
-//! replaced `eventsource-stream`, which builds a fresh `String` for every
-//! event's data: that allocation and copy, and the memory it left behind in
-//! the store, were the largest item of the relay's own CPU profile
-//! (benches/OPTIMISATIONS.md).
+//! Rule: the bytes the provider sends go once into a small per-stream
+//! buffer; an event's `data` is a slice of that buffer (`Bytes`), which the
+//! store, the live stream and every subscriber then share by reference
+//! count. (Why not `eventsource-stream`, which makes a `String` per event:
+//! benches/OPTIMISATIONS.md, "SSE decoder".)
 //!
 //! Framing follows the WHATWG "interpreting an event stream" rules: lines
 //! end in CRLF, LF or CR (also when a CRLF is split across reads); a leading

@@ -218,8 +218,8 @@ impl Pump {
         let mut body_done = false;
         let mut failure: Option<ReadError> = None;
         let mut seq = self.live.base;
-        // Grown as bursts need it: a held stream batches one event at a
-        // time, and 256 slots reserved up front were 14 KiB per stream.
+        // Grown as bursts need it, never reserved up front: a held stream
+        // batches one event at a time (benches/OPTIMISATIONS.md, "held streams").
         let mut batch: Vec<Event> = Vec::new();
         loop {
             // Number every event decoded so far: one store write and one
@@ -279,11 +279,9 @@ impl Pump {
             if full {
                 continue;
             }
-            // The read before the timers: a timer is first registered when
-            // it is first polled, so a read that is ready at once (a burst,
-            // the body that came with the head) costs no timer-wheel
-            // insertion, nor the wake-up of the parked driver that the
-            // earliest timer's insertion makes.
+            // Rule: the read is polled before the timers, so a read that is
+            // ready at once registers no timer (benches/OPTIMISATIONS.md,
+            // "timers after reads").
             let read = tokio::select! {
                 biased;
                 _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
@@ -296,8 +294,8 @@ impl Pump {
                     continue;
                 }
                 _ = &mut stall => {
-                    // One timer for the stream, moved only when it fires:
-                    // a timer per read cost two timer-wheel updates per read.
+                    // Rule: one stall timer per stream, moved only when it
+                    // fires, never reset per read.
                     let quiet_until = last_read + idle;
                     if tokio::time::Instant::now() < quiet_until {
                         stall.as_mut().reset(quiet_until);

@@ -89,8 +89,8 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
 
         let mut changes = live.watch();
         let mut settle: Option<tokio::time::Instant> = None;
-        // One heartbeat timer, moved only when it fires: a new timer per
-        // wake-up cost two timer-wheel updates per write.
+        // Rule: one heartbeat timer, moved only when it fires, never reset
+        // per write.
         let beat = tokio::time::sleep(heartbeat);
         tokio::pin!(beat);
         let mut last_write = tokio::time::Instant::now();

@@ -118,13 +118,11 @@ impl EmbeddedStore {
     pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(path).map_err(io_at("create", path))?;
         let db = Database::builder(path.join("db"))
-            // One background thread for flushes and compactions. With two,
-            // fjall 3.1 has the first hand every compaction request back
-            // to the queue while the second is busy, which spins a core
-            // (measured: ~10% of the gateway's CPU under load).
+            // One background thread for flushes and compactions: with two,
+            // fjall 3.1 spins a core handing compactions back and forth
+            // (benches/OPTIMISATIONS.md, "embedded store").
             .worker_threads(1)
-            // Batches are a few KiB of JSON and live for minutes: lz4 in
-            // the journal cost the writer thread more than it saved.
+            // No journal compression: batches are small and short-lived.
             .journal_compression(fjall::CompressionType::None)
             .open()
             .map_err(|e| match e {

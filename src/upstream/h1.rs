@@ -4,8 +4,8 @@
 //! time, through a one-slot channel between the connection's task and the
 //! reader's task. A provider that sends fifty events in one TCP segment —
 //! any burst, and every answer a fast local model streams — so costs fifty
-//! round trips between two tasks, and that hand-off was the largest item of
-//! the relay's profile (benches/OPTIMISATIONS.md). Self-hosted providers
+//! round trips between two tasks (benches/OPTIMISATIONS.md, "the pump's own
+//! connections"). Self-hosted providers
 //! (vLLM, SGLang, Ollama, llama.cpp) mostly sit on plain `http://` beside
 //! the gateway, so for them the pump drives the connection itself: one
 //! `read` brings whatever the kernel holds, every chunk in it is de-chunked
