@@ -291,11 +291,17 @@ struct HumanDuration(Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(de::Error::custom)
+        from_text(deserializer, |text| parse_duration(text).map(HumanDuration))
     }
+}
+
+/// Read a string and `parse` it; its message becomes the error at the key.
+fn from_text<'de, D: Deserializer<'de>, T>(
+    deserializer: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse(&text).map_err(de::Error::custom)
 }
 
 /// Reads `value` when the file gives it, `default` otherwise.
@@ -315,8 +321,7 @@ struct Listen(SocketAddr);
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_listen(&text).map(Listen).map_err(de::Error::custom)
+        from_text(deserializer, |text| parse_listen(text).map(Listen))
     }
 }
 
@@ -332,17 +337,12 @@ struct RawDisconnect(DisconnectPolicy);
 
 impl<'de> Deserialize<'de> for RawDisconnect {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        if text == "cancel" {
-            return Ok(RawDisconnect(DisconnectPolicy::Cancel));
-        }
-        parse_duration(&text)
-            .map(|d| RawDisconnect(DisconnectPolicy::Grace(d)))
-            .map_err(|_| {
-                de::Error::custom(format!(
-                    "`{text}` is neither \"cancel\" nor a duration like \"10s\""
-                ))
-            })
+        from_text(deserializer, |text| match text {
+            "cancel" => Ok(RawDisconnect(DisconnectPolicy::Cancel)),
+            _ => parse_duration(text)
+                .map(|d| RawDisconnect(DisconnectPolicy::Grace(d)))
+                .map_err(|_| format!("`{text}` is neither \"cancel\" nor a duration like \"10s\"")),
+        })
     }
 }
 

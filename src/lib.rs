@@ -8,17 +8,27 @@
 //!
 //! # Layout
 //!
+//! From the bottom up; a module uses only those above it in this list.
+//!
+//! - [`stream`]: what every layer says about a stream — its events, its
+//!   record and status, how it ended;
+//! - [`token`]: resume tokens, random ids, key hashes;
+//! - [`protocol`]: one file per wire protocol (OpenAI chat, Anthropic
+//!   Messages) behind the [`protocol::Wire`] trait, and the SSE framing they
+//!   share; pure code, no I/O;
 //! - [`config`]: the TOML file, `TIDEGATE_*` overrides, validated [`config::Config`];
-//! - [`server`]: start-up, serving, and the orderly exit after a drain;
-//! - [`drain`]: SIGTERM → readiness 503 → refuse new streams → deadline → exit;
+//! - [`store`]: the partial-response store (memory, embedded, redis);
+//! - [`upstream`]: providers as transport — clients, credentials, timeouts,
+//!   the HTTP/1.1 pool, routing by model;
+//! - [`metrics`], [`drain`], [`net`]: counters, the shutdown timeline,
+//!   socket settings;
+//! - [`mock`]: `tidegate mock-upstream`, the deterministic provider (it
+//!   shares no protocol code with the gateway, so it cannot agree with it
+//!   by accident);
+//! - [`relay`]: a stream's whole life — start, pump, follow, resume,
+//!   continue, cancel;
 //! - [`api`]: the HTTP routes and the one error type at the edge;
-//! - [`relay`]: one stream's life — the pump that talks to the provider and
-//!   writes ahead to the store, and the subscribers that replay and follow it;
-//! - [`upstream`]: providers, credentials, timeouts, and continuation requests;
-//! - [`store`]: the partial-response store (memory, embedded, redis) and
-//!   resume tokens;
-//! - [`mock`]: `tidegate mock-upstream`, the deterministic provider;
-//! - [`metrics`]: Prometheus counters.
+//! - [`server`]: start-up, serving, and the orderly exit after a drain.
 //!
 //! See `ARCHITECTURE.md` for the life of a stream and the invariants.
 

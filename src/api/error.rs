@@ -14,7 +14,6 @@ use serde_json::Value;
 
 use crate::protocol::{Protocol, RequestError};
 use crate::relay::RelayError;
-use crate::store::StoreError;
 use crate::upstream::UpstreamError;
 
 /// Whose fault an error is: the client's, the provider's, or ours.
@@ -39,20 +38,9 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("the gateway is draining and accepts no new streams; retry on another instance")]
-    Draining,
-    #[error("the gateway is restarting; retry the request")]
-    ServerRestarting,
+    /// What the relay could not do; its status is decided here.
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error("{0}")]
-    UpstreamNotAStream(String),
-    #[error("the partial-response store is unavailable")]
-    Store(#[from] StoreError),
-    #[error("internal error")]
-    Internal(String),
+    Relay(#[from] RelayError),
 }
 
 impl From<RequestError> for ApiError {
@@ -60,25 +48,6 @@ impl From<RequestError> for ApiError {
         match e {
             RequestError::Malformed(e) => ApiError::MalformedJson(e.to_string()),
             RequestError::Invalid(message) => ApiError::InvalidRequest(message.into()),
-        }
-    }
-}
-
-impl From<RelayError> for ApiError {
-    fn from(e: RelayError) -> ApiError {
-        match e {
-            RelayError::NotFound | RelayError::IdempotentStreamGone => {
-                ApiError::NotFound(e.to_string())
-            }
-            RelayError::IdempotencyConflict => ApiError::Conflict(e.to_string()),
-            RelayError::Draining => ApiError::Draining,
-            RelayError::ServerRestarting => ApiError::ServerRestarting,
-            RelayError::Upstream(e) => ApiError::Upstream(e),
-            RelayError::NotAStream { .. } => ApiError::UpstreamNotAStream(e.to_string()),
-            RelayError::Store(e) => ApiError::Store(e),
-            RelayError::CancelledBeforeStart(_)
-            | RelayError::PumpVanished
-            | RelayError::Encode(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -98,16 +67,20 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Draining | ApiError::ServerRestarting | ApiError::Store(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::Upstream(UpstreamError::Connect { .. }) | ApiError::UpstreamNotAStream(_) => {
-                StatusCode::BAD_GATEWAY
-            }
-            ApiError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Upstream(UpstreamError::Status { status, .. }) => *status,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Relay(e) => match e {
+                RelayError::NotFound | RelayError::IdempotentStreamGone => StatusCode::NOT_FOUND,
+                RelayError::IdempotencyConflict => StatusCode::CONFLICT,
+                RelayError::Draining | RelayError::ServerRestarting | RelayError::Store(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                RelayError::Upstream(UpstreamError::Connect { .. })
+                | RelayError::NotAStream { .. } => StatusCode::BAD_GATEWAY,
+                RelayError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+                RelayError::Upstream(UpstreamError::Status { status, .. }) => *status,
+                RelayError::CancelledBeforeStart(_)
+                | RelayError::PumpVanished
+                | RelayError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -119,27 +92,42 @@ impl ApiError {
             ApiError::NotFound(_) => ("not_found_error", "not_found"),
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
-            ApiError::Conflict(_) => ("invalid_request_error", "idempotency_conflict"),
-            ApiError::Draining => ("server_draining", "draining"),
-            ApiError::ServerRestarting => ("server_restarting", "server_restarting"),
-            ApiError::Upstream(UpstreamError::Connect { .. }) | ApiError::UpstreamNotAStream(_) => {
-                ("upstream_error", "upstream_unavailable")
-            }
-            ApiError::Upstream(UpstreamError::Timeout { .. }) => {
-                ("upstream_error", "upstream_timeout")
-            }
-            ApiError::Upstream(UpstreamError::Status { .. }) => {
-                ("upstream_error", "upstream_error")
-            }
-            ApiError::Store(_) => ("server_error", "store_unavailable"),
-            ApiError::Internal(_) => ("server_error", "internal_error"),
+            ApiError::Relay(e) => match e {
+                RelayError::NotFound | RelayError::IdempotentStreamGone => {
+                    ("not_found_error", "not_found")
+                }
+                RelayError::IdempotencyConflict => {
+                    ("invalid_request_error", "idempotency_conflict")
+                }
+                RelayError::Draining => ("server_draining", "draining"),
+                RelayError::ServerRestarting => ("server_restarting", "server_restarting"),
+                RelayError::Upstream(UpstreamError::Connect { .. })
+                | RelayError::NotAStream { .. } => ("upstream_error", "upstream_unavailable"),
+                RelayError::Upstream(UpstreamError::Timeout { .. }) => {
+                    ("upstream_error", "upstream_timeout")
+                }
+                RelayError::Upstream(UpstreamError::Status { .. }) => {
+                    ("upstream_error", "upstream_error")
+                }
+                RelayError::Store(_) => ("server_error", "store_unavailable"),
+                RelayError::CancelledBeforeStart(_)
+                | RelayError::PumpVanished
+                | RelayError::Encode(_) => ("server_error", "internal_error"),
+            },
         }
     }
 
     fn source(&self) -> Source {
         match self {
-            ApiError::Upstream(_) | ApiError::UpstreamNotAStream(_) => Source::Upstream,
-            ApiError::Store(_) | ApiError::Internal(_) => Source::Internal,
+            ApiError::Relay(RelayError::Upstream(_) | RelayError::NotAStream { .. }) => {
+                Source::Upstream
+            }
+            ApiError::Relay(
+                RelayError::Store(_)
+                | RelayError::CancelledBeforeStart(_)
+                | RelayError::PumpVanished
+                | RelayError::Encode(_),
+            ) => Source::Internal,
             _ => Source::Downstream,
         }
     }
@@ -147,19 +135,24 @@ impl ApiError {
     /// The message a client may see: internal details stay in the log.
     fn public_message(&self) -> String {
         match self {
-            ApiError::Upstream(UpstreamError::Connect { upstream, .. }) => {
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Connect { upstream, .. })) => {
                 format!("cannot reach upstream `{upstream}`")
             }
+            ApiError::Relay(RelayError::Store(_)) => {
+                "the partial-response store is unavailable".into()
+            }
+            ApiError::Relay(
+                RelayError::CancelledBeforeStart(_)
+                | RelayError::PumpVanished
+                | RelayError::Encode(_),
+            ) => "internal error".into(),
             other => other.to_string(),
         }
     }
 
+    /// What the log says: the whole cause.
     fn detail(&self) -> String {
-        match self {
-            ApiError::Internal(detail) => detail.clone(),
-            ApiError::Store(e) => e.to_string(),
-            other => other.to_string(),
-        }
+        self.to_string()
     }
 
     pub fn render(self, protocol: Protocol) -> Response {
@@ -170,7 +163,7 @@ impl ApiError {
         // tells the client more than we could.
         let wire = protocol.wire();
         let passthrough = match &self {
-            ApiError::Upstream(UpstreamError::Status { body, .. }) => {
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status { body, .. })) => {
                 serde_json::from_slice::<Value>(body)
                     .ok()
                     .filter(|v| wire.is_error_body(v))
@@ -180,7 +173,10 @@ impl ApiError {
         let body = passthrough.unwrap_or_else(|| wire.error_body(kind, code, &message));
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        if matches!(self, ApiError::Draining | ApiError::ServerRestarting) {
+        if matches!(
+            self,
+            ApiError::Relay(RelayError::Draining | RelayError::ServerRestarting)
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -13,8 +13,8 @@ pub fn response(attached: Attached) -> Response {
     let value = |text: &str| {
         HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     };
-    let id = value(&attached.who.id);
-    let token = value(&attached.who.resume_token);
+    let id = value(&attached.who().id);
+    let token = value(&attached.who().resume_token);
     let mut response = Response::new(Body::from_stream(attached.into_body()));
     let h = response.headers_mut();
     h.insert(

@@ -197,7 +197,9 @@ pub fn write_frame(out: &mut BytesMut, event: &Event) {
 }
 
 /// Append `data` as the `data:` lines of a frame, and the empty line that
-/// dispatches it.
+/// dispatches it. Always inlined: it is [`write_frame`]'s loop, run once
+/// per relayed event.
+#[inline(always)]
 pub fn write_data(out: &mut BytesMut, data: &[u8]) {
     let mut rest = data;
     while let Some(at) = memchr::memchr(b'\n', rest) {
@@ -208,6 +210,7 @@ pub fn write_data(out: &mut BytesMut, data: &[u8]) {
     out.put_u8(b'\n');
 }
 
+#[inline]
 fn data_line(out: &mut BytesMut, line: &[u8]) {
     out.put_slice(b"data: ");
     out.put_slice(line);

@@ -122,11 +122,15 @@ pub enum Access<'a> {
 /// A client attached to a stream: the head its response carries and the
 /// body that follows.
 pub struct Attached {
-    pub who: StreamIdentity,
     follow: Follow,
 }
 
 impl Attached {
+    /// The stream the client is attached to.
+    pub fn who(&self) -> &StreamIdentity {
+        &self.follow.who
+    }
+
     /// The SSE body: replay, then follow, then the end.
     pub fn into_body(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         subscriber::body(self.follow)
@@ -205,7 +209,7 @@ impl Relay {
         is_resume: bool,
     ) -> Attached {
         let follow = Follow {
-            who: who.clone(),
+            who,
             cursor,
             live,
             end_after_replay,
@@ -215,7 +219,7 @@ impl Relay {
             retry_hint: is_resume.then_some(self.settings.retry_hint),
             deadline: self.drain.streams.clone(),
         };
-        Attached { who, follow }
+        Attached { follow }
     }
 }
 #[cfg(test)]

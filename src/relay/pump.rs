@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use super::live::LiveStream;
 use super::{Relay, RelayError};
 use crate::protocol::sse::{SseDecoder, SseEvent};
-use crate::protocol::{Protocol, Terminal, Wire};
+use crate::protocol::{Protocol, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
 use crate::upstream::{
@@ -207,7 +207,6 @@ impl Pump {
     /// recorded (written with the last events).
     async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> (End, bool) {
         let idle = self.upstream.config.idle_timeout;
-        let wire = self.protocol.wire();
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
         let token = &self.live.token;
@@ -227,7 +226,7 @@ impl Pump {
             let mut step = None;
             let mut full = false;
             while let Some(event) = decoder.next_event() {
-                step = self.step(wire, Some(Ok(event)), &mut seq, &mut batch);
+                step = self.step(Some(Ok(event)), &mut seq, &mut batch);
                 full = batch.len() >= MAX_BATCH;
                 if step.is_some() || full {
                     break;
@@ -236,9 +235,9 @@ impl Pump {
             // The body's end or failure counts once what came before it is in.
             if step.is_none() && !full {
                 if let Some(failure) = failure.take() {
-                    step = self.step(wire, Some(Err(failure)), &mut seq, &mut batch);
+                    step = self.step(Some(Err(failure)), &mut seq, &mut batch);
                 } else if body_done {
-                    step = self.step(wire, None, &mut seq, &mut batch);
+                    step = self.step(None, &mut seq, &mut batch);
                 }
             }
             // Whether the end went into the store with the last batch.
@@ -315,7 +314,6 @@ impl Pump {
     /// `batch`, or say how the stream ends.
     fn step(
         &self,
-        wire: &dyn Wire,
         next: Option<Result<SseEvent, ReadError>>,
         seq: &mut u64,
         batch: &mut Vec<Event>,
@@ -343,6 +341,7 @@ impl Pump {
             }
             Some(Ok(event)) => event,
         };
+        let wire = self.protocol.wire();
         let terminal = wire.terminal(&event);
         if terminal == Some(Terminal::Sentinel) {
             return Some(End::Done);
@@ -374,24 +373,29 @@ impl Pump {
         let (ended, reason) = Status::of_end(end);
         let status = status.unwrap_or(ended);
         let id = &self.live.who.id;
-        let relay = &self.relay;
         if !recorded
-            && let Err(e) = relay
+            && let Err(e) = self
+                .relay
                 .store
-                .set_status(id, status, reason, &relay.instance)
+                .set_status(id, status, reason, &self.relay.instance)
                 .await
         {
             tracing::error!(stream = %id, error = %e, "could not record the stream's end");
-            relay.metrics.store_errors.inc();
+            self.relay.metrics.store_errors.inc();
         }
-        if let Err(e) = relay.store.release_lease(id, &relay.instance).await {
+        if let Err(e) = self
+            .relay
+            .store
+            .release_lease(id, &self.relay.instance)
+            .await
+        {
             tracing::warn!(stream = %id, error = %e, "could not release the stream's lease");
         }
         // Out of the registry first: a client that reacts to the end at once
         // must find the stored status, not this finished run.
-        relay.registry.remove(&self.live);
+        self.relay.registry.remove(&self.live);
         self.live.finish(end);
-        relay.metrics.stream_ended(end);
+        self.relay.metrics.stream_ended(end);
         tracing::debug!(stream = %id, status = status.as_str(), "stream ended");
     }
 }

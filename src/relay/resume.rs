@@ -30,14 +30,7 @@ impl Relay {
         if let Some(live) = self.registry.get(id) {
             self.allows(access, id, &live.owner)?;
             self.count_resume(is_resume);
-            return Ok(self.attach(
-                live.who.clone(),
-                cursor,
-                Some(live),
-                End::Done,
-                None,
-                is_resume,
-            ));
+            return Ok(self.follow_live(live, cursor, None, is_resume));
         }
         let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
         self.allows(access, id, &record.owner)?;
@@ -59,6 +52,24 @@ impl Relay {
                 self.continue_stream(record, who, cursor, is_resume).await
             }
         }
+    }
+
+    /// A client's body following the run `live` from `cursor`.
+    fn follow_live(
+        &self,
+        live: Arc<LiveStream>,
+        cursor: u64,
+        stored: Option<Vec<Event>>,
+        is_resume: bool,
+    ) -> Attached {
+        self.attach(
+            live.who.clone(),
+            cursor,
+            Some(live),
+            End::Done,
+            stored,
+            is_resume,
+        )
     }
 
     fn count_resume(&self, is_resume: bool) {
@@ -84,14 +95,7 @@ impl Relay {
                 .tracker
                 .spawn(super::remote::follow(live.clone(), self.clone()));
         }
-        self.attach(
-            live.who.clone(),
-            cursor,
-            Some(live),
-            End::Done,
-            None,
-            is_resume,
-        )
+        self.follow_live(live, cursor, None, is_resume)
     }
 
     /// Start (or join) the continuation of an interrupted stream; or replay
@@ -137,7 +141,7 @@ impl Relay {
         let (live, created) = self.registry.get_or_insert(id, || live);
         if !created {
             // Another resume started it a moment ago: follow that run.
-            return Ok(self.attach(who, cursor, Some(live), End::Done, Some(events), is_resume));
+            return Ok(self.follow_live(live, cursor, Some(events), is_resume));
         }
         match self.take_over(&live).await {
             Ok(true) => {}
@@ -146,14 +150,7 @@ impl Relay {
                 self.drain
                     .tracker
                     .spawn(super::remote::follow(live.clone(), self.clone()));
-                return Ok(self.attach(
-                    who,
-                    cursor,
-                    Some(live),
-                    End::Done,
-                    Some(events),
-                    is_resume,
-                ));
+                return Ok(self.follow_live(live, cursor, Some(events), is_resume));
             }
             Err(e) => {
                 self.registry.remove(&live);
@@ -179,7 +176,7 @@ impl Relay {
         // Nobody waits for the start: a failure reaches the clients in-band.
         let (started, _) = tokio::sync::oneshot::channel();
         self.drain.tracker.spawn(pump.run(started, None));
-        Ok(self.attach(who, cursor, Some(live), End::Done, Some(events), is_resume))
+        Ok(self.follow_live(live, cursor, Some(events), is_resume))
     }
 
     /// Take the lease of `live`'s stream and mark it running here; `false`

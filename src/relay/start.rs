@@ -39,6 +39,9 @@ impl Relay {
     /// Start a stream and answer once the provider has answered (so its
     /// errors become status codes); or, for a retried `Idempotency-Key`,
     /// attach to the stream the key started.
+    ///
+    /// One function, not a call into another: a nested future is moved
+    /// into this one's whole, and that copy is paid for every stream.
     pub async fn start(self: &Arc<Self>, new: NewStream<'_>) -> Result<Attached, RelayError> {
         self.admit()?;
         let id = format!("tg_{}", random_string(15));
@@ -55,33 +58,9 @@ impl Relay {
                 if existing.body_hash != entry.body_hash {
                     return Err(RelayError::IdempotencyConflict);
                 }
-                return self.join(&existing.stream_id, &new.owner).await;
+                return Box::pin(self.join(&existing.stream_id, &new.owner)).await;
             }
         }
-        self.run_first(new, id).await
-    }
-
-    /// The same request again: attach to the first stream from its start,
-    /// once it is there.
-    async fn join(self: &Arc<Self>, id: &str, owner: &str) -> Result<Attached, RelayError> {
-        let until = tokio::time::Instant::now() + JOIN_WAIT;
-        loop {
-            match self.resume(id, Access::Owner(owner), 0, false).await {
-                Err(RelayError::NotFound) if tokio::time::Instant::now() < until => {
-                    tokio::time::sleep(JOIN_POLL).await
-                }
-                Err(RelayError::NotFound) => return Err(RelayError::IdempotentStreamGone),
-                other => return other,
-            }
-        }
-    }
-
-    /// Record the stream, start its pump, and wait for the provider's head.
-    async fn run_first(
-        self: &Arc<Self>,
-        new: NewStream<'_>,
-        id: String,
-    ) -> Result<Attached, RelayError> {
         let now = now_ms();
         let record = StreamRecord {
             id: id.clone(),
@@ -128,5 +107,20 @@ impl Relay {
             Err(_) => return Err(RelayError::PumpVanished),
         }
         Ok(self.attach_subscribed(who, 0, Some((live, subscription)), End::Done, None, false))
+    }
+
+    /// The same request again: attach to the first stream from its start,
+    /// once it is there.
+    async fn join(self: &Arc<Self>, id: &str, owner: &str) -> Result<Attached, RelayError> {
+        let until = tokio::time::Instant::now() + JOIN_WAIT;
+        loop {
+            match self.resume(id, Access::Owner(owner), 0, false).await {
+                Err(RelayError::NotFound) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(JOIN_POLL).await
+                }
+                Err(RelayError::NotFound) => return Err(RelayError::IdempotentStreamGone),
+                other => return other,
+            }
+        }
     }
 }

@@ -160,7 +160,10 @@ async fn read(attached: Attached) -> Read {
             if let Some(kind) = v.pointer("/error/type").and_then(Value::as_str) {
                 out.end = kind.into();
             }
-            if let Some(t) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+            if let Some(t) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+            {
                 out.text.push_str(t);
             }
         }
@@ -194,7 +197,7 @@ async fn start(relay: &Arc<Relay>, body: String) -> (String, Read) {
         })
         .await
         .unwrap();
-    let id = attached.who.id.clone();
+    let id = attached.who().id.clone();
     (id, read(attached).await)
 }
 
@@ -236,7 +239,9 @@ async fn a_resume_reads_the_record_once_and_the_events_once() {
     // A wrong token is the same answer as no stream, after one record read.
     let wrong = relay.resume(&id, Access::Token("nope"), 0, true).await;
     assert!(matches!(wrong, Err(super::RelayError::NotFound)));
-    let unknown = relay.resume("tg_none", Access::Token(&token), 0, true).await;
+    let unknown = relay
+        .resume("tg_none", Access::Token(&token), 0, true)
+        .await;
     assert!(matches!(unknown, Err(super::RelayError::NotFound)));
     assert_eq!(store.reads(), (2, 0));
 
