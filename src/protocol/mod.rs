@@ -165,6 +165,72 @@ pub trait Wire: Sync {
 mod tests {
     use super::*;
 
+    fn event(name: Option<&'static str>, data: &'static str) -> SseEvent {
+        SseEvent {
+            name: name.map(|n| Bytes::from_static(n.as_bytes())),
+            data: Bytes::from_static(data.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn each_protocol_knows_its_end_and_what_a_continuation_skips() {
+        let openai = Protocol::OpenAi.wire();
+        assert_eq!(
+            openai.terminal(&event(None, "[DONE]")),
+            Some(Terminal::Sentinel)
+        );
+        assert_eq!(openai.terminal(&event(None, "{\"id\":\"c\"}")), None);
+        assert!(!openai.skip_in_continuation(&event(None, "{}")));
+        let anthropic = Protocol::Anthropic.wire();
+        let stop = event(Some("message_stop"), "{\"type\":\"message_stop\"}");
+        assert_eq!(anthropic.terminal(&stop), Some(Terminal::Last));
+        assert_eq!(anthropic.terminal(&event(None, "[DONE]")), None);
+        for name in ["message_start", "content_block_start", "ping"] {
+            assert!(
+                anthropic.skip_in_continuation(&event(Some(name), "{}")),
+                "{name}"
+            );
+        }
+        assert!(!anthropic.skip_in_continuation(&event(Some("content_block_delta"), "{}")));
+    }
+
+    #[test]
+    fn error_bodies_are_in_each_protocols_shape() {
+        for protocol in Protocol::ALL {
+            let wire = protocol.wire();
+            let body = wire.error_body("invalid_request_error", "invalid_json", "bad");
+            assert!(wire.is_error_body(&body), "{protocol:?}: {body}");
+        }
+        let openai = Protocol::OpenAi.wire().error_body("k", "c", "m");
+        assert_eq!(openai["error"]["code"], "c");
+        let anthropic = Protocol::Anthropic.wire().error_body("k", "c", "m");
+        assert_eq!(anthropic["error"]["type"], "k");
+        assert!(!Protocol::OpenAi.wire().is_error_body(&anthropic["error"]));
+        assert!(!Protocol::Anthropic.wire().is_error_body(&openai));
+    }
+
+    #[test]
+    fn each_protocol_checks_its_requests() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"q"}],"stream":true}"#;
+        let summary = Protocol::OpenAi.wire().validate(body).unwrap();
+        assert_eq!((summary.model.as_ref(), summary.stream), ("m", true));
+        // Anthropic demands max_tokens.
+        let err = Protocol::Anthropic.wire().validate(body).unwrap_err();
+        assert!(err.to_string().contains("max_tokens"), "{err}");
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"q"}],"max_tokens":9}"#;
+        let summary = Protocol::Anthropic.wire().validate(body).unwrap();
+        assert!(!summary.stream);
+        for protocol in Protocol::ALL {
+            let wire = protocol.wire();
+            assert!(matches!(
+                wire.validate(b"{"),
+                Err(RequestError::Malformed(_))
+            ));
+            assert!(wire.validate(br#"{"model":"","messages":[1]}"#).is_err());
+            assert!(wire.validate(br#"{"model":"m","messages":[]}"#).is_err());
+        }
+    }
+
     #[test]
     fn names_round_trip() {
         for protocol in Protocol::ALL {

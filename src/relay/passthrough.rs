@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
 
 use super::{Relay, RelayError};
-use crate::upstream::{BodyError, Upstream, UpstreamError};
+use crate::upstream::{TransportError, Upstream, UpstreamError};
 
 /// A provider's whole answer.
 pub struct Answer {
@@ -43,7 +43,7 @@ impl Relay {
                 Ok(Err(e)) => {
                     return Err(UpstreamError::Connect {
                         upstream: name(),
-                        message: BodyError::Pooled(e).to_string(),
+                        source: TransportError::Pooled(e),
                     });
                 }
                 Err(_) => {

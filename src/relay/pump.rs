@@ -20,7 +20,7 @@ use crate::protocol::{Protocol, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
 use crate::upstream::{
-    BodyError, StreamBody, StreamResponse, Upstream, UpstreamError, is_event_stream,
+    StreamBody, StreamResponse, TransportError, Upstream, UpstreamError, is_event_stream,
 };
 
 /// At most this many events go into one store write.
@@ -46,7 +46,7 @@ fn announce(started: &mut Option<Started>) {
 /// Why reading the provider's stream failed.
 enum ReadError {
     Stalled,
-    Failed(BodyError),
+    Failed(TransportError),
 }
 
 /// Why a pump could not start relaying.

@@ -86,13 +86,13 @@ impl StreamBody {
     /// Wait for more of the body and hand it to `sink`, with whatever else
     /// has already arrived. `Ok(true)`: the body is complete. Cancel-safe:
     /// what was read has been handed over.
-    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, BodyError> {
+    pub async fn read(&mut self, sink: &mut dyn Sink) -> Result<bool, TransportError> {
         match self {
-            StreamBody::Direct(body) => body.read(sink).await.map_err(BodyError::Direct),
+            StreamBody::Direct(body) => body.read(sink).await.map_err(TransportError::Direct),
             StreamBody::Pooled(stream) => {
                 match stream.next().await {
                     None => return Ok(true),
-                    Some(Err(e)) => return Err(BodyError::Pooled(e)),
+                    Some(Err(e)) => return Err(TransportError::Pooled(e)),
                     Some(Ok(chunk)) => {
                         sink.reserve(chunk.len());
                         sink.put(&chunk);
@@ -106,7 +106,7 @@ impl StreamBody {
                 loop {
                     match stream.next().now_or_never() {
                         Some(None) => return Ok(true),
-                        Some(Some(Err(e))) => return Err(BodyError::Pooled(e)),
+                        Some(Some(Err(e))) => return Err(TransportError::Pooled(e)),
                         Some(Some(Ok(chunk))) => {
                             sink.reserve(chunk.len());
                             sink.put(&chunk);
@@ -124,9 +124,10 @@ impl StreamBody {
     }
 }
 
-/// Why reading a provider's body failed.
+/// Why talking to a provider failed: connecting, sending, or reading its
+/// answer.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub enum TransportError {
     /// On the pump's own connection.
     #[error(transparent)]
     Direct(h1::H1Error),
@@ -149,8 +150,12 @@ pub enum BuildError {
 /// Why a request to the provider failed before its first event.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot reach upstream `{upstream}`: {message}")]
-    Connect { upstream: String, message: String },
+    #[error("cannot reach upstream `{upstream}`: {source}")]
+    Connect {
+        upstream: String,
+        #[source]
+        source: TransportError,
+    },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
     Timeout { upstream: String, after: Duration },
     /// The provider answered with an error status; its body is passed on.
@@ -266,10 +271,10 @@ impl Upstream {
         }
     }
 
-    fn connect_error(&self, message: String) -> UpstreamError {
+    fn connect_error(&self, source: TransportError) -> UpstreamError {
         UpstreamError::Connect {
             upstream: self.config.name.clone(),
-            message,
+            source,
         }
     }
 
@@ -289,7 +294,7 @@ impl Upstream {
         let response = match tokio::time::timeout(after, request.send()).await {
             Err(_) => return Err(self.timeout(after)),
             Ok(Err(e)) if e.is_timeout() => return Err(self.timeout(self.config.connect_timeout)),
-            Ok(Err(e)) => return Err(self.connect_error(error_chain(&e))),
+            Ok(Err(e)) => return Err(self.connect_error(TransportError::Pooled(e))),
             Ok(Ok(r)) => r,
         };
         if !response.status().is_success() {
@@ -337,7 +342,7 @@ impl Upstream {
         let response = match tokio::time::timeout(after, pool.post(&path, &headers, &body)).await {
             Err(_) => return Err(self.timeout(after)),
             Ok(Err(h1::H1Error::ConnectTimeout { after, .. })) => return Err(self.timeout(after)),
-            Ok(Err(e)) => return Err(self.connect_error(e.to_string())),
+            Ok(Err(e)) => return Err(self.connect_error(TransportError::Direct(e))),
             Ok(Ok(r)) => r,
         };
         if !response.status.is_success() {
