@@ -14,8 +14,6 @@ use tokio::time::{Instant, timeout_at};
 use crate::api::{self, AppState};
 use crate::config::{Config, UpstreamConfig};
 use crate::drain::Drain;
-use crate::metrics::Metrics;
-use crate::relay::live::Registry;
 use crate::relay::{Relay, Settings};
 use crate::store::{self, StoreError};
 use crate::stream::AbortKind;
@@ -96,20 +94,19 @@ pub async fn run(
             .map(|k| hash_hex(k.as_bytes()))
             .collect::<HashSet<_>>()
     });
-    let relay = Arc::new(Relay {
-        store: store.clone(),
-        registry: Registry::default(),
-        metrics: Metrics::default(),
-        upstreams: Upstreams::new(upstreams),
-        signer: TokenSigner::new(secret),
-        drain: drain.clone(),
-        settings: Settings {
-            heartbeat: config.streams.heartbeat,
-            on_client_disconnect: config.streams.on_client_disconnect,
-            retry_hint: config.resume.retry_hint,
-        },
-        instance: random_string(9),
-    });
+    let settings = Settings {
+        heartbeat: config.streams.heartbeat,
+        on_client_disconnect: config.streams.on_client_disconnect,
+        retry_hint: config.resume.retry_hint,
+    };
+    let relay = Arc::new(Relay::new(
+        store.clone(),
+        Upstreams::new(upstreams),
+        TokenSigner::new(secret),
+        drain.clone(),
+        settings,
+        random_string(9),
+    ));
     log_startup(&config, &listener, store.name());
     let drain_config = config.drain;
     let lease_every = config.store.lease_ttl / 3;

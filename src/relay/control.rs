@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{Access, Relay, RelayError};
-use crate::protocol::Protocol;
+use super::{Access, Relay, RelayError, protocol_of};
 use crate::stream::{AbortKind, Status};
 
 /// What `GET /v1/streams/{id}/state` answers.
@@ -36,8 +35,7 @@ impl Relay {
         let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
         self.allows(access, id, &record.owner)?;
         let events = self.store.events_after(id, 0).await?;
-        let protocol = Protocol::parse(&record.protocol).unwrap_or(Protocol::OpenAi);
-        let partial = protocol.wire().partial(&events);
+        let partial = protocol_of(&record).wire().partial(&events);
         let local = self.registry.get(id).is_some();
         let status = match record.status {
             Status::Running if !local && !self.store.lease_alive(id).await? => Status::Interrupted,

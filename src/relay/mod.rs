@@ -39,7 +39,7 @@ use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::protocol::Protocol;
 use crate::store::{SharedStore, StoreError};
-use crate::stream::{AbortKind, End, Event};
+use crate::stream::{AbortKind, End, Event, StreamRecord};
 use crate::token::TokenSigner;
 use crate::upstream::{UpstreamError, Upstreams};
 pub use end::StreamIdentity;
@@ -110,6 +110,12 @@ pub enum RelayError {
     Encode(#[source] serde_json::Error),
 }
 
+/// The protocol a stored stream speaks. An unknown name is read as
+/// OpenAI's, as the first versions wrote no other.
+fn protocol_of(record: &StreamRecord) -> Protocol {
+    Protocol::parse(&record.protocol).unwrap_or(Protocol::OpenAi)
+}
+
 /// Who may attach to a stream.
 #[derive(Debug, Clone, Copy)]
 pub enum Access<'a> {
@@ -138,6 +144,28 @@ impl Attached {
 }
 
 impl Relay {
+    /// The relay of this process: no stream runs yet; `instance` names
+    /// the process in the records of the streams it runs.
+    pub fn new(
+        store: SharedStore,
+        upstreams: Upstreams,
+        signer: TokenSigner,
+        drain: Arc<Drain>,
+        settings: Settings,
+        instance: String,
+    ) -> Relay {
+        Relay {
+            store,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            upstreams,
+            signer,
+            drain,
+            settings,
+            instance,
+        }
+    }
+
     /// Refuse new provider calls once the drain has passed `pre_stop_delay`.
     pub fn admit(&self) -> Result<(), RelayError> {
         if self.drain.accepting() {

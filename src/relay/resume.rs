@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::live::LiveStream;
 use super::pump::{Continued, Pump};
-use super::{Access, Attached, Relay, RelayError, StreamIdentity};
-use crate::protocol::{Plan, Protocol};
+use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
+use crate::protocol::Plan;
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord};
 
 impl Relay {
@@ -35,10 +35,7 @@ impl Relay {
         let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
         self.allows(access, id, &record.owner)?;
         self.count_resume(is_resume);
-        // A record names a protocol this build speaks; an unknown name is
-        // read as OpenAI's, as the first versions wrote no other.
-        let protocol = Protocol::parse(&record.protocol).unwrap_or(Protocol::OpenAi);
-        let who = self.identity(id, &record.owner, protocol);
+        let who = self.identity(id, &record.owner, protocol_of(&record));
         match record.status {
             Status::Completed | Status::Cancelled | Status::Failed => {
                 let end = record.status.end_after_replay(record.reason.as_deref());

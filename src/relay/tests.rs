@@ -15,7 +15,6 @@ use super::start::NewStream;
 use super::{Access, Attached, Relay, Settings};
 use crate::config::{DisconnectPolicy, UpstreamConfig};
 use crate::drain::Drain;
-use crate::metrics::Metrics;
 use crate::protocol::Protocol;
 use crate::store::memory::MemoryStore;
 use crate::store::{Store, StoreError};
@@ -111,20 +110,19 @@ async fn relay(store: Arc<Counting>) -> Arc<Relay> {
         stop.cancelled_owned(),
     ));
     let upstream = Upstream::new(UpstreamConfig::builtin_mock(format!("http://{address}/v1")));
-    Arc::new(Relay {
+    let settings = Settings {
+        heartbeat: Duration::from_secs(15),
+        on_client_disconnect: DisconnectPolicy::Cancel,
+        retry_hint: Duration::from_secs(2),
+    };
+    Arc::new(Relay::new(
         store,
-        registry: Default::default(),
-        metrics: Metrics::default(),
-        upstreams: Upstreams::new(vec![Arc::new(upstream.unwrap())]),
-        signer: TokenSigner::new(b"test".to_vec()),
+        Upstreams::new(vec![Arc::new(upstream.unwrap())]),
+        TokenSigner::new(b"test".to_vec()),
         drain,
-        settings: Settings {
-            heartbeat: Duration::from_secs(15),
-            on_client_disconnect: DisconnectPolicy::Cancel,
-            retry_hint: Duration::from_secs(2),
-        },
-        instance: "test".into(),
-    })
+        settings,
+        "test".into(),
+    ))
 }
 
 /// What a client's body said: the event ids, the text, and how it ended.
