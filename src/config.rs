@@ -350,9 +350,9 @@ impl<'de> Deserialize<'de> for RawDisconnect {
 // Stage two: validated values.
 // ---------------------------------------------------------------------------
 
-/// The validated configuration every module reads. Its `Debug` output hides
-/// the client keys, the admin token and the resume secret.
-#[derive(Clone)]
+/// The validated configuration every module reads. Its secrets are
+/// [`Secret`]s, so its `Debug` output hides them.
+#[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     /// Requests with a larger body are refused with 413 before parsing.
@@ -364,9 +364,9 @@ pub struct Config {
     pub resume: ResumeConfig,
     pub streams: StreamsConfig,
     /// Client API keys; `None` means the gateway is open.
-    pub auth_keys: Option<Vec<String>>,
+    pub auth_keys: Option<Vec<Secret>>,
     /// The token guarding `/admin/*`; `None` disables the admin routes.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub upstreams: Vec<UpstreamConfig>,
     /// Set when no upstream was configured and the built-in mock must be
     /// started in-process (the zero-config demo).
@@ -400,12 +400,11 @@ pub struct StoreConfig {
     pub lease_ttl: Duration,
 }
 
-/// How resume tokens are signed and how soon clients retry. `Debug` hides
-/// the secret.
-#[derive(Clone)]
+/// How resume tokens are signed and how soon clients retry.
+#[derive(Debug, Clone)]
 pub struct ResumeConfig {
     /// The secret resume tokens are signed with, when configured.
-    pub secret: Option<Vec<u8>>,
+    pub secret: Option<Secret>,
     /// The `retry:` hint on resume streams: long enough to land after a restart.
     pub retry_hint: Duration,
 }
@@ -604,7 +603,7 @@ fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
 /// Validates the `[resume]` section; a shared store needs a shared secret.
 fn resume(raw: RawResume, store: &StoreKind, env: &dyn Env) -> Result<ResumeConfig, ConfigError> {
     let secret = match &raw.secret_env {
-        Some(var) => Some(secret(env, var, "resume.secret_env")?.into_bytes()),
+        Some(var) => Some(Secret(secret(env, var, "resume.secret_env")?)),
         None => None,
     };
     if matches!(store, StoreKind::Redis { .. }) && secret.is_none() {
@@ -637,14 +636,14 @@ fn streams(raw: RawStreams) -> Result<StreamsConfig, ConfigError> {
 }
 
 /// Resolves the `[auth]` client keys: a comma-separated list in a variable.
-fn auth(raw: RawAuth, env: &dyn Env) -> Result<Option<Vec<String>>, ConfigError> {
+fn auth(raw: RawAuth, env: &dyn Env) -> Result<Option<Vec<Secret>>, ConfigError> {
     let Some(var) = raw.keys_env else {
         return Ok(None);
     };
-    let keys: Vec<String> = secret(env, &var, "auth.keys_env")?
+    let keys: Vec<Secret> = secret(env, &var, "auth.keys_env")?
         .split(',')
-        .map(|k| k.trim().to_owned())
-        .filter(|k| !k.is_empty())
+        .map(|k| Secret(k.trim().to_owned()))
+        .filter(|k| !k.0.is_empty())
         .collect();
     if keys.is_empty() {
         return Err(ConfigError::invalid(
@@ -656,9 +655,9 @@ fn auth(raw: RawAuth, env: &dyn Env) -> Result<Option<Vec<String>>, ConfigError>
 }
 
 /// Resolves the `[admin]` token.
-fn admin(raw: RawAdmin, env: &dyn Env) -> Result<Option<String>, ConfigError> {
+fn admin(raw: RawAdmin, env: &dyn Env) -> Result<Option<Secret>, ConfigError> {
     raw.token_env
-        .map(|var| secret(env, &var, "admin.token_env"))
+        .map(|var| secret(env, &var, "admin.token_env").map(Secret))
         .transpose()
 }
 
@@ -1024,62 +1023,6 @@ impl fmt::Debug for StoreKind {
     }
 }
 
-impl fmt::Debug for ResumeConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ResumeConfig { secret, retry_hint } = self;
-        f.debug_struct("ResumeConfig")
-            .field("secret", &secret.as_ref().map(|_| Redacted))
-            .field("retry_hint", retry_hint)
-            .finish()
-    }
-}
-
-impl fmt::Debug for Config {
-    /// Writes every field, with the client keys and the admin token shown as
-    /// `<redacted>`; the destructuring makes a new field a compile error here.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Config {
-            listen,
-            max_body_bytes,
-            worker_threads,
-            drain,
-            store,
-            resume,
-            streams,
-            auth_keys,
-            admin_token,
-            upstreams,
-            builtin_mock,
-        } = self;
-        f.debug_struct("Config")
-            .field("listen", listen)
-            .field("max_body_bytes", max_body_bytes)
-            .field("worker_threads", worker_threads)
-            .field("drain", drain)
-            .field("store", store)
-            .field("resume", resume)
-            .field("streams", streams)
-            .field(
-                "auth_keys",
-                &auth_keys.as_ref().map(|keys| vec![Redacted; keys.len()]),
-            )
-            .field("admin_token", &admin_token.as_ref().map(|_| Redacted))
-            .field("upstreams", upstreams)
-            .field("builtin_mock", builtin_mock)
-            .finish()
-    }
-}
-
-/// Stands in for a secret in `Debug` output.
-#[derive(Clone, Copy)]
-struct Redacted;
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1406,9 +1349,15 @@ mod tests {
         let file = "[auth]\nkeys_env = \"KEYS\"\n[admin]\ntoken_env = \"ADMIN\"\n[resume]\nsecret_env = \"RESUME\"\n";
         let vars = env(&[("KEYS", " k1, ,k2 "), ("ADMIN", "tok"), ("RESUME", "shh")]);
         let c = Config::from_toml(file, &vars).unwrap();
-        assert_eq!(c.auth_keys, Some(vec!["k1".to_owned(), "k2".to_owned()]));
-        assert_eq!(c.admin_token.as_deref(), Some("tok"));
-        assert_eq!(c.resume.secret.as_deref(), Some(&b"shh"[..]));
+        assert_eq!(
+            c.auth_keys,
+            Some(vec![Secret("k1".into()), Secret("k2".into())])
+        );
+        assert_eq!(c.admin_token.as_ref().map(|t| t.0.as_str()), Some("tok"));
+        assert_eq!(
+            c.resume.secret.as_ref().map(|s| s.0.as_bytes()),
+            Some(&b"shh"[..])
+        );
 
         let err = Config::from_toml(
             file,

@@ -80,7 +80,7 @@ pub async fn run(
         upstreams.push(Arc::new(upstream));
     }
     let secret = match (&config.resume.secret, store.local_secret()) {
-        (Some(secret), _) => secret.clone(),
+        (Some(secret), _) => secret.0.clone().into_bytes(),
         (None, Some(local)) => local,
         (None, None) => {
             tracing::info!(
@@ -91,7 +91,7 @@ pub async fn run(
     };
     let key_hashes = config.auth_keys.as_ref().map(|keys| {
         keys.iter()
-            .map(|k| hash_hex(k.as_bytes()))
+            .map(|k| hash_hex(k.0.as_bytes()))
             .collect::<HashSet<_>>()
     });
     let settings = Settings {

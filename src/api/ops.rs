@@ -46,8 +46,8 @@ pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap)
             .into_response();
     };
     let presented = super::bearer(&headers).unwrap_or("");
-    let matches =
-        crate::token::hash_hex(presented.as_bytes()) == crate::token::hash_hex(expected.as_bytes());
+    let matches = crate::token::hash_hex(presented.as_bytes())
+        == crate::token::hash_hex(expected.0.as_bytes());
     if presented.is_empty() || !matches {
         return ApiError::Unauthorized.into_response();
     }
