@@ -35,12 +35,7 @@ impl Wire for AnthropicMessages {
     }
 
     fn validate<'a>(&self, body: &'a [u8]) -> Result<Summary<'a>, RequestError> {
-        let mut fields = request::read(body)?;
-        let model = fields.take_model()?;
-        fields.require_messages()?;
-        fields.require_max_tokens()?;
-        let stream = fields.stream()?;
-        Ok(Summary { model, stream })
+        request::chat(body, true)
     }
 
     fn credential(&self, key: &str) -> (HeaderName, String) {

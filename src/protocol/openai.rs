@@ -29,11 +29,7 @@ impl Wire for OpenAiChat {
     }
 
     fn validate<'a>(&self, body: &'a [u8]) -> Result<Summary<'a>, RequestError> {
-        let mut fields = request::read(body)?;
-        let model = fields.take_model()?;
-        fields.require_messages()?;
-        let stream = fields.stream()?;
-        Ok(Summary { model, stream })
+        request::chat(body, false)
     }
 
     fn credential(&self, key: &str) -> (HeaderName, String) {

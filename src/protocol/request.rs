@@ -33,6 +33,19 @@ pub fn read(body: &[u8]) -> Result<Fields<'_>, RequestError> {
     }
 }
 
+/// A chat request (`model` and `messages`, as OpenAI chat and Anthropic
+/// Messages both take them), with `max_tokens` where the protocol demands it.
+pub fn chat(body: &[u8], max_tokens_required: bool) -> Result<Summary<'_>, RequestError> {
+    let mut fields = read(body)?;
+    let model = fields.take_model()?;
+    fields.require_messages()?;
+    if max_tokens_required {
+        fields.require_max_tokens()?;
+    }
+    let stream = fields.stream()?;
+    Ok(Summary { model, stream })
+}
+
 impl<'a> Fields<'a> {
     /// `model`: a non-empty string (taken out of the fields).
     pub fn take_model(&mut self) -> Result<Cow<'a, str>, RequestError> {
