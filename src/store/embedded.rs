@@ -34,12 +34,9 @@ use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Corruption, IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch,
-    encode_batch, now_ms,
-};
+use super::{Corruption, Store, StoreError, decode_batch, encode_batch};
 use crate::config::StoreConfig;
-use crate::stream::Event;
+use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
 #[derive(Clone, Copy)]
 enum Space {

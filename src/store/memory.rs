@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{IdempotencyEntry, Status, Store, StoreError, StreamRecord, now_ms};
-use crate::stream::Event;
+use super::{Store, StoreError};
+use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
 pub struct MemoryStore {
     ttl_ms: u64,

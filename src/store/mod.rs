@@ -22,8 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::config::{StoreConfig, StoreKind};
-use crate::stream::Event;
-pub use crate::stream::{IdempotencyEntry, Status, StreamRecord, now_ms};
+use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord};
 
 /// Why a store call failed, with the typed cause as its source.
 ///

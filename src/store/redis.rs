@@ -22,12 +22,9 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
-use super::{
-    Corruption, IdempotencyEntry, Status, Store, StoreError, StreamRecord, decode_batch,
-    encode_batch, now_ms,
-};
+use super::{Corruption, Store, StoreError, decode_batch, encode_batch};
 use crate::config::StoreConfig;
-use crate::stream::Event;
+use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
 /// How long one Redis command may take before the store reports itself
 /// unavailable (a stream then ends with `store_failed`, never hangs).
