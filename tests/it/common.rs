@@ -53,6 +53,13 @@ impl Proc {
         }
     }
 
+    /// SIGKILL, and wait until the process is gone (its port and its
+    /// store's lock are free again), at most 10 s.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        self.exit(Duration::from_secs(10)).await;
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

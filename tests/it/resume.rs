@@ -145,7 +145,7 @@ async fn sigkill_then_resume_from_the_clients_own_last_id() {
 
 #[tokio::test]
 async fn replay_tokens_cursors_and_concurrent_resumes() {
-    let (dir, mock, cfg, gw) = restartable().await;
+    let (dir, mock, cfg, mut gw) = restartable().await;
 
     // A completed stream replays whole from Last-Event-ID: 0.
     let request = chat(20, 0, "replay");
@@ -203,7 +203,7 @@ async fn replay_tokens_cursors_and_concurrent_resumes() {
     }
 
     // Two concurrent resumes of an interrupted stream start one continuation.
-    drop(gw);
+    gw.proc.kill().await;
     let mut gw = Gateway::start(&dir, &cfg).await;
     let request = chat(40, 40, "twice");
     let cut = start_and_interrupt(&mut gw, &request, "TERM", 4).await;
