@@ -114,7 +114,10 @@ const DEFAULT_ON_CLIENT_DISCONNECT: DisconnectPolicy = DisconnectPolicy::Cancel;
 struct UpstreamDefaults {
     protocol: Protocol,
     models: &'static [&'static str],
-    continuation: Continuation,
+    /// The continuation styles tried in order (a 400 falls to the next).
+    continuation: &'static [Continuation],
+    /// Per-model styles ahead of `continuation`: (model globs, styles).
+    continuation_rules: RuleTable,
     connect_timeout: Duration,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -125,7 +128,8 @@ struct UpstreamDefaults {
 const UPSTREAM_DEFAULTS: UpstreamDefaults = UpstreamDefaults {
     protocol: Protocol::OpenAi,
     models: &["*"],
-    continuation: Continuation::None,
+    continuation: &[Continuation::None],
+    continuation_rules: &[],
     connect_timeout: Duration::from_secs(5),
     first_byte_timeout: Duration::from_secs(60),
     idle_timeout: Duration::from_secs(60),
@@ -140,10 +144,10 @@ const OPENAI_NAME: &str = "openai";
 const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 /// The settings of api.openai.com when [`OPENAI_KEY_ENV`] configures it: the
 /// public API is further away and slower to start answering than a
-/// self-hosted one, so its waits are longer, and it cannot continue a
-/// partial answer.
+/// self-hosted one, so its waits are longer; it has no prefill, so a
+/// partial answer is continued by re-asking with it as context.
 const OPENAI_UPSTREAM: UpstreamDefaults = UpstreamDefaults {
-    continuation: Continuation::None,
+    continuation: OPENAI_STYLES,
     connect_timeout: Duration::from_secs(10),
     first_byte_timeout: Duration::from_secs(120),
     idle_timeout: Duration::from_secs(120),
@@ -155,9 +159,143 @@ const BUILTIN_MOCK_NAME: &str = "builtin-mock";
 /// The settings of the built-in mock provider, which continues partial
 /// answers the vLLM way.
 const BUILTIN_MOCK_UPSTREAM: UpstreamDefaults = UpstreamDefaults {
-    continuation: Continuation::ContinueFinalMessage,
+    continuation: &[Continuation::ContinueFinalMessage],
     ..UPSTREAM_DEFAULTS
 };
+
+/// Per-model continuation styles as constants: (model globs, styles).
+type RuleTable = &'static [(&'static [&'static str], &'static [Continuation])];
+
+/// api.openai.com has no prefill: its answers are continued by re-asking.
+const OPENAI_STYLES: &[Continuation] = &[Continuation::Instruct];
+/// api.anthropic.com: prefill where the model takes it, else a re-ask
+/// (a 400 refusing prefill falls back to it once).
+const ANTHROPIC_STYLES: &[Continuation] = &[Continuation::AssistantPrefix, Continuation::Instruct];
+/// Claude models that refuse prefill (4.6 and later): a re-ask at once.
+const ANTHROPIC_NO_PREFILL: RuleTable = &[(
+    &[
+        "claude-*-4-6*",
+        "claude-*-4-7*",
+        "claude-*-4-8*",
+        "claude-*-4-9*",
+        "claude-*-5*",
+        "claude-*-6*",
+    ],
+    &[Continuation::Instruct],
+)];
+
+/// The default styles of an upstream at `base_url`: the public providers'
+/// own, else `none` (an operator names the style a self-hosted server takes).
+fn default_styles(base_url: &str) -> (&'static [Continuation], RuleTable) {
+    let host = reqwest::Url::parse(base_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    match host.as_str() {
+        "api.openai.com" => (OPENAI_STYLES, &[]),
+        "api.anthropic.com" => (ANTHROPIC_STYLES, ANTHROPIC_NO_PREFILL),
+        _ => (UPSTREAM_DEFAULTS.continuation, &[]),
+    }
+}
+
+/// Per-model continuation styles, ahead of the upstream's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContinuationRule {
+    pub models: Vec<String>,
+    pub styles: Vec<Continuation>,
+}
+
+/// `continuation = "style"` or `continuation = ["style", "fallback"]`.
+#[derive(Debug)]
+enum RawStyles {
+    One(Continuation),
+    Many(Vec<Continuation>),
+}
+
+impl<'de> Deserialize<'de> for RawStyles {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Styles;
+        fn style<E: serde::de::Error>(name: &str) -> Result<Continuation, E> {
+            Continuation::ALL
+                .into_iter()
+                .find(|s| s.as_str() == name)
+                .ok_or_else(|| {
+                    E::custom(format!(
+                        "`{name}` is not a continuation style (one of: {})",
+                        styles_text(&Continuation::ALL).replace(" → ", ", ")
+                    ))
+                })
+        }
+        impl<'de> serde::de::Visitor<'de> for Styles {
+            type Value = RawStyles;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a continuation style, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStyles, E> {
+                style(v).map(RawStyles::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawStyles, A::Error> {
+                let mut out = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    out.push(style(&name)?);
+                }
+                Ok(RawStyles::Many(out))
+            }
+        }
+        deserializer.deserialize_any(Styles)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContinuationRule {
+    models: Vec<String>,
+    continuation: RawStyles,
+}
+
+/// The names of `styles`, for check-config.
+pub fn styles_text(styles: &[Continuation]) -> String {
+    styles
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// Check a style list: not empty, `none` only alone, and only styles the
+/// protocol can speak.
+fn styles(raw: RawStyles, protocol: Protocol, at: &str) -> Result<Vec<Continuation>, ConfigError> {
+    let list = match raw {
+        RawStyles::One(style) => vec![style],
+        RawStyles::Many(list) => list,
+    };
+    if list.is_empty() {
+        return Err(ConfigError::invalid(at.to_owned(), "lists no style"));
+    }
+    if list.len() > 1 && list.contains(&Continuation::None) {
+        return Err(ConfigError::invalid(
+            at.to_owned(),
+            "\"none\" means no continuation: it cannot be combined with other styles",
+        ));
+    }
+    if protocol == Protocol::Anthropic
+        && let Some(style) = list
+            .iter()
+            .find(|s| matches!(s, Continuation::ContinueFinalMessage | Continuation::Prefix))
+    {
+        return Err(ConfigError::invalid(
+            at.to_owned(),
+            format!(
+                "\"{}\" is an OpenAI-compatible server's style; Anthropic upstreams take \"assistant_prefix\", \"instruct\" or \"none\"",
+                style.as_str()
+            ),
+        ));
+    }
+    Ok(list)
+}
 
 impl UpstreamDefaults {
     /// Builds an upstream that takes every setting from these defaults.
@@ -175,7 +313,8 @@ impl UpstreamDefaults {
             api_key_env,
             api_key,
             models: self.models(),
-            continuation: self.continuation,
+            continuation: self.continuation.to_vec(),
+            continuation_rules: rules(self.continuation_rules),
             connect_timeout: self.connect_timeout,
             first_byte_timeout: self.first_byte_timeout,
             idle_timeout: self.idle_timeout,
@@ -187,6 +326,17 @@ impl UpstreamDefaults {
     fn models(&self) -> Vec<String> {
         self.models.iter().map(|glob| (*glob).to_owned()).collect()
     }
+}
+
+/// Owned rules from a table of defaults.
+fn rules(table: &[(&[&str], &[Continuation])]) -> Vec<ContinuationRule> {
+    table
+        .iter()
+        .map(|(models, styles)| ContinuationRule {
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            styles: styles.to_vec(),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -277,7 +427,8 @@ struct RawUpstream {
     base_url: String,
     api_key_env: Option<String>,
     models: Option<Vec<String>>,
-    continuation: Option<Continuation>,
+    continuation: Option<RawStyles>,
+    continuation_rules: Option<Vec<RawContinuationRule>>,
     connect_timeout: Option<HumanDuration>,
     first_byte_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
@@ -435,7 +586,11 @@ pub struct UpstreamConfig {
     /// on [`Secret`].
     pub api_key: Option<Secret>,
     pub models: Vec<String>,
-    pub continuation: Continuation,
+    /// The continuation styles tried in order: a provider's 400 refusing
+    /// one falls back to the next, once.
+    pub continuation: Vec<Continuation>,
+    /// Per-model styles, first match wins, ahead of `continuation`.
+    pub continuation_rules: Vec<ContinuationRule>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -710,14 +865,38 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
     if models.is_empty() {
         return Err(ConfigError::invalid(key("models"), "lists no model glob"));
     }
+    let protocol = raw.protocol.unwrap_or(defaults.protocol);
+    let (default_continuation, default_rules) = default_styles(&base_url);
+    let continuation = match raw.continuation {
+        Some(list) => styles(list, protocol, &key("continuation"))?,
+        None => default_continuation.to_vec(),
+    };
+    let continuation_rules = match raw.continuation_rules {
+        Some(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                let at = key(&format!("continuation_rules[{i}]"));
+                if rule.models.is_empty() {
+                    return Err(ConfigError::invalid(at, "lists no model glob"));
+                }
+                Ok(ContinuationRule {
+                    models: rule.models,
+                    styles: styles(rule.continuation, protocol, &format!("{at}.continuation"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => rules(default_rules),
+    };
     Ok(UpstreamConfig {
         name: raw.name,
-        protocol: raw.protocol.unwrap_or(defaults.protocol),
+        protocol,
         base_url,
         api_key_env: raw.api_key_env,
         api_key,
         models,
-        continuation: raw.continuation.unwrap_or(defaults.continuation),
+        continuation,
+        continuation_rules,
         connect_timeout: duration_or(raw.connect_timeout, defaults.connect_timeout),
         first_byte_timeout: duration_or(raw.first_byte_timeout, defaults.first_byte_timeout),
         idle_timeout: duration_or(raw.idle_timeout, defaults.idle_timeout),
@@ -904,12 +1083,20 @@ pub fn describe(config: &Config) -> String {
             u.name,
             u.base_url,
             u.protocol.as_str(),
-            u.continuation.as_str(),
+            styles_text(&u.continuation),
             match &u.api_key_env {
                 Some(var) => format!("from ${var}"),
                 None => "passed through from the client".into(),
             }
         ));
+        for rule in &u.continuation_rules {
+            out.push_str(&format!(
+                "  {:<24}    models {}: continuation = {}\n",
+                "",
+                rule.models.join(", "),
+                styles_text(&rule.styles)
+            ));
+        }
     }
     out.push_str(&describe_timeline(&config.drain, config.stop_budget()));
     for warning in warnings(config) {
@@ -976,7 +1163,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
         );
     }
     for u in &config.upstreams {
-        if u.continuation == Continuation::None {
+        if u.continuation == [Continuation::None] {
             out.push(format!(
                 "upstream `{}` has continuation = \"none\": a resumed stream replays what was stored, then ends `incomplete`",
                 u.name
@@ -1092,7 +1279,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.drain.grace, Duration::from_secs(20));
         assert_eq!(c.listen.port(), 9000);
-        assert_eq!(c.upstreams[0].continuation, Continuation::Prefix);
+        assert_eq!(c.upstreams[0].continuation, [Continuation::Prefix]);
         let err = Config::from_toml("", &env(&[("TIDEGATE_DRAN__GRACE", "1s")])).unwrap_err();
         assert!(err.to_string().contains("TIDEGATE_DRAN__GRACE"), "{err}");
     }
@@ -1147,7 +1334,7 @@ mod tests {
         let u = &c.upstreams[0];
         assert_eq!(u.protocol, Protocol::OpenAi);
         assert_eq!(u.models, ["*"]);
-        assert_eq!(u.continuation, Continuation::None);
+        assert_eq!(u.continuation, [Continuation::None]);
         assert_eq!(u.connect_timeout, Duration::from_secs(5));
         assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
         assert_eq!(u.idle_timeout, Duration::from_secs(60));
@@ -1164,7 +1351,7 @@ mod tests {
         assert_eq!(u.api_key_env.as_deref(), Some("OPENAI_API_KEY"));
         assert_eq!(u.api_key, Some(Secret("sk-test".into())));
         assert_eq!(u.models, ["*"]);
-        assert_eq!(u.continuation, Continuation::None);
+        assert_eq!(u.continuation, [Continuation::Instruct]);
         assert_eq!(u.connect_timeout, Duration::from_secs(10));
         assert_eq!(u.first_byte_timeout, Duration::from_secs(120));
         assert_eq!(u.idle_timeout, Duration::from_secs(120));
@@ -1176,6 +1363,52 @@ mod tests {
     }
 
     #[test]
+    fn continuation_lists_rules_and_provider_defaults() {
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\ncontinuation = [\"prefix\", \"instruct\"]\n[[upstreams.continuation_rules]]\nmodels = [\"big-*\"]\ncontinuation = \"instruct\"\n";
+        let c = Config::from_toml(text, &env(&[])).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(
+            u.continuation,
+            [Continuation::Prefix, Continuation::Instruct]
+        );
+        assert_eq!(u.continuation_rules[0].models, ["big-*"]);
+        assert_eq!(u.continuation_rules[0].styles, [Continuation::Instruct]);
+        let text = describe(&c);
+        assert!(text.contains("continuation = prefix → instruct"), "{text}");
+        assert!(
+            text.contains("models big-*: continuation = instruct"),
+            "{text}"
+        );
+        // api.anthropic.com: prefill, then a re-ask; 4.6+ re-asks at once.
+        let text = "[[upstreams]]\nname = \"c\"\nprotocol = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1\"\n";
+        let u = &Config::from_toml(text, &env(&[])).unwrap().upstreams[0];
+        assert_eq!(
+            u.continuation,
+            [Continuation::AssistantPrefix, Continuation::Instruct]
+        );
+        assert!(
+            u.continuation_rules[0]
+                .models
+                .iter()
+                .any(|g| g == "claude-*-4-6*")
+        );
+        for (bad, why) in [
+            ("continuation = []", "lists no style"),
+            (
+                "continuation = [\"none\", \"instruct\"]",
+                "cannot be combined",
+            ),
+        ] {
+            let text = format!("[[upstreams]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n{bad}\n");
+            let err = Config::from_toml(&text, &env(&[])).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let text = "[[upstreams]]\nname = \"c\"\nprotocol = \"anthropic\"\nbase_url = \"http://x/v1\"\ncontinuation = \"prefix\"\n";
+        let err = Config::from_toml(text, &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("Anthropic upstreams take"), "{err}");
+    }
+
+    #[test]
     fn builtin_mock_takes_the_ordinary_defaults() {
         let u = UpstreamConfig::builtin_mock("http://127.0.0.1:9/v1".into());
         assert_eq!(u.name, "builtin-mock");
@@ -1183,7 +1416,7 @@ mod tests {
         assert_eq!(u.base_url, "http://127.0.0.1:9/v1");
         assert!(u.api_key.is_none() && u.api_key_env.is_none());
         assert_eq!(u.models, ["*"]);
-        assert_eq!(u.continuation, Continuation::ContinueFinalMessage);
+        assert_eq!(u.continuation, [Continuation::ContinueFinalMessage]);
         assert_eq!(u.connect_timeout, Duration::from_secs(5));
         assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
         assert_eq!(u.idle_timeout, Duration::from_secs(60));
@@ -1206,6 +1439,7 @@ mod tests {
             Continuation::ContinueFinalMessage,
             Continuation::Prefix,
             Continuation::AssistantPrefix,
+            Continuation::Instruct,
             Continuation::None,
         ] {
             let text = format!(
@@ -1214,7 +1448,7 @@ mod tests {
             );
             assert_eq!(
                 Config::from_toml(&text, &env(&[])).unwrap().upstreams[0].continuation,
-                k
+                [k]
             );
         }
         for (kind, expected) in [
@@ -1461,7 +1695,7 @@ mod tests {
         .unwrap();
         let text = describe(&c);
         assert!(text.contains("\nclient keys: 2 configured\n"), "{text}");
-        assert!(text.contains("-> openai (https://api.openai.com/v1, openai, continuation = none, credential from $OPENAI_API_KEY)"), "{text}");
+        assert!(text.contains("-> openai (https://api.openai.com/v1, openai, continuation = instruct, credential from $OPENAI_API_KEY)"), "{text}");
         assert!(!text.contains("sk-o"));
     }
 

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub resumes: Counter,
     pub continuations: Counter,
+    pub continuation_fallbacks: Counter,
     pub rejected_draining: Counter,
     pub non_streaming: Counter,
 }
@@ -104,6 +105,11 @@ impl Metrics {
             "tidegate_continuations_total",
             "Continuation calls started for interrupted streams.",
             self.continuations.get(),
+        );
+        counter(
+            "tidegate_continuation_fallbacks_total",
+            "Continuations retried in the next style after the provider refused one with a 400.",
+            self.continuation_fallbacks.get(),
         );
         counter(
             "tidegate_rejected_draining_total",

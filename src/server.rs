@@ -197,7 +197,7 @@ fn log_startup(config: &Config, listener: &TcpListener, store: &str) {
             protocol = u.protocol.as_str(),
             base_url = %u.base_url,
             models = ?u.models,
-            continuation = u.continuation.as_str(),
+            continuation = %crate::config::styles_text(&u.continuation),
             credential = if u.api_key.is_some() { "from api_key_env" } else { "client's own (passed through)" },
             "upstream"
         );

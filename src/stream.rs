@@ -27,20 +27,25 @@ pub enum AbortKind {
     StoreFailed,
     /// `DELETE /v1/streams/{id}`.
     Cancelled,
-    /// A resume that cannot continue (continuation = "none").
+    /// A resume that cannot continue (continuation = "none", or a cut no
+    /// provider can continue from).
     Incomplete,
+    /// The provider refused the request with a 4xx (a continuation's, or
+    /// in its stream): asking again would fail the same way.
+    UpstreamRejected,
     /// Every client went away (not sent to anyone: nobody is there).
     ClientGone,
 }
 
 impl AbortKind {
     /// Every kind, for counters.
-    pub const ALL: [AbortKind; 6] = [
+    pub const ALL: [AbortKind; 7] = [
         AbortKind::ServerRestarting,
         AbortKind::UpstreamFailed,
         AbortKind::StoreFailed,
         AbortKind::Cancelled,
         AbortKind::Incomplete,
+        AbortKind::UpstreamRejected,
         AbortKind::ClientGone,
     ];
 
@@ -51,6 +56,7 @@ impl AbortKind {
             AbortKind::StoreFailed => "store_failed",
             AbortKind::Cancelled => "cancelled",
             AbortKind::Incomplete => "incomplete",
+            AbortKind::UpstreamRejected => "upstream_rejected",
             AbortKind::ClientGone => "client_gone",
         }
     }
@@ -79,6 +85,7 @@ impl AbortKind {
             AbortKind::Incomplete => {
                 "the answer was interrupted and this provider cannot continue it"
             }
+            AbortKind::UpstreamRejected => "the provider refused to continue this answer",
             AbortKind::ClientGone => "the client went away",
         }
     }
@@ -122,7 +129,9 @@ impl Status {
             End::Abort(kind) => {
                 let status = match kind {
                     AbortKind::Cancelled => Status::Cancelled,
-                    AbortKind::StoreFailed | AbortKind::Incomplete => Status::Failed,
+                    AbortKind::StoreFailed
+                    | AbortKind::Incomplete
+                    | AbortKind::UpstreamRejected => Status::Failed,
                     AbortKind::ServerRestarting
                     | AbortKind::UpstreamFailed
                     | AbortKind::ClientGone => Status::Interrupted,
@@ -135,12 +144,17 @@ impl Status {
     /// How the body of a stream that stands here, and is not running,
     /// ends after its replay. `reason` is the recorded abort kind.
     pub fn end_after_replay(self, reason: Option<&str>) -> End {
-        let reason = reason.and_then(AbortKind::parse);
+        let reason = reason.and_then(|r| AbortKind::parse(reason_kind(r)));
         match self {
             Status::Completed => End::Done,
             Status::Cancelled => End::Abort(AbortKind::Cancelled),
-            Status::Failed if reason == Some(AbortKind::StoreFailed) => {
-                End::Abort(AbortKind::StoreFailed)
+            Status::Failed
+                if matches!(
+                    reason,
+                    Some(AbortKind::StoreFailed | AbortKind::UpstreamRejected)
+                ) =>
+            {
+                End::Abort(reason.unwrap_or(AbortKind::Incomplete))
             }
             Status::Failed => End::Abort(AbortKind::Incomplete),
             Status::Running | Status::Interrupted => End::Abort(
@@ -150,6 +164,18 @@ impl Status {
             ),
         }
     }
+}
+
+/// A recorded reason is the abort kind, then optionally `": "` and what
+/// the client was told (a provider's message, why a cut cannot be
+/// continued).
+pub fn reason_kind(reason: &str) -> &str {
+    reason.split_once(": ").map_or(reason, |(kind, _)| kind)
+}
+
+/// The detail of a recorded reason, if it has one.
+pub fn reason_detail(reason: &str) -> Option<&str> {
+    reason.split_once(": ").map(|(_, detail)| detail)
 }
 
 /// One stream's record: what resume needs besides the events themselves.
@@ -164,6 +190,15 @@ pub struct StreamRecord {
     pub upstream: String,
     /// The original request body, for the continuation call.
     pub request: String,
+    /// The non-secret headers the original carried to the provider
+    /// (`anthropic-version`, `anthropic-beta`, `openai-organization`,
+    /// `openai-project`), sent again with a continuation. Never a key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The original carried the client's own provider key (never stored):
+    /// a continuation on an upstream without a key needs it presented again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_credential: bool,
     pub status: Status,
     /// Why the stream ended when it ended badly (the abort event's type).
     #[serde(default, skip_serializing_if = "Option::is_none")]

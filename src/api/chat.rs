@@ -49,6 +49,7 @@ async fn handle(
         .route(&request.model, protocol)
         .ok_or_else(|| ApiError::ModelNotFound(request.model.clone().into_owned()))?
         .clone();
+    let continuable = upstream.continues(&request.model);
     if !request.stream {
         let answer = relay.passthrough(&upstream, bytes, &headers).await?;
         let mut response = (answer.status, answer.body).into_response();
@@ -57,6 +58,7 @@ async fn handle(
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, content_type);
         }
+        response.headers_mut().extend(answer.headers);
         return Ok(response);
     }
     let attached = relay
@@ -67,6 +69,7 @@ async fn handle(
             client_headers: &headers,
             owner,
             idempotency_key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
+            continuable,
         })
         .await?;
     Ok(super::sse::response(attached))

@@ -73,8 +73,11 @@ impl ApiError {
                 RelayError::Draining | RelayError::ServerRestarting | RelayError::Store(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                RelayError::Upstream(UpstreamError::Connect { .. })
+                RelayError::Upstream(
+                    UpstreamError::Connect { .. } | UpstreamError::Body { .. },
+                )
                 | RelayError::NotAStream { .. } => StatusCode::BAD_GATEWAY,
+                RelayError::CredentialRequired { .. } => StatusCode::UNAUTHORIZED,
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
                 RelayError::Upstream(UpstreamError::Status { status, .. }) => *status,
                 RelayError::CancelledBeforeStart(_)
@@ -103,6 +106,12 @@ impl ApiError {
                 RelayError::ServerRestarting => ("server_restarting", "server_restarting"),
                 RelayError::Upstream(UpstreamError::Connect { .. })
                 | RelayError::NotAStream { .. } => ("upstream_error", "upstream_unavailable"),
+                RelayError::Upstream(UpstreamError::Body { .. }) => {
+                    ("upstream_error", "upstream_body_failed")
+                }
+                RelayError::CredentialRequired { .. } => {
+                    ("authentication_error", "provider_credential_required")
+                }
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => {
                     ("upstream_error", "upstream_timeout")
                 }
@@ -173,6 +182,13 @@ impl ApiError {
         let body = passthrough.unwrap_or_else(|| wire.error_body(kind, code, &message));
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
+        if let ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+            headers: provider,
+            ..
+        })) = &self
+        {
+            headers.extend(provider.as_ref().clone());
+        }
         if matches!(
             self,
             ApiError::Relay(RelayError::Draining | RelayError::ServerRestarting)

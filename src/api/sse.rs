@@ -15,8 +15,12 @@ pub fn response(attached: Attached) -> Response {
     };
     let id = value(&attached.who().id);
     let token = value(&attached.who().resume_token);
+    let provider = attached.headers().clone();
     let mut response = Response::new(Body::from_stream(attached.into_body()));
     let h = response.headers_mut();
+    // The provider's request id, rate limits and `retry-after` first: ours
+    // below cannot be overwritten by them.
+    h.extend(provider);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

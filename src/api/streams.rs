@@ -4,7 +4,9 @@
 //!
 //! A resume token is the only credential these routes need: it is bound to
 //! one stream and its owner, so a browser `EventSource` can resume with
-//! `?token=`. A wrong token and an unknown stream get the same 404.
+//! `?token=`. A wrong token and an unknown stream get the same 404. A
+//! continuation on an upstream that uses the client's own provider key
+//! needs that key too, beside the token.
 
 use std::sync::Arc;
 
@@ -28,15 +30,36 @@ pub struct ResumeQuery {
 /// `Authorization` to the client), then `?token=`, then a bearer. No
 /// token is the same 404 as a wrong one.
 fn token<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Result<Access<'a>, ApiError> {
-    headers
-        .get("x-tidegate-resume-token")
-        .and_then(|v| v.to_str().ok())
-        .or(query.token.as_deref())
-        .or_else(|| super::bearer(headers))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(Access::Token)
-        .ok_or_else(|| RelayError::NotFound.into())
+    Ok(token_and_credential(headers, query)?.0)
+}
+
+/// The resume token, and the client's provider credential: beside a token
+/// in `x-tidegate-resume-token` or `?token=`, an `Authorization` or
+/// `x-api-key` header is the client's own provider key (a continuation on
+/// an upstream without a key of its own needs it); a bearer is the token
+/// only when no other token is given.
+fn token_and_credential<'a>(
+    headers: &'a HeaderMap,
+    query: &'a ResumeQuery,
+) -> Result<(Access<'a>, HeaderMap), ApiError> {
+    let given = |t: Option<&'a str>| t.map(str::trim).filter(|t| !t.is_empty());
+    let named = given(
+        headers
+            .get("x-tidegate-resume-token")
+            .and_then(|v| v.to_str().ok()),
+    )
+    .or(given(query.token.as_deref()));
+    let (token, bearer_is_token) = match named {
+        Some(token) => (token, false),
+        None => (
+            given(super::bearer(headers)).ok_or(ApiError::Relay(RelayError::NotFound))?,
+            true,
+        ),
+    };
+    Ok((
+        Access::Token(token),
+        crate::upstream::client_credential(headers, bearer_is_token),
+    ))
 }
 
 /// `Last-Event-ID` wins over `?after=`: a reconnecting `EventSource` sends
@@ -64,8 +87,11 @@ pub async fn resume(
 ) -> Response {
     let result = async {
         let cursor = cursor(&headers, query.after.as_deref())?;
-        let access = token(&headers, &query)?;
-        let attached = state.relay.resume(&id, access, cursor, true).await?;
+        let (access, credential) = token_and_credential(&headers, &query)?;
+        let attached = state
+            .relay
+            .resume(&id, access, cursor, true, &credential)
+            .await?;
         Ok::<_, ApiError>(super::sse::response(attached))
     }
     .await;

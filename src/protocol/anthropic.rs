@@ -7,14 +7,20 @@
 //! key goes in `x-api-key`. Errors: `{"type": "error", "error": {"type",
 //! "message"}}`, in a body and as `event: error` in a stream.
 
+use std::collections::HashMap;
+
 use axum::http::{HeaderName, HeaderValue};
 use bytes::{BufMut, Bytes, BytesMut};
+use memchr::memmem;
 use serde_json::{Value, json};
 
-use super::continuation::{Partial, Plan, plan_with};
+use super::continuation::{
+    Block, Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, Splice, ToolCall, base_request,
+    lower_budget, push_messages,
+};
 use super::request::{self, RequestError, Summary};
 use super::sse::{SseEvent, write_data};
-use super::{Continuation, Terminal, Wire};
+use super::{Continuation, ProviderError, Terminal, Wire};
 use crate::stream::Event;
 
 pub struct AnthropicMessages;
@@ -24,6 +30,11 @@ static REQUIRED_HEADERS: [(HeaderName, HeaderValue); 1] = [(
     HeaderName::from_static("anthropic-version"),
     HeaderValue::from_static("2023-06-01"),
 )];
+
+/// Block kinds a prefill can carry and a continuation can follow.
+fn continuable(kind: &str) -> bool {
+    matches!(kind, "text" | "thinking" | "redacted_thinking")
+}
 
 impl Wire for AnthropicMessages {
     fn name(&self) -> &'static str {
@@ -50,52 +61,259 @@ impl Wire for AnthropicMessages {
         event.name_is("message_stop").then_some(Terminal::Last)
     }
 
-    fn skip_in_continuation(&self, event: &SseEvent) -> bool {
-        matches!(
-            event.name.as_deref(),
-            Some(b"message_start" | b"content_block_start" | b"ping")
-        )
+    fn provider_error(&self, event: &SseEvent) -> Option<ProviderError> {
+        if !event.name_is("error") {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&event.data).unwrap_or(Value::Null);
+        let kind = v
+            .pointer("/error/type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        Some(ProviderError {
+            message: v
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("the provider sent an error mid-stream")
+                .to_owned(),
+            resumable: matches!(
+                kind,
+                "overloaded_error" | "api_error" | "rate_limit_error" | ""
+            ),
+        })
     }
 
-    fn rewrite_continued(&self, data: Bytes, _chunk_id: Option<&str>) -> Bytes {
-        data
+    fn hold(&self) -> Box<dyn Hold> {
+        Box::<ToolUseHold>::default()
     }
 
     fn partial(&self, events: &[Event]) -> Partial {
         let mut out = Partial::default();
+        let mut started = false;
+        let mut units = 0;
+        let mut stop_reason = None;
         for event in events {
             out.last_seq = out.last_seq.max(event.seq);
             let Ok(v) = serde_json::from_slice::<Value>(&event.data) else {
                 continue;
             };
+            let index = v.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
             match v.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
+                    started = true;
                     out.chunk_id = v
                         .pointer("/message/id")
                         .and_then(Value::as_str)
                         .map(str::to_owned);
                 }
+                Some("content_block_start") => {
+                    let start = v.get("content_block").cloned().unwrap_or(Value::Null);
+                    let field = |k: &str| {
+                        start
+                            .get(k)
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    out.blocks.push(Block {
+                        index,
+                        kind: field("type"),
+                        text: match field("type").as_str() {
+                            "thinking" => field("thinking"),
+                            "text" => field("text"),
+                            _ => String::new(),
+                        },
+                        signature: Some(field("signature")).filter(|s| !s.is_empty()),
+                        start,
+                        stopped: false,
+                    });
+                }
                 Some("content_block_delta") => {
-                    if let Some(text) = v.pointer("/delta/text").and_then(Value::as_str) {
-                        out.text.push_str(text);
-                        out.tokens += 1;
+                    let Some(b) = out.blocks.iter_mut().rev().find(|b| b.index == index) else {
+                        continue;
+                    };
+                    let delta = v.get("delta");
+                    let text = |k: &str| delta.and_then(|d| d.get(k)).and_then(Value::as_str);
+                    match delta.and_then(|d| d.get("type")).and_then(Value::as_str) {
+                        Some("text_delta") => b.text.push_str(text("text").unwrap_or("")),
+                        Some("thinking_delta") => b.text.push_str(text("thinking").unwrap_or("")),
+                        Some("input_json_delta") => {
+                            b.text.push_str(text("partial_json").unwrap_or(""))
+                        }
+                        Some("signature_delta") => {
+                            b.signature = text("signature").map(str::to_owned);
+                            continue;
+                        }
+                        _ => continue,
+                    }
+                    units += 1;
+                }
+                Some("content_block_stop") => {
+                    if let Some(b) = out.blocks.iter_mut().rev().find(|b| b.index == index) {
+                        b.stopped = true;
                     }
                 }
                 Some("message_delta") => {
-                    out.finish_reason = v
+                    stop_reason = v
                         .pointer("/delta/stop_reason")
                         .and_then(Value::as_str)
                         .map(str::to_owned);
+                    if let Some(tokens) = v.pointer("/usage/output_tokens").and_then(Value::as_u64)
+                    {
+                        out.usage_output = Some(tokens);
+                    }
                 }
                 _ => {}
             }
+        }
+        // The message as one choice, for `/state` and the budget.
+        let choice = out.choice(0);
+        choice.started = started;
+        choice.units = units;
+        choice.finish_reason = stop_reason;
+        let blocks = out.blocks.clone();
+        let choice = out.choice(0);
+        for b in &blocks {
+            match b.kind.as_str() {
+                "text" => choice.content.push_str(&b.text),
+                "thinking" => choice.reasoning.push_str(&b.text),
+                kind if kind.ends_with("tool_use") => choice.tool_calls.push(ToolCall {
+                    index: b.index,
+                    id: b
+                        .start
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                    name: b
+                        .start
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                    arguments: b.text.clone(),
+                }),
+                _ => {}
+            }
+        }
+        if !started && blocks.is_empty() && choice.finish_reason.is_none() {
+            out.choices.clear();
         }
         out
     }
 
     fn continuation(&self, original: &Value, style: Continuation, partial: &Partial) -> Plan {
-        // Every style but `none` is a trailing assistant message here.
-        plan_with(original, style, partial, |_, _| {})
+        if partial.finish_reason().is_some() {
+            return Plan::AlreadyComplete;
+        }
+        if style == Continuation::None {
+            return Plan::Unsupported;
+        }
+        if let Some(b) = partial.blocks.iter().find(|b| !continuable(&b.kind)) {
+            return Plan::Impossible(if b.kind.ends_with("tool_use") {
+                "the answer was cut inside a tool call, whose input no provider can continue".into()
+            } else {
+                format!(
+                    "the answer was cut after a `{}` block, which cannot be continued",
+                    b.kind
+                )
+            });
+        }
+        let last = partial.blocks.last();
+        if let Some(b) = last
+            && b.kind == "thinking"
+            && b.signature.is_none()
+        {
+            return Plan::Impossible(
+                "the answer was cut inside a thinking block, before its signature: a thinking block cannot be continued without it".into(),
+            );
+        }
+        let Some(mut body) = base_request(original) else {
+            return Plan::Impossible("the original request is not a JSON object".into());
+        };
+        if lower_budget(&mut body, partial.tokens()).is_none() {
+            return Plan::AlreadyComplete;
+        }
+        // With extended thinking, max_tokens must stay above the thinking budget.
+        if let (Some(budget), Some(max)) = (
+            body.get("thinking")
+                .and_then(|t| t.get("budget_tokens"))
+                .and_then(Value::as_u64),
+            body.get("max_tokens").and_then(Value::as_u64),
+        ) && max <= budget
+        {
+            body.insert("max_tokens".into(), json!(budget + 1));
+        }
+        let has_thinking = partial.blocks.iter().any(|b| b.kind != "text");
+        let mut splice = BlockSplice {
+            open: last
+                .filter(|b| !b.stopped)
+                .map(|b| (b.index, b.kind == "text")),
+            next: partial
+                .blocks
+                .iter()
+                .map(|b| b.index + 1)
+                .max()
+                .unwrap_or(0),
+            drop_thinking: has_thinking,
+            map: HashMap::new(),
+            overlap: None,
+            overlap_block: None,
+        };
+        let text: String = partial
+            .blocks
+            .iter()
+            .filter(|b| b.kind == "text")
+            .map(|b| b.text.as_str())
+            .collect();
+        match style {
+            Continuation::Instruct if !text.is_empty() => {
+                splice.overlap = Some(Overlap::new(&text));
+                push_messages(
+                    &mut body,
+                    [
+                        json!({"role": "assistant", "content": [{"type": "text", "text": text}]}),
+                        json!({"role": "user", "content": INSTRUCT_PROMPT}),
+                    ],
+                );
+            }
+            Continuation::Instruct => {}
+            _ => {
+                let mut content: Vec<Value> = partial
+                    .blocks
+                    .iter()
+                    .filter_map(|b| match b.kind.as_str() {
+                        "thinking" => Some(json!({"type": "thinking", "thinking": b.text, "signature": b.signature})),
+                        "redacted_thinking" => Some(json!({"type": "redacted_thinking", "data": b.start.get("data")})),
+                        _ if b.text.is_empty() => None,
+                        _ => Some(json!({"type": "text", "text": b.text})),
+                    })
+                    .collect();
+                // The provider refuses a prefill that ends in whitespace; what
+                // is cut off must not come back twice.
+                if let Some(last) = content.last_mut()
+                    && let Some(text) = last.get("text").and_then(Value::as_str)
+                {
+                    let kept = text.trim_end().to_owned();
+                    splice.overlap = Some(Overlap::whitespace(&text[kept.len()..]));
+                    if kept.is_empty() {
+                        content.pop();
+                    } else {
+                        last["text"] = Value::String(kept);
+                    }
+                }
+                if !content.is_empty() {
+                    push_messages(
+                        &mut body,
+                        [json!({"role": "assistant", "content": content})],
+                    );
+                }
+            }
+        }
+        Plan::Continue(vec![Leg {
+            body: Value::Object(body),
+            splice: Box::new(splice),
+        }])
     }
 
     fn write_done(&self, _out: &mut BytesMut) {
@@ -119,6 +337,185 @@ impl Wire for AnthropicMessages {
     fn is_error_body(&self, body: &Value) -> bool {
         body.get("type").and_then(Value::as_str) == Some("error")
     }
+
+    fn error_message(&self, body: &Value) -> Option<String> {
+        body.pointer("/error/message")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+}
+
+/// Holds everything from the first tool-use block's start until the
+/// message's end (`message_delta`): tool input reaches the client whole.
+#[derive(Default)]
+struct ToolUseHold {
+    held: Vec<SseEvent>,
+    bytes: usize,
+    off: bool,
+}
+
+impl Hold for ToolUseHold {
+    fn offer(&mut self, event: SseEvent, out: &mut Vec<SseEvent>) {
+        if self.off {
+            out.push(event);
+            return;
+        }
+        if self.held.is_empty() {
+            let tool = event.name_is("content_block_start")
+                && memmem::find(&event.data, b"tool_use\"").is_some()
+                && serde_json::from_slice::<Value>(&event.data).is_ok_and(|v| {
+                    v.pointer("/content_block/type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.ends_with("tool_use"))
+                });
+            if !tool {
+                out.push(event);
+                return;
+            }
+        }
+        let end = event.name_is("message_delta") || event.name_is("message_stop");
+        self.bytes += event.data.len();
+        self.held.push(event);
+        if end {
+            self.bytes = 0;
+            out.append(&mut self.held);
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn release_all(&mut self, out: &mut Vec<SseEvent>) {
+        self.off = true;
+        self.bytes = 0;
+        out.append(&mut self.held);
+    }
+}
+
+/// Makes a continuation's events read as the rest of the original
+/// message: no second `message_start`, block indices after the client's,
+/// the first text block continuing the client's open one, thinking the
+/// client already holds not repeated, a re-ask's overlap trimmed.
+struct BlockSplice {
+    /// The client's block still open (index, is text): continued by the
+    /// first new text block, else closed before the first new block.
+    open: Option<(u32, bool)>,
+    /// The client's index for the next new block.
+    next: u32,
+    /// Drop thinking blocks (the client holds its thinking).
+    drop_thinking: bool,
+    /// Continuation index → client index (`None`: dropped).
+    map: HashMap<u32, Option<u32>>,
+    overlap: Option<Overlap>,
+    /// The continuation block whose text the overlap applies to.
+    overlap_block: Option<u32>,
+}
+
+fn with_index(mut v: Value, index: u32) -> Bytes {
+    v["index"] = json!(index);
+    Bytes::from(v.to_string())
+}
+
+fn stop(index: u32) -> Out {
+    (
+        Some("content_block_stop".into()),
+        Bytes::from(json!({"type": "content_block_stop", "index": index}).to_string()),
+    )
+}
+
+impl BlockSplice {
+    /// Close the client's open block when no continuation block continues it.
+    fn close_open(&mut self, out: &mut Vec<Out>) {
+        if let Some((k, _)) = self.open.take() {
+            out.push(stop(k));
+        }
+    }
+
+    fn flush_overlap(&mut self, index: u32, out: &mut Vec<Out>) {
+        if let Some(text) = self.overlap.as_mut().and_then(Overlap::flush)
+            && !text.is_empty()
+        {
+            let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}});
+            out.push((
+                Some("content_block_delta".into()),
+                Bytes::from(delta.to_string()),
+            ));
+        }
+    }
+}
+
+impl Splice for BlockSplice {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<Out>) {
+        let name: Option<Box<str>> = event
+            .name
+            .as_deref()
+            .map(|n| String::from_utf8_lossy(n).into());
+        let kind = name.as_deref().unwrap_or("");
+        match kind {
+            "message_start" => {}
+            "content_block_start" | "content_block_delta" | "content_block_stop" => {
+                let Ok(mut v) = serde_json::from_slice::<Value>(&event.data) else {
+                    out.push((name, event.data));
+                    return;
+                };
+                let j = v.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                if kind == "content_block_start" {
+                    let block = v
+                        .pointer("/content_block/type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    if self.drop_thinking && matches!(block, "thinking" | "redacted_thinking") {
+                        self.map.insert(j, None);
+                        return;
+                    }
+                    if block == "text" && self.overlap_block.is_none() {
+                        self.overlap_block = Some(j);
+                    }
+                    if let Some((k, true)) = self.open
+                        && block == "text"
+                    {
+                        // The client's open text block goes on.
+                        self.open = None;
+                        self.map.insert(j, Some(k));
+                        return;
+                    }
+                    self.close_open(out);
+                    let c = self.next;
+                    self.next += 1;
+                    self.map.insert(j, Some(c));
+                    out.push((name, with_index(v, c)));
+                    return;
+                }
+                let Some(c) = self.map.get(&j).copied().unwrap_or(Some(j)) else {
+                    return;
+                };
+                if self.overlap_block == Some(j) {
+                    if kind == "content_block_stop" {
+                        self.flush_overlap(c, out);
+                    } else if let Some(text) = v
+                        .pointer("/delta/text")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        && let Some(overlap) = self.overlap.as_mut()
+                    {
+                        match overlap.push(&text) {
+                            Some(text) if !text.is_empty() => {
+                                v["delta"]["text"] = Value::String(text)
+                            }
+                            _ => return,
+                        }
+                    }
+                }
+                out.push((name, with_index(v, c)));
+            }
+            "message_delta" => {
+                self.close_open(out);
+                out.push((name, event.data));
+            }
+            _ => out.push((name, event.data)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -133,18 +530,261 @@ mod tests {
         }
     }
 
+    fn start(seq: u64, index: u32, block: Value) -> Event {
+        event(
+            seq,
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": block}),
+        )
+    }
+
+    fn delta(seq: u64, index: u32, delta: Value) -> Event {
+        event(
+            seq,
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        )
+    }
+
+    fn stop(seq: u64, index: u32) -> Event {
+        event(
+            seq,
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        )
+    }
+
+    /// message_start, a signed thinking block, and `text` in an open text block.
+    fn thought_then(text: &str) -> Vec<Event> {
+        vec![
+            event(
+                1,
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1", "content": []}}),
+            ),
+            start(
+                2,
+                0,
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+            ),
+            delta(3, 0, json!({"type": "thinking_delta", "thinking": "hmm"})),
+            delta(4, 0, json!({"type": "signature_delta", "signature": "sig"})),
+            stop(5, 0),
+            start(6, 1, json!({"type": "text", "text": ""})),
+            delta(7, 1, json!({"type": "text_delta", "text": text})),
+        ]
+    }
+
+    fn sse(name: &str, data: Value) -> SseEvent {
+        SseEvent {
+            name: Some(Bytes::from(name.to_owned())),
+            data: Bytes::from(data.to_string()),
+        }
+    }
+
+    fn original() -> Value {
+        json!({"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "q"}], "stream": true})
+    }
+
     #[test]
-    fn reads_back_the_partial_answer() {
-        let p = AnthropicMessages.partial(&[
-            event(1, "message_start", json!({"type": "message_start", "message": {"id": "msg_1"}})),
-            event(2, "content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}})),
-            event(3, "content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " b"}})),
-        ]);
-        assert_eq!(p.text, "a b");
-        assert_eq!(p.tokens, 2);
+    fn reads_back_the_blocks_as_the_sdk_accumulates_them() {
+        let p = AnthropicMessages.partial(&thought_then("a b"));
         assert_eq!(p.chunk_id.as_deref(), Some("msg_1"));
-        assert_eq!(p.last_seq, 3);
-        assert_eq!(p.finish_reason, None);
+        assert_eq!(p.blocks.len(), 2);
+        assert_eq!(p.blocks[0].kind, "thinking");
+        assert_eq!(p.blocks[0].signature.as_deref(), Some("sig"));
+        assert!(p.blocks[0].stopped && !p.blocks[1].stopped);
+        assert_eq!(p.choices[0].content, "a b");
+        assert_eq!(p.choices[0].reasoning, "hmm");
+        assert_eq!(p.tokens(), 2);
+        assert_eq!(p.last_seq, 7);
+        assert_eq!(p.finish_reason(), None);
+    }
+
+    #[test]
+    fn prefill_carries_the_signed_thinking_and_continues_the_open_text() {
+        let p = AnthropicMessages.partial(&thought_then("a b "));
+        let Plan::Continue(mut legs) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        let leg = &mut legs[0];
+        let last = &leg.body["messages"][1];
+        assert_eq!(last["role"], "assistant");
+        assert_eq!(
+            last["content"][0],
+            json!({"type": "thinking", "thinking": "hmm", "signature": "sig"})
+        );
+        // Trailing whitespace is refused by the provider: cut, and not doubled.
+        assert_eq!(last["content"][1], json!({"type": "text", "text": "a b"}));
+        assert_eq!(leg.body["max_tokens"], 98);
+        let mut out = Vec::new();
+        for (name, data) in [
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_2"}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " c"}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+            ("message_stop", json!({"type": "message_stop"})),
+        ] {
+            leg.splice.event(sse(name, data), &mut out);
+        }
+        let names: Vec<&str> = out
+            .iter()
+            .map(|(n, _)| n.as_deref().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_stop",
+                "message_stop"
+            ]
+        );
+        let v: Vec<Value> = out
+            .iter()
+            .map(|(_, d)| serde_json::from_slice(d).unwrap())
+            .collect();
+        // The whitespace cut from the prefill comes back once.
+        assert_eq!(v[0]["delta"]["text"], "c");
+        assert_eq!(
+            (v[0]["index"].as_u64(), v[1]["index"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(
+            (v[2]["index"].as_u64(), v[3]["index"].as_u64()),
+            (Some(2), Some(2))
+        );
+    }
+
+    #[test]
+    fn a_re_ask_drops_the_new_thinking_and_trims_the_overlap() {
+        let p = AnthropicMessages.partial(&thought_then("the tide"));
+        let Plan::Continue(mut legs) =
+            AnthropicMessages.continuation(&original(), Continuation::Instruct, &p)
+        else {
+            panic!()
+        };
+        let leg = &mut legs[0];
+        assert_eq!(leg.body["messages"][2]["content"], INSTRUCT_PROMPT);
+        let mut out = Vec::new();
+        for (name, data) in [
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "again"}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "tide gate"}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+        ] {
+            leg.splice.event(sse(name, data), &mut out);
+        }
+        let v: Vec<Value> = out
+            .iter()
+            .map(|(_, d)| serde_json::from_slice(d).unwrap())
+            .collect();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0]["delta"]["text"], " gate");
+        assert_eq!(v[0]["index"], 1);
+        assert_eq!(v[1]["type"], "content_block_stop");
+    }
+
+    #[test]
+    fn cuts_that_cannot_be_continued_say_why() {
+        // Inside a thinking block, before its signature.
+        let mut events = thought_then("x");
+        events.truncate(3);
+        let p = AnthropicMessages.partial(&events);
+        let Plan::Impossible(why) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        assert!(why.contains("signature"), "{why}");
+        // A tool_use block the client holds (released from a full hold).
+        let mut events = thought_then("x");
+        events.push(start(
+            8,
+            2,
+            json!({"type": "tool_use", "id": "t", "name": "f", "input": {}}),
+        ));
+        let p = AnthropicMessages.partial(&events);
+        assert!(matches!(
+            AnthropicMessages.continuation(&original(), Continuation::Instruct, &p),
+            Plan::Impossible(_)
+        ));
+        // Nothing at all: ask again.
+        let p = AnthropicMessages.partial(&events[..1]);
+        let Plan::Continue(legs) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        assert_eq!(legs[0].body["messages"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tool_use_is_held_until_the_message_ends() {
+        let mut hold = AnthropicMessages.hold();
+        let mut out = Vec::new();
+        hold.offer(sse("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})), &mut out);
+        hold.offer(sse("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}})), &mut out);
+        hold.offer(sse("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}})), &mut out);
+        hold.offer(
+            sse(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        hold.offer(
+            sse(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}}),
+            ),
+            &mut out,
+        );
+        assert_eq!(out.len(), 5);
     }
 
     #[test]

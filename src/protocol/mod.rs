@@ -23,11 +23,11 @@ pub mod request;
 pub mod sse;
 
 use axum::http::{HeaderName, HeaderValue};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use continuation::{Partial, Plan};
+pub use continuation::{Hold, Leg, Partial, Plan, Splice};
 pub use request::{RequestError, Summary};
 use sse::SseEvent;
 
@@ -72,17 +72,24 @@ pub enum Continuation {
     ContinueFinalMessage,
     /// DeepSeek (beta) and compatibles: `prefix: true` on it.
     Prefix,
-    /// Anthropic and servers that continue a trailing assistant message.
+    /// Anthropic (models before Claude 4.6) and servers that continue a
+    /// trailing assistant message.
     AssistantPrefix,
+    /// Re-ask with the partial answer as the assistant's turn and a user
+    /// turn asking to continue exactly where it stopped; the gateway trims
+    /// what the model repeats at the splice. Every chat model takes it
+    /// (OpenAI, Claude 4.6+); best-effort, not exact.
+    Instruct,
     /// The provider cannot continue: a resume replays, then ends.
     None,
 }
 
 impl Continuation {
-    pub const ALL: [Continuation; 4] = [
+    pub const ALL: [Continuation; 5] = [
         Continuation::ContinueFinalMessage,
         Continuation::Prefix,
         Continuation::AssistantPrefix,
+        Continuation::Instruct,
         Continuation::None,
     ];
 
@@ -91,9 +98,32 @@ impl Continuation {
             Continuation::ContinueFinalMessage => "continue_final_message",
             Continuation::Prefix => "prefix",
             Continuation::AssistantPrefix => "assistant_prefix",
+            Continuation::Instruct => "instruct",
             Continuation::None => "none",
         }
     }
+
+    /// Whether a continuation in this style gives back exactly the answer
+    /// a deterministic provider would have finished (a prefill); `instruct`
+    /// is best-effort.
+    pub fn exact(self) -> bool {
+        matches!(
+            self,
+            Continuation::ContinueFinalMessage
+                | Continuation::Prefix
+                | Continuation::AssistantPrefix
+        )
+    }
+}
+
+/// An error a provider sent inside its stream (Anthropic `event: error`,
+/// an OpenAI chunk that is an `error` object): the stream failed there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderError {
+    pub message: String,
+    /// Whether asking again may succeed (overloaded, a server error), as
+    /// opposed to a request the provider refuses.
+    pub resumable: bool,
 }
 
 /// An event after which the provider's stream is over.
@@ -131,18 +161,20 @@ pub trait Wire: Sync {
     /// Whether the provider's stream is over after `event`.
     fn terminal(&self, event: &SseEvent) -> Option<Terminal>;
 
-    /// What the client already holds from the original run and must not
-    /// see again from a continuation (Anthropic's message and block openers).
-    fn skip_in_continuation(&self, event: &SseEvent) -> bool;
+    /// An error the provider sent in its stream, which ends it there (never
+    /// relayed or stored as an answer event).
+    fn provider_error(&self, event: &SseEvent) -> Option<ProviderError>;
 
-    /// Make a continued event read as part of the original answer (the
-    /// original's chunk id).
-    fn rewrite_continued(&self, data: Bytes, chunk_id: Option<&str>) -> Bytes;
+    /// A new stream's hold: what must reach the client only whole (tool
+    /// calls).
+    fn hold(&self) -> Box<dyn Hold>;
 
-    /// Read what was already said back from the stored events.
+    /// Read what was already said back from the stored events, as the
+    /// provider's SDK would accumulate it.
     fn partial(&self, events: &[Event]) -> Partial;
 
-    /// The request that continues `partial` in `style`, or why there is none.
+    /// The requests that continue `partial` in `style`, or why there are
+    /// none.
     fn continuation(&self, original: &Value, style: Continuation, partial: &Partial) -> Plan;
 
     /// Frame the end of a finished stream (nothing, where the answer's
@@ -159,11 +191,15 @@ pub trait Wire: Sync {
     /// Whether a provider's error body is already in the protocol's shape
     /// (then it is passed to the client as it is).
     fn is_error_body(&self, body: &Value) -> bool;
+
+    /// The message of a provider's error body in this protocol's shape.
+    fn error_message(&self, body: &Value) -> Option<String>;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn event(name: Option<&'static str>, data: &'static str) -> SseEvent {
         SseEvent {
@@ -173,25 +209,44 @@ mod tests {
     }
 
     #[test]
-    fn each_protocol_knows_its_end_and_what_a_continuation_skips() {
+    fn each_protocol_knows_its_end_and_its_in_band_errors() {
         let openai = Protocol::OpenAi.wire();
         assert_eq!(
             openai.terminal(&event(None, "[DONE]")),
             Some(Terminal::Sentinel)
         );
         assert_eq!(openai.terminal(&event(None, "{\"id\":\"c\"}")), None);
-        assert!(!openai.skip_in_continuation(&event(None, "{}")));
+        let error = openai
+            .provider_error(&event(
+                None,
+                r#"{"error":{"message":"boom","type":"server_error"}}"#,
+            ))
+            .unwrap();
+        assert_eq!((error.message.as_str(), error.resumable), ("boom", true));
+        assert!(
+            openai
+                .provider_error(&event(None, r#"{"id":"c","choices":[]}"#))
+                .is_none()
+        );
         let anthropic = Protocol::Anthropic.wire();
         let stop = event(Some("message_stop"), "{\"type\":\"message_stop\"}");
         assert_eq!(anthropic.terminal(&stop), Some(Terminal::Last));
         assert_eq!(anthropic.terminal(&event(None, "[DONE]")), None);
-        for name in ["message_start", "content_block_start", "ping"] {
-            assert!(
-                anthropic.skip_in_continuation(&event(Some(name), "{}")),
-                "{name}"
-            );
-        }
-        assert!(!anthropic.skip_in_continuation(&event(Some("content_block_delta"), "{}")));
+        let error = anthropic
+            .provider_error(&event(
+                Some("error"),
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            ))
+            .unwrap();
+        assert_eq!(
+            (error.message.as_str(), error.resumable),
+            ("Overloaded", true)
+        );
+        assert!(
+            anthropic
+                .provider_error(&event(Some("ping"), "{}"))
+                .is_none()
+        );
     }
 
     #[test]

@@ -7,17 +7,27 @@
 //! is not itself an answer event. Errors: `{"error": {"message", "type",
 //! "code"}}`, in a body and in-band.
 
+use std::collections::BTreeMap;
+
 use axum::http::{HeaderName, header};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{Value, json};
+use memchr::memmem;
+use serde_json::{Map, Value, json};
 
-use super::continuation::{Partial, Plan, plan_with};
+use super::continuation::{
+    Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, SkipShown, Splice, base_request,
+    lower_budget, prefill_message, push_messages,
+};
 use super::request::{self, RequestError, Summary};
 use super::sse::{SseEvent, write_data};
-use super::{Continuation, Terminal, Wire};
+use super::{Continuation, ProviderError, Terminal, Wire};
 use crate::stream::Event;
 
 pub struct OpenAiChat;
+
+/// The reasoning fields OpenAI-compatible servers stream (DeepSeek and
+/// vLLM `reasoning_content`; newer vLLM and OpenRouter `reasoning`).
+const REASONING: [&str; 2] = ["reasoning_content", "reasoning"];
 
 impl Wire for OpenAiChat {
     fn name(&self) -> &'static str {
@@ -40,23 +50,28 @@ impl Wire for OpenAiChat {
         (event.data == b"[DONE]"[..]).then_some(Terminal::Sentinel)
     }
 
-    fn skip_in_continuation(&self, _event: &SseEvent) -> bool {
-        false
+    fn provider_error(&self, event: &SseEvent) -> Option<ProviderError> {
+        // Cheap first: only a chunk that names `error` is parsed.
+        memmem::find(&event.data, b"\"error\"")?;
+        let v: Value = serde_json::from_slice(&event.data).ok()?;
+        let error = v.get("error").filter(|e| e.is_object())?;
+        if v.get("choices").is_some() {
+            return None;
+        }
+        let kind = error.get("type").and_then(Value::as_str).unwrap_or("");
+        Some(ProviderError {
+            message: error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the provider sent an error mid-stream")
+                .to_owned(),
+            // A request the provider found wrong fails again when re-asked.
+            resumable: !matches!(kind, "invalid_request_error" | "invalid_request"),
+        })
     }
 
-    fn rewrite_continued(&self, data: Bytes, chunk_id: Option<&str>) -> Bytes {
-        let Some(id) = chunk_id else {
-            return data;
-        };
-        match serde_json::from_slice::<Value>(&data) {
-            Ok(mut v)
-                if v.get("id").and_then(Value::as_str) != Some(id) && v.get("id").is_some() =>
-            {
-                v["id"] = Value::String(id.to_owned());
-                Bytes::from(v.to_string())
-            }
-            _ => data,
-        }
+    fn hold(&self) -> Box<dyn Hold> {
+        Box::<ToolCallHold>::default()
     }
 
     fn partial(&self, events: &[Event]) -> Partial {
@@ -69,33 +84,189 @@ impl Wire for OpenAiChat {
             if out.chunk_id.is_none() {
                 out.chunk_id = v.get("id").and_then(Value::as_str).map(str::to_owned);
             }
-            if let Some(text) = v
-                .pointer("/choices/0/delta/content")
-                .and_then(Value::as_str)
-                && !text.is_empty()
+            if let Some(tokens) = v
+                .pointer("/usage/completion_tokens")
+                .and_then(Value::as_u64)
             {
-                out.text.push_str(text);
-                out.tokens += 1;
+                out.usage_output = Some(tokens);
             }
-            if let Some(reason) = v
-                .pointer("/choices/0/finish_reason")
-                .and_then(Value::as_str)
+            for choice in v
+                .get("choices")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
             {
-                out.finish_reason = Some(reason.to_owned());
+                let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                let c = out.choice(index);
+                if let Some(delta) = choice.get("delta") {
+                    let text = |key: &str| {
+                        delta
+                            .get(key)
+                            .and_then(Value::as_str)
+                            .filter(|t| !t.is_empty())
+                    };
+                    if delta.get("role").is_some() {
+                        c.started = true;
+                    }
+                    if let Some(t) = text("content") {
+                        c.content.push_str(t);
+                        c.units += 1;
+                    }
+                    for key in REASONING {
+                        if let Some(t) = text(key) {
+                            c.reasoning.push_str(t);
+                            c.units += 1;
+                        }
+                    }
+                    if let Some(t) = text("refusal") {
+                        c.refusal.push_str(t);
+                        c.units += 1;
+                    }
+                    for call in delta
+                        .get("tool_calls")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let at = call.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+                        let slot = match c.tool_calls.iter().position(|t| t.index == at) {
+                            Some(i) => i,
+                            None => {
+                                c.tool_calls.push(super::continuation::ToolCall {
+                                    index: at,
+                                    ..Default::default()
+                                });
+                                c.tool_calls.len() - 1
+                            }
+                        };
+                        let t = &mut c.tool_calls[slot];
+                        if let Some(id) = call.get("id").and_then(Value::as_str) {
+                            t.id.push_str(id);
+                        }
+                        if let Some(f) = call.get("function") {
+                            if let Some(name) = f.get("name").and_then(Value::as_str) {
+                                t.name.push_str(name);
+                            }
+                            if let Some(args) = f.get("arguments").and_then(Value::as_str) {
+                                t.arguments.push_str(args);
+                                c.units += u64::from(!args.is_empty());
+                            }
+                        }
+                    }
+                }
+                if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                    c.finish_reason = Some(reason.to_owned());
+                }
             }
         }
         out
     }
 
     fn continuation(&self, original: &Value, style: Continuation, partial: &Partial) -> Plan {
-        plan_with(original, style, partial, |request, message| match style {
-            Continuation::ContinueFinalMessage => {
-                request.insert("continue_final_message".into(), Value::Bool(true));
-                request.insert("add_generation_prompt".into(), Value::Bool(false));
+        let n = original
+            .get("n")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1) as u32;
+        let unfinished: Vec<u32> = (0..n)
+            .filter(|i| {
+                partial
+                    .choices
+                    .iter()
+                    .find(|c| c.index == *i)
+                    .is_none_or(|c| c.finish_reason.is_none())
+            })
+            .collect();
+        if unfinished.is_empty() {
+            return Plan::AlreadyComplete;
+        }
+        if style == Continuation::None {
+            return Plan::Unsupported;
+        }
+        let empty = super::continuation::Choice::default();
+        let mut legs = Vec::new();
+        for index in unfinished {
+            let c = partial
+                .choices
+                .iter()
+                .find(|c| c.index == index)
+                .unwrap_or(&empty);
+            if !c.tool_calls.is_empty() {
+                return Plan::Impossible(
+                    "the answer was cut inside a tool call, whose arguments no provider can continue".into(),
+                );
             }
-            Continuation::Prefix => message["prefix"] = Value::Bool(true),
-            Continuation::AssistantPrefix | Continuation::None => {}
-        })
+            if !c.refusal.is_empty() {
+                return Plan::Impossible("the answer was cut inside a refusal".into());
+            }
+            let Some(mut body) = base_request(original) else {
+                return Plan::Impossible("the original request is not a JSON object".into());
+            };
+            let used = if n > 1 { c.units } else { partial.tokens() };
+            if n > 1 {
+                body.insert("n".into(), json!(1));
+            }
+            if lower_budget(&mut body, used).is_none() {
+                // Spent: the provider would have ended this choice at its limit.
+                continue;
+            }
+            let mut splice = ChunkSplice {
+                chunk_id: partial.chunk_id.clone(),
+                index: (n > 1).then_some(index),
+                drop_role: c.started,
+                reasoning: Reasoning::Drop,
+                overlap: None,
+                keep_usage: false,
+            };
+            if c.content.is_empty() {
+                // No answer text yet: ask again; a regenerated reasoning is
+                // relayed only past what the client was shown.
+                splice.reasoning = if c.reasoning.is_empty() {
+                    Reasoning::Pass
+                } else {
+                    Reasoning::Skip(SkipShown::new(&c.reasoning))
+                };
+            } else {
+                let added = match style {
+                    Continuation::ContinueFinalMessage => {
+                        body.insert("continue_final_message".into(), Value::Bool(true));
+                        body.insert("add_generation_prompt".into(), Value::Bool(false));
+                        push_messages(&mut body, [prefill_message(style, &c.content)])
+                    }
+                    Continuation::Prefix | Continuation::AssistantPrefix => {
+                        push_messages(&mut body, [prefill_message(style, &c.content)])
+                    }
+                    Continuation::Instruct => {
+                        splice.overlap = Some(Overlap::new(&c.content));
+                        push_messages(
+                            &mut body,
+                            [
+                                prefill_message(Continuation::AssistantPrefix, &c.content),
+                                json!({"role": "user", "content": INSTRUCT_PROMPT}),
+                            ],
+                        )
+                    }
+                    Continuation::None => false,
+                };
+                if !added {
+                    return Plan::Impossible("the original request has no messages".into());
+                }
+            }
+            legs.push((body, splice));
+        }
+        // Only the last request's usage chunk reaches the client.
+        match legs.last_mut() {
+            None => return Plan::AlreadyComplete,
+            Some((_, splice)) => splice.keep_usage = true,
+        }
+        Plan::Continue(
+            legs.into_iter()
+                .map(|(body, splice)| Leg {
+                    body: Value::Object(body),
+                    splice: Box::new(splice),
+                })
+                .collect(),
+        )
     }
 
     fn write_done(&self, out: &mut BytesMut) {
@@ -113,45 +284,305 @@ impl Wire for OpenAiChat {
     fn is_error_body(&self, body: &Value) -> bool {
         body.get("error").is_some_and(Value::is_object)
     }
+
+    fn error_message(&self, body: &Value) -> Option<String> {
+        body.pointer("/error/message")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+}
+
+/// Holds each choice's chunks from its first tool-call fragment until it
+/// finishes: a tool call reaches the client whole or not at all.
+#[derive(Default)]
+struct ToolCallHold {
+    held: BTreeMap<u32, Vec<SseEvent>>,
+    bytes: usize,
+    off: bool,
+}
+
+impl Hold for ToolCallHold {
+    fn offer(&mut self, event: SseEvent, out: &mut Vec<SseEvent>) {
+        // Cheap first: a text chunk with nothing held passes unparsed.
+        if self.off
+            || (self.held.is_empty() && memmem::find(&event.data, b"\"tool_calls\"").is_none())
+        {
+            out.push(event);
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&event.data) else {
+            out.push(event);
+            return;
+        };
+        let Some(choice) = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+        else {
+            out.push(event);
+            return;
+        };
+        let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+        let calls = choice
+            .pointer("/delta/tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
+        let finished = choice.get("finish_reason").is_some_and(|r| !r.is_null());
+        if !calls && !self.held.contains_key(&index) {
+            out.push(event);
+            return;
+        }
+        self.bytes += event.data.len();
+        self.held.entry(index).or_default().push(event);
+        if finished && let Some(events) = self.held.remove(&index) {
+            self.bytes -= events.iter().map(|e| e.data.len()).sum::<usize>();
+            out.extend(events);
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn release_all(&mut self, out: &mut Vec<SseEvent>) {
+        self.off = true;
+        self.bytes = 0;
+        for (_, events) in std::mem::take(&mut self.held) {
+            out.extend(events);
+        }
+    }
+}
+
+/// What a continuation does with the reasoning it streams.
+enum Reasoning {
+    /// The client's reasoning is complete: none of it again.
+    Drop,
+    /// Relay it as it comes (the client was shown none).
+    Pass,
+    /// Relay only past what the client was shown.
+    Skip(SkipShown),
+}
+
+/// Makes a continuation's chunks read as the rest of the original's: its
+/// chunk id and choice index, no second role delta, reasoning not
+/// repeated, a re-ask's overlap trimmed.
+struct ChunkSplice {
+    chunk_id: Option<String>,
+    /// The client's choice index for this request's only choice (`n > 1`).
+    index: Option<u32>,
+    drop_role: bool,
+    reasoning: Reasoning,
+    overlap: Option<Overlap>,
+    /// Relay the usage chunk (the last request only).
+    keep_usage: bool,
+}
+
+impl Splice for ChunkSplice {
+    fn event(&mut self, event: SseEvent, out: &mut Vec<Out>) {
+        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(&event.data) else {
+            out.push((None, event.data));
+            return;
+        };
+        if let (Some(id), true) = (&self.chunk_id, chunk.contains_key("id")) {
+            chunk.insert("id".into(), Value::String(id.clone()));
+        }
+        let Some(Value::Array(choices)) = chunk.get_mut("choices") else {
+            out.push((None, event.data));
+            return;
+        };
+        if choices.is_empty() {
+            // The usage chunk.
+            if self.keep_usage {
+                out.push((None, Bytes::from(Value::Object(chunk).to_string())));
+            }
+            return;
+        }
+        choices.retain_mut(|choice| self.choice(choice));
+        if choices.is_empty() {
+            return;
+        }
+        out.push((None, Bytes::from(Value::Object(chunk).to_string())));
+    }
+}
+
+impl ChunkSplice {
+    /// Rewrite one choice of a chunk; `false` when nothing of it is left.
+    fn choice(&mut self, choice: &mut Value) -> bool {
+        if let Some(index) = self.index {
+            choice["index"] = json!(index);
+        }
+        let finished = choice.get("finish_reason").is_some_and(|r| !r.is_null());
+        let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
+            return finished;
+        };
+        if self.drop_role && delta.remove("role").is_some() {
+            if delta.get("refusal").is_some_and(Value::is_null) {
+                delta.remove("refusal");
+            }
+            if delta.get("content").and_then(Value::as_str) == Some("") {
+                delta.remove("content");
+            }
+        }
+        for key in REASONING {
+            let Some(text) = delta.get(key).and_then(Value::as_str).map(str::to_owned) else {
+                continue;
+            };
+            let keep = match &mut self.reasoning {
+                Reasoning::Drop => String::new(),
+                Reasoning::Pass => text,
+                Reasoning::Skip(skip) => skip.push(&text),
+            };
+            set_or_remove(delta, key, keep);
+        }
+        if let Some(overlap) = &mut self.overlap {
+            let text = delta
+                .get("content")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let relay = match &text {
+                Some(text) => overlap.push(text),
+                None if finished || delta.contains_key("tool_calls") => overlap.flush(),
+                None => None,
+            };
+            if text.is_some() || relay.is_some() {
+                set_or_remove(delta, "content", relay.unwrap_or_default());
+            }
+        }
+        finished || delta.values().any(|v| !v.is_null())
+    }
+}
+
+/// Set a text field, or remove it when there is no text.
+fn set_or_remove(delta: &mut Map<String, Value>, key: &str, text: String) {
+    if text.is_empty() {
+        delta.remove(key);
+    } else {
+        delta.insert(key.into(), Value::String(text));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn chunk(seq: u64, text: &str) -> Event {
+    fn chunk(seq: u64, choice: Value) -> Event {
         Event {
             seq,
             name: None,
             data: Bytes::from(
-                json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}).to_string(),
+                json!({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]})
+                    .to_string(),
             ),
         }
     }
 
+    fn text(seq: u64, index: u32, t: &str) -> Event {
+        chunk(
+            seq,
+            json!({"index": index, "delta": {"content": t}, "finish_reason": null}),
+        )
+    }
+
+    fn sse(data: Value) -> SseEvent {
+        SseEvent {
+            name: None,
+            data: Bytes::from(data.to_string()),
+        }
+    }
+
+    fn role(seq: u64, index: u32) -> Event {
+        chunk(
+            seq,
+            json!({"index": index, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}),
+        )
+    }
+
     #[test]
-    fn reads_back_the_partial_answer() {
-        let p = OpenAiChat.partial(&[chunk(1, "a"), chunk(2, " b"), chunk(3, "")]);
-        assert_eq!(p.text, "a b");
-        assert_eq!(p.tokens, 2);
+    fn reads_back_every_choice_as_the_sdk_accumulates_it() {
+        let p = OpenAiChat.partial(&[
+            role(1, 0),
+            chunk(2, json!({"index": 0, "delta": {"reasoning_content": "think"}})),
+            text(3, 0, "a"),
+            role(4, 1),
+            text(5, 1, "x"),
+            text(6, 0, " b"),
+            chunk(7, json!({"index": 1, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}})),
+            chunk(8, json!({"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}})),
+            chunk(9, json!({"index": 1, "delta": {}, "finish_reason": "tool_calls"})),
+        ]);
         assert_eq!(p.chunk_id.as_deref(), Some("c1"));
-        assert_eq!(p.last_seq, 3);
+        assert_eq!(p.last_seq, 9);
+        let c0 = &p.choices[0];
+        assert_eq!(
+            (c0.content.as_str(), c0.reasoning.as_str()),
+            ("a b", "think")
+        );
+        assert!(c0.started && c0.finish_reason.is_none());
+        assert_eq!(c0.units, 3);
+        let c1 = &p.choices[1];
+        assert_eq!(c1.content, "x");
+        assert_eq!(c1.tool_calls[0].id, "call_1");
+        assert_eq!(c1.tool_calls[0].name, "f");
+        assert_eq!(c1.tool_calls[0].arguments, "{\"q\":");
+        assert_eq!(c1.finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(p.text(), "a bx");
+        // The provider's own count wins.
+        let usage = Event {
+            seq: 10,
+            name: None,
+            data: Bytes::from(
+                json!({"id": "c1", "choices": [], "usage": {"completion_tokens": 42}}).to_string(),
+            ),
+        };
+        assert_eq!(OpenAiChat.partial(&[text(1, 0, "a"), usage]).tokens(), 42);
+    }
+
+    #[test]
+    fn a_tool_call_is_held_until_its_choice_finishes() {
+        let mut hold = OpenAiChat.hold();
+        let mut out = Vec::new();
+        hold.offer(
+            sse(json!({"choices": [{"index": 0, "delta": {"content": "a"}}]})),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        hold.offer(sse(json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": ""}}]}}]})), &mut out);
+        hold.offer(sse(json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]})), &mut out);
+        // Another choice's text goes on meanwhile.
+        hold.offer(
+            sse(json!({"choices": [{"index": 1, "delta": {"content": "x"}}]})),
+            &mut out,
+        );
+        assert_eq!(out.len(), 2);
+        assert!(hold.held_bytes() > 0);
+        hold.offer(
+            sse(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})),
+            &mut out,
+        );
+        assert_eq!(out.len(), 5);
+        assert_eq!(hold.held_bytes(), 0);
+    }
+
+    fn original(extra: Value) -> Value {
+        let mut v = json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 10, "stream": true});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    fn legs(plan: Plan) -> Vec<Leg> {
+        match plan {
+            Plan::Continue(legs) => legs,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn builds_each_style() {
-        let original = json!({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 10, "stream": true});
-        let p = Partial {
-            text: "a b".into(),
-            tokens: 2,
-            chunk_id: None,
-            finish_reason: None,
-            last_seq: 2,
-        };
-        let plan = |style| OpenAiChat.continuation(&original, style, &p);
-        let Plan::Continue(v) = plan(Continuation::ContinueFinalMessage) else {
-            panic!()
-        };
+        let p = OpenAiChat.partial(&[role(1, 0), text(2, 0, "a"), text(3, 0, " b")]);
+        let plan = |style| OpenAiChat.continuation(&original(json!({})), style, &p);
+        let v = &legs(plan(Continuation::ContinueFinalMessage))[0].body;
         assert_eq!(v["max_tokens"], 8);
         assert_eq!(v["continue_final_message"], true);
         assert_eq!(v["add_generation_prompt"], false);
@@ -159,32 +590,119 @@ mod tests {
             v["messages"][1],
             json!({"role": "assistant", "content": "a b"})
         );
-        let Plan::Continue(v) = plan(Continuation::Prefix) else {
-            panic!()
-        };
+        let v = &legs(plan(Continuation::Prefix))[0].body;
         assert_eq!(v["messages"][1]["prefix"], true);
-        let Plan::Continue(v) = plan(Continuation::AssistantPrefix) else {
-            panic!()
-        };
+        let v = &legs(plan(Continuation::AssistantPrefix))[0].body;
         assert_eq!(
             v["messages"][1],
             json!({"role": "assistant", "content": "a b"})
         );
-        assert_eq!(plan(Continuation::None), Plan::Unsupported);
+        let v = &legs(plan(Continuation::Instruct))[0].body;
+        assert_eq!(
+            v["messages"][1],
+            json!({"role": "assistant", "content": "a b"})
+        );
+        assert_eq!(v["messages"][2]["role"], "user");
+        assert_eq!(v["messages"][2]["content"], INSTRUCT_PROMPT);
+        assert!(matches!(plan(Continuation::None), Plan::Unsupported));
         let spent = Partial {
-            tokens: 10,
+            usage_output: Some(10),
             ..p.clone()
         };
-        assert_eq!(
-            OpenAiChat.continuation(&original, Continuation::Prefix, &spent),
+        assert!(matches!(
+            OpenAiChat.continuation(&original(json!({})), Continuation::Prefix, &spent),
             Plan::AlreadyComplete
-        );
+        ));
     }
 
     #[test]
-    fn rewrites_chunk_ids() {
-        let out = OpenAiChat.rewrite_continued(r#"{"id":"new","x":1}"#.into(), Some("old"));
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["id"], "old");
+    fn a_splice_continues_the_original_message() {
+        let p = OpenAiChat.partial(&[role(1, 0), text(2, 0, "the tide")]);
+        let mut leg =
+            legs(OpenAiChat.continuation(&original(json!({})), Continuation::Instruct, &p))
+                .remove(0);
+        let mut out = Vec::new();
+        for data in [
+            json!({"id": "new", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": null}, "finish_reason": null}]}),
+            json!({"id": "new", "choices": [{"index": 0, "delta": {"content": " tide"}, "finish_reason": null}]}),
+            json!({"id": "new", "choices": [{"index": 0, "delta": {"content": " gate"}, "finish_reason": null}]}),
+            json!({"id": "new", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ] {
+            leg.splice.event(sse(data), &mut out);
+        }
+        let out: Vec<Value> = out
+            .iter()
+            .map(|(_, d)| serde_json::from_slice(d).unwrap())
+            .collect();
+        // No second role, the original id, the repeated word trimmed.
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0]["id"], "c1");
+        assert_eq!(out[0]["choices"][0]["delta"], json!({"content": " gate"}));
+        assert_eq!(out[1]["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[test]
+    fn a_cut_in_reasoning_regenerates_it_and_relays_only_what_is_new() {
+        let p = OpenAiChat.partial(&[
+            role(1, 0),
+            chunk(
+                2,
+                json!({"index": 0, "delta": {"reasoning_content": "step one"}}),
+            ),
+        ]);
+        let mut leg =
+            legs(OpenAiChat.continuation(&original(json!({})), Continuation::Prefix, &p)).remove(0);
+        // Asked again, as the original.
+        assert_eq!(leg.body["messages"].as_array().unwrap().len(), 1);
+        let mut out = Vec::new();
+        for r in ["step", " one", " two"] {
+            leg.splice.event(
+                sse(json!({"choices": [{"index": 0, "delta": {"reasoning_content": r}}]})),
+                &mut out,
+            );
+        }
+        assert_eq!(out.len(), 1);
+        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(v["choices"][0]["delta"]["reasoning_content"], " two");
+    }
+
+    #[test]
+    fn n_choices_continue_one_request_each() {
+        let p = OpenAiChat.partial(&[
+            role(1, 0),
+            text(2, 0, "a"),
+            role(3, 1),
+            text(4, 1, "x"),
+            chunk(5, json!({"index": 1, "delta": {}, "finish_reason": "stop"})),
+            role(6, 2),
+        ]);
+        let legs =
+            legs(OpenAiChat.continuation(&original(json!({"n": 3})), Continuation::Prefix, &p));
+        // Choice 0 (with its text) and choice 2 (nothing yet); 1 finished.
+        assert_eq!(legs.len(), 2);
+        assert_eq!(legs[0].body["n"], 1);
+        assert_eq!(legs[0].body["messages"][1]["content"], "a");
+        assert_eq!(legs[1].body["messages"].as_array().unwrap().len(), 1);
+        let mut leg = legs.into_iter().nth(1).unwrap();
+        let mut out = Vec::new();
+        leg.splice.event(
+            sse(json!({"choices": [{"index": 0, "delta": {"content": "y"}}]})),
+            &mut out,
+        );
+        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(v["choices"][0]["index"], 2);
+    }
+
+    #[test]
+    fn a_cut_inside_a_tool_call_is_not_continued() {
+        let p = OpenAiChat.partial(&[
+            role(1, 0),
+            chunk(2, json!({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{"}}]}})),
+        ]);
+        assert!(matches!(
+            OpenAiChat.continuation(&original(json!({})), Continuation::Prefix, &p),
+            Plan::Impossible(_)
+        ));
     }
 
     #[test]

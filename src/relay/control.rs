@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Access, Relay, RelayError, protocol_of};
+use crate::protocol::continuation::ToolCall;
 use crate::stream::{AbortKind, Status};
 
 /// What `GET /v1/streams/{id}/state` answers.
@@ -15,14 +16,33 @@ pub struct StreamState {
     pub status: &'static str,
     pub reason: Option<String>,
     pub last_seq: u64,
+    /// Every choice's text, in choice order.
     pub text: String,
+    /// The first choice's finish reason.
     pub finish_reason: Option<String>,
+    /// Per choice (Anthropic: the one message): text, reasoning, refusal,
+    /// tool calls, finish reason.
+    pub choices: Vec<ChoiceState>,
     pub protocol: String,
     pub upstream: String,
     #[serde(rename = "created_at_ms")]
     pub created_ms: u64,
     #[serde(rename = "updated_at_ms")]
     pub updated_ms: u64,
+}
+
+/// One choice of a stream, as `/state` reports it.
+#[derive(Debug, Serialize)]
+pub struct ChoiceState {
+    pub index: u32,
+    pub text: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reasoning: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub refusal: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    pub finish_reason: Option<String>,
 }
 
 /// How long a cancel waits for the pump to record the end, so that a state
@@ -46,8 +66,20 @@ impl Relay {
             status: status.as_str(),
             reason: record.reason,
             last_seq: partial.last_seq,
-            text: partial.text,
-            finish_reason: partial.finish_reason,
+            text: partial.text(),
+            finish_reason: partial.finish_reason().map(str::to_owned),
+            choices: partial
+                .choices
+                .into_iter()
+                .map(|c| ChoiceState {
+                    index: c.index,
+                    text: c.content,
+                    reasoning: c.reasoning,
+                    refusal: c.refusal,
+                    tool_calls: c.tool_calls,
+                    finish_reason: c.finish_reason,
+                })
+                .collect(),
             protocol: record.protocol,
             upstream: record.upstream,
             created_ms: record.created_ms,

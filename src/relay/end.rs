@@ -14,14 +14,23 @@ pub struct StreamIdentity {
     pub id: String,
     pub resume_token: String,
     pub protocol: Protocol,
+    /// Whether its upstream can continue it: without, no abort says
+    /// `resume: true` (a resume could only replay).
+    pub continuable: bool,
 }
 
-/// The body's last frame.
-pub fn end_frame(out: &mut BytesMut, end: End, who: &StreamIdentity, last_event_id: u64) {
+/// The body's last frame. `detail`: what the abort says beyond its kind.
+pub fn end_frame(
+    out: &mut BytesMut,
+    end: End,
+    who: &StreamIdentity,
+    last_event_id: u64,
+    detail: Option<&str>,
+) {
     let wire = who.protocol.wire();
     match end {
         End::Done => wire.write_done(out),
-        End::Abort(kind) => wire.write_abort(out, abort_object(kind, who, last_event_id)),
+        End::Abort(kind) => wire.write_abort(out, abort_object(kind, who, last_event_id, detail)),
     }
 }
 
@@ -30,12 +39,17 @@ pub fn abort_object(
     kind: AbortKind,
     who: &StreamIdentity,
     last_event_id: u64,
+    detail: Option<&str>,
 ) -> serde_json::Value {
+    let message = match detail {
+        Some(detail) => format!("{}: {detail}", kind.message()),
+        None => kind.message().to_owned(),
+    };
     json!({
         "type": kind.as_str(),
         "code": kind.as_str(),
-        "message": kind.message(),
-        "resume": kind.resumable(),
+        "message": message,
+        "resume": kind.resumable() && who.continuable,
         "stream_id": who.id,
         "resume_token": who.resume_token,
         "last_event_id": last_event_id.to_string(),
@@ -52,6 +66,7 @@ mod tests {
             id: "s1".into(),
             resume_token: "t".into(),
             protocol,
+            continuable: true,
         }
     }
 
@@ -63,6 +78,7 @@ mod tests {
             End::Abort(AbortKind::ServerRestarting),
             &who(Protocol::OpenAi),
             57,
+            None,
         );
         let text = std::str::from_utf8(&out).unwrap();
         assert!(!text.contains("id:"));
@@ -79,10 +95,11 @@ mod tests {
             End::Abort(AbortKind::Cancelled),
             &who(Protocol::Anthropic),
             2,
+            Some("why"),
         );
         assert!(out.starts_with(b"event: error\ndata: {"));
         let mut out = BytesMut::new();
-        end_frame(&mut out, End::Done, &who(Protocol::Anthropic), 2);
+        end_frame(&mut out, End::Done, &who(Protocol::Anthropic), 2, None);
         assert!(out.is_empty());
     }
 }

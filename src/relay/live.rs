@@ -46,6 +46,11 @@ struct LiveState {
     end: Option<End>,
     /// Why the token was cancelled, when it was cancelled on purpose.
     cancel_reason: Option<AbortKind>,
+    /// What the abort event tells the client beyond its kind (a provider's
+    /// message, why the cut cannot be continued).
+    detail: Option<String>,
+    /// The provider's headers the first client's response carries.
+    headers: axum::http::HeaderMap,
 }
 
 impl LiveStream {
@@ -92,6 +97,25 @@ impl LiveStream {
         }
         drop(state);
         self.changed.send_replace(());
+    }
+
+    /// Set what the abort event will say; before [`finish`](Self::finish).
+    pub fn set_detail(&self, detail: String) {
+        self.lock().detail.get_or_insert(detail);
+    }
+
+    /// The provider's response headers a client is shown; set before the
+    /// first client is answered.
+    pub fn set_headers(&self, headers: axum::http::HeaderMap) {
+        self.lock().headers = headers;
+    }
+
+    pub fn headers(&self) -> axum::http::HeaderMap {
+        self.lock().headers.clone()
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        self.lock().detail.clone()
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -252,6 +276,7 @@ mod tests {
                 id: "s".into(),
                 resume_token: "t".into(),
                 protocol: Protocol::OpenAi,
+                continuable: true,
             },
             "o".into(),
             5,

@@ -71,6 +71,9 @@ pub struct Relay {
     pub settings: Settings,
     /// This process's id, recorded as the runner of its streams.
     pub instance: String,
+    /// Continuations started per stream since it last made progress: a
+    /// provider that keeps failing is not re-asked forever.
+    attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Why the relay could not serve a request.
@@ -108,6 +111,12 @@ pub enum RelayError {
     PumpVanished,
     #[error("cannot encode the continuation request: {0}")]
     Encode(#[source] serde_json::Error),
+    /// A continuation needs the client's own provider key (the upstream
+    /// has no `api_key_env`) and the resume request did not carry one.
+    #[error(
+        "continuing this stream calls upstream `{upstream}`, which uses the client's own key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`, with the resume token in `x-tidegate-resume-token` or `?token=`"
+    )]
+    CredentialRequired { upstream: String },
 }
 
 /// The protocol a stored stream speaks. An unknown name is read as
@@ -129,12 +138,30 @@ pub enum Access<'a> {
 /// body that follows.
 pub struct Attached {
     follow: Follow,
+    /// The provider's response headers a client is shown (a first run's).
+    headers: axum::http::HeaderMap,
 }
 
 impl Attached {
     /// The stream the client is attached to.
     pub fn who(&self) -> &StreamIdentity {
         &self.follow.who
+    }
+
+    /// The provider's response headers the client's response carries.
+    pub fn headers(&self) -> &axum::http::HeaderMap {
+        &self.headers
+    }
+
+    fn with_headers(mut self, headers: axum::http::HeaderMap) -> Attached {
+        self.headers = headers;
+        self
+    }
+
+    /// What the abort after a replay says beyond its kind.
+    fn with_detail(mut self, detail: Option<String>) -> Attached {
+        self.follow.detail = detail;
+        self
     }
 
     /// The SSE body: replay, then follow, then the end.
@@ -163,6 +190,7 @@ impl Relay {
             drain,
             settings,
             instance,
+            attempts: Default::default(),
         }
     }
 
@@ -176,12 +204,44 @@ impl Relay {
         }
     }
 
-    fn identity(&self, id: &str, owner: &str, protocol: Protocol) -> StreamIdentity {
+    fn identity(
+        &self,
+        id: &str,
+        owner: &str,
+        protocol: Protocol,
+        continuable: bool,
+    ) -> StreamIdentity {
         StreamIdentity {
             id: id.to_owned(),
             resume_token: self.signer.sign(id, owner),
             protocol,
+            continuable,
         }
+    }
+
+    /// Count a continuation of stream `id`; `false` when it has had too
+    /// many in a row without an end.
+    fn attempt(&self, id: &str) -> bool {
+        let mut attempts = self
+            .attempts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if attempts.len() > 100_000 {
+            // Streams that never came back: forget them all rather than grow.
+            attempts.clear();
+        }
+        let n = attempts.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n <= resume::MAX_ATTEMPTS
+    }
+
+    /// Stream `id` ended for good (or finished): its continuations start
+    /// counting afresh.
+    fn progressed(&self, id: &str) {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(id);
     }
 
     /// Whether `access` may attach to a stream of `owner`.
@@ -241,13 +301,17 @@ impl Relay {
             cursor,
             live,
             end_after_replay,
+            detail: None,
             stored,
             store: self.store.clone(),
             heartbeat: self.settings.heartbeat,
             retry_hint: is_resume.then_some(self.settings.retry_hint),
             deadline: self.drain.streams.clone(),
         };
-        Attached { follow }
+        Attached {
+            follow,
+            headers: Default::default(),
+        }
     }
 }
 #[cfg(test)]

@@ -8,12 +8,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
 
 use super::{Relay, RelayError};
-use crate::upstream::{TransportError, Upstream, UpstreamError};
+use crate::upstream::{TransportError, Upstream, UpstreamError, passed_headers};
 
 /// A provider's whole answer.
 pub struct Answer {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
+    /// The provider's headers a client is shown.
+    pub headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -36,12 +38,14 @@ impl Relay {
                 .headers()
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
+            let headers = passed_headers(response.headers());
             let name = || upstream.config.name.clone();
             let after = upstream.config.idle_timeout;
             let body = match tokio::time::timeout(after, response.bytes()).await {
                 Ok(Ok(body)) => body,
                 Ok(Err(e)) => {
-                    return Err(UpstreamError::Connect {
+                    // The head came: the provider failed while sending.
+                    return Err(UpstreamError::Body {
                         upstream: name(),
                         source: TransportError::Pooled(e),
                     });
@@ -56,6 +60,7 @@ impl Relay {
             Ok(Answer {
                 status,
                 content_type,
+                headers,
                 body,
             })
         };

@@ -7,21 +7,26 @@
 //! deadline) and the store (a failed write) — and every way out goes through
 //! [`Pump::finish`], which records the status and wakes the subscribers.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::live::LiveStream;
 use super::{Relay, RelayError};
 use crate::protocol::sse::{SseDecoder, SseEvent};
-use crate::protocol::{Protocol, Terminal};
+use crate::protocol::{Continuation, Hold, Leg, Protocol, Splice, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
 use crate::upstream::{
     StreamBody, StreamResponse, TransportError, Upstream, UpstreamError, is_event_stream,
 };
+
+/// At most this much of a stream is held back (a tool call being
+/// streamed); past it, it is released and a cut there cannot be continued.
+const MAX_HELD: usize = 1 << 20;
 
 /// At most this many events go into one store write.
 const MAX_BATCH: usize = 256;
@@ -82,10 +87,63 @@ impl From<StartError> for RelayError {
     }
 }
 
-/// A continuation run: what its events take from the original.
+/// A continuation run: how its events are spliced into the original's,
+/// and what follows its first request.
 pub struct Continued {
-    /// The original's chunk id, given to continued chunks.
-    pub chunk_id: Option<String>,
+    /// The first request's splice.
+    pub splice: Option<Box<dyn Splice>>,
+    /// The requests after the first (`n > 1`: one per unfinished choice).
+    pub legs: VecDeque<Leg>,
+    /// The style of these requests.
+    pub style: Continuation,
+    /// The plan in the next style, tried once when the provider refuses
+    /// this one with a 400.
+    pub fallback: Option<(Continuation, Vec<Leg>)>,
+}
+
+/// How a read of one request's stream stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    End(End),
+    /// This request is done and another of the continuation follows.
+    NextLeg,
+}
+
+/// What a run carries from one request to the next: numbering, the hold,
+/// the current request's splice.
+struct Flow {
+    seq: u64,
+    hold: Box<dyn Hold>,
+    splice: Option<Box<dyn Splice>>,
+    more_legs: bool,
+    /// Scratch: events the hold lets through, a splice's output.
+    released: Vec<SseEvent>,
+    spliced: Vec<crate::protocol::continuation::Out>,
+}
+
+/// An SSE event name as stored (none for the default `message`).
+fn stored_name(name: Option<&[u8]>) -> Option<Box<str>> {
+    match name {
+        None | Some(b"") | Some(b"message") => None,
+        Some(other) => Some(String::from_utf8_lossy(other).into()),
+    }
+}
+
+/// The body of one continuation request.
+fn leg_body(body: &serde_json::Value) -> Bytes {
+    Bytes::from(body.to_string())
+}
+
+/// What a provider's error body says, for logs and the client.
+fn provider_message(protocol: Protocol, body: &Bytes) -> String {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();
+    match parsed.and_then(|v| protocol.wire().error_message(&v)) {
+        Some(message) => message,
+        None => {
+            let text = String::from_utf8_lossy(body);
+            text.chars().take(300).collect()
+        }
+    }
 }
 
 /// Writing a new stream's record (and taking its lease), which the pump
@@ -109,45 +167,148 @@ impl Pump {
     /// written. The provider is asked in the meantime (the two waits overlap
     /// instead of adding up); nothing is relayed before the record is there,
     /// and a failed write drops the provider call.
-    pub async fn run(self, started: Started, recording: Option<Recording>) {
+    pub async fn run(mut self, started: Started, recording: Option<Recording>) {
         let metrics = &self.relay.metrics;
         metrics.upstream_requests.inc();
-        let token = self.live.token.clone();
-        let sent = tokio::select! {
-            biased;
-            _ = token.cancelled() => Err(StartError::Cancelled(self.live.cancel_reason())),
-            r = self.send_recorded(recording) => r,
-        };
-        let response = match sent {
-            Ok(r) if is_event_stream(r.content_type.as_ref()) => r,
-            Ok(r) => {
-                let content_type = r
-                    .content_type
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("no content type");
-                let error = StartError::NotAStream {
-                    upstream: self.upstream.config.name.clone(),
-                    content_type: content_type.to_owned(),
-                };
-                return self.start_failed(error, started).await;
+        let mut sent = self.send_cancellable(recording).await;
+        if let Err(StartError::Upstream(UpstreamError::Status { status, body, .. })) = &sent
+            && *status == StatusCode::BAD_REQUEST
+            && let Some(continued) = &mut self.continued
+            && let Some((style, legs)) = continued.fallback.take()
+        {
+            tracing::warn!(
+                stream = %self.live.who.id,
+                upstream = %self.upstream.config.name,
+                refused = continued.style.as_str(),
+                next = style.as_str(),
+                provider_said = %provider_message(self.protocol, body),
+                "the provider refused this continuation style (400); falling back to the next, once"
+            );
+            self.relay.metrics.continuation_fallbacks.inc();
+            let mut legs: VecDeque<Leg> = legs.into();
+            if let Some(first) = legs.pop_front() {
+                continued.style = style;
+                continued.splice = Some(first.splice);
+                continued.legs = legs;
+                self.body = leg_body(&first.body);
+                self.relay.metrics.upstream_requests.inc();
+                sent = self.send_cancellable(None).await;
             }
+        }
+        let response = match self.check_stream(sent) {
+            Ok(r) => r,
             Err(e) => return self.start_failed(e, started).await,
         };
         let mut started = Some(started);
+        let mut flow = Flow {
+            seq: self.live.base,
+            hold: self.protocol.wire().hold(),
+            splice: self.continued.as_mut().and_then(|c| c.splice.take()),
+            more_legs: self.continued.as_ref().is_some_and(|c| !c.legs.is_empty()),
+            released: Vec::new(),
+            spliced: Vec::new(),
+        };
+        self.live.set_headers(response.headers);
         let mut body = response.body;
-        let (end, recorded) = self.relay(&mut body, &mut started).await;
-        announce(&mut started);
-        self.finish(end, None, recorded).await;
-        if end == End::Done {
-            // The answer is complete and its clients told; what follows
-            // `[DONE]` is the body's framing. Reading it lets the
-            // connection serve the next stream.
-            tokio::select! {
-                _ = self.live.token.cancelled() => {}
-                _ = body.finish(AFTER_DONE) => {}
+        loop {
+            let (stop, recorded) = self.relay(&mut body, &mut started, &mut flow).await;
+            let end = match stop {
+                Stop::End(end) => end,
+                Stop::NextLeg => match self.next_leg(&mut flow).await {
+                    Ok(next) => {
+                        body = next;
+                        continue;
+                    }
+                    Err(end) => end,
+                },
+            };
+            announce(&mut started);
+            self.finish(end, None, recorded).await;
+            if end == End::Done {
+                // The answer is complete and its clients told; what follows
+                // `[DONE]` is the body's framing. Reading it lets the
+                // connection serve the next stream.
+                tokio::select! {
+                    _ = self.live.token.cancelled() => {}
+                    _ = body.finish(AFTER_DONE) => {}
+                }
             }
+            return;
         }
+    }
+
+    /// Send the request unless the stream is cancelled first.
+    async fn send_cancellable(
+        &self,
+        recording: Option<Recording>,
+    ) -> Result<StreamResponse, StartError> {
+        let token = self.live.token.clone();
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => Err(StartError::Cancelled(self.live.cancel_reason())),
+            r = self.send_recorded(recording) => r,
+        }
+    }
+
+    /// A 2xx answer is only a stream when it says it is one.
+    fn check_stream(
+        &self,
+        sent: Result<StreamResponse, StartError>,
+    ) -> Result<StreamResponse, StartError> {
+        let r = sent?;
+        if is_event_stream(r.content_type.as_ref()) {
+            return Ok(r);
+        }
+        let content_type = r
+            .content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type");
+        Err(StartError::NotAStream {
+            upstream: self.upstream.config.name.clone(),
+            content_type: content_type.to_owned(),
+        })
+    }
+
+    /// Send the continuation's next request (the next unfinished choice);
+    /// the stream's end when it cannot start.
+    async fn next_leg(&mut self, flow: &mut Flow) -> Result<StreamBody, End> {
+        let Some(leg) = self.continued.as_mut().and_then(|c| c.legs.pop_front()) else {
+            return Err(End::Done);
+        };
+        self.body = leg_body(&leg.body);
+        flow.splice = Some(leg.splice);
+        flow.more_legs = self.continued.as_ref().is_some_and(|c| !c.legs.is_empty());
+        self.relay.metrics.upstream_requests.inc();
+        let sent = self.send_cancellable(None).await;
+        match self.check_stream(sent) {
+            Ok(r) => Ok(r.body),
+            Err(e) => Err(self.continuation_failed(&e)),
+        }
+    }
+
+    /// How a continuation request that did not start ends the stream: a
+    /// provider's 4xx is final (with its message), anything else can be
+    /// tried again.
+    fn continuation_failed(&self, error: &StartError) -> End {
+        let kind = match error {
+            StartError::Cancelled(kind) => return End::Abort(*kind),
+            StartError::Store(_) => return End::Abort(AbortKind::StoreFailed),
+            StartError::Upstream(UpstreamError::Status { status, body, .. })
+                if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) =>
+            {
+                let message = provider_message(self.protocol, body);
+                tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, %status, provider_said = %message, "the provider refused the continuation; ending the stream");
+                self.live.set_detail(format!("{status}: {message}"));
+                AbortKind::UpstreamRejected
+            }
+            other => {
+                tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = ?other, "the continuation request failed");
+                AbortKind::UpstreamFailed
+            }
+        };
+        self.relay.metrics.upstream_errors.inc();
+        End::Abort(kind)
     }
 
     /// Ask the provider while the record is written; both must succeed.
@@ -177,6 +338,17 @@ impl Pump {
     }
 
     async fn start_failed(&self, error: StartError, started: Started) {
+        if self.continued.is_some() {
+            // Nobody waits on a continuation's start: its clients learn
+            // in-band. A 4xx is final; anything else stays resumable.
+            let end = self.continuation_failed(&error);
+            let _ = started.send(Err(error));
+            let status = match end {
+                End::Abort(AbortKind::UpstreamRejected) => None,
+                _ => Some(Status::Interrupted),
+            };
+            return self.finish(end, status, false).await;
+        }
         let kind = match &error {
             StartError::Cancelled(kind) => *kind,
             StartError::Store(_) => {
@@ -189,14 +361,10 @@ impl Pump {
             }
         };
         let _ = started.send(Err(error));
-        // A first request that never started is over (its client got an
-        // error status); a continuation stays resumable.
-        let status = if self.continued.is_some() {
-            Status::Interrupted
-        } else {
-            Status::Failed
-        };
-        self.finish(End::Abort(kind), Some(status), false).await;
+        // A first request that never started is over: its client got an
+        // error status.
+        self.finish(End::Abort(kind), Some(Status::Failed), false)
+            .await;
     }
 
     /// Relay until the stream ends. `started` is answered once the first
@@ -205,7 +373,12 @@ impl Pump {
     /// the client in one write.
     /// Returns how the stream ended and whether that end is already
     /// recorded (written with the last events).
-    async fn relay(&self, body: &mut StreamBody, started: &mut Option<Started>) -> (End, bool) {
+    async fn relay(
+        &self,
+        body: &mut StreamBody,
+        started: &mut Option<Started>,
+        flow: &mut Flow,
+    ) -> (Stop, bool) {
         let idle = self.upstream.config.idle_timeout;
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
@@ -216,7 +389,6 @@ impl Pump {
         let mut last_read = tokio::time::Instant::now();
         let mut body_done = false;
         let mut failure: Option<ReadError> = None;
-        let mut seq = self.live.base;
         // Grown as bursts need it, never reserved up front: a held stream
         // batches one event at a time (benches/OPTIMISATIONS.md, "held streams").
         let mut batch: Vec<Event> = Vec::new();
@@ -226,7 +398,7 @@ impl Pump {
             let mut step = None;
             let mut full = false;
             while let Some(event) = decoder.next_event() {
-                step = self.step(Some(Ok(event)), &mut seq, &mut batch);
+                step = self.step(Some(Ok(event)), flow, &mut batch);
                 full = batch.len() >= MAX_BATCH;
                 if step.is_some() || full {
                     break;
@@ -235,9 +407,9 @@ impl Pump {
             // The body's end or failure counts once what came before it is in.
             if step.is_none() && !full {
                 if let Some(failure) = failure.take() {
-                    step = self.step(Some(Err(failure)), &mut seq, &mut batch);
+                    step = self.step(Some(Err(failure)), flow, &mut batch);
                 } else if body_done {
-                    step = self.step(None, &mut seq, &mut batch);
+                    step = self.step(None, flow, &mut batch);
                 }
             }
             // Whether the end went into the store with the last batch.
@@ -248,32 +420,38 @@ impl Pump {
                 // The last batch carries the stream's end: one store write.
                 let write = async {
                     match step {
-                        Some(end) => {
-                            let (status, reason) = Status::of_end(end);
+                        Some(Stop::End(end)) => {
+                            let (status, reason) = self.recorded_end(end, None);
                             store
-                                .append_final(id, &batch, status, reason, &self.relay.instance)
+                                .append_final(
+                                    id,
+                                    &batch,
+                                    status,
+                                    reason.as_deref(),
+                                    &self.relay.instance,
+                                )
                                 .await
                         }
-                        None => store.append(id, &batch).await,
+                        _ => store.append(id, &batch).await,
                     }
                 };
                 let written = tokio::select! {
                     biased;
-                    _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
+                    _ = token.cancelled() => return (Stop::End(End::Abort(self.live.cancel_reason())), false),
                     r = write => r,
                 };
                 if let Err(e) = written {
                     tracing::error!(stream = %self.live.who.id, error = %e, "store write failed; ending the stream");
                     self.relay.metrics.store_errors.inc();
-                    return (End::Abort(AbortKind::StoreFailed), false);
+                    return (Stop::End(End::Abort(AbortKind::StoreFailed)), false);
                 }
                 self.relay.metrics.events_relayed.add(batch.len() as u64);
                 self.live.push(batch.drain(..));
                 announce(started);
-                recorded = step.is_some();
+                recorded = matches!(step, Some(Stop::End(_)));
             }
-            if let Some(end) = step {
-                return (end, recorded);
+            if let Some(stop) = step {
+                return (stop, recorded);
             }
             if full {
                 continue;
@@ -283,7 +461,7 @@ impl Pump {
             // "timers after reads").
             let read = tokio::select! {
                 biased;
-                _ = token.cancelled() => return (End::Abort(self.live.cancel_reason()), false),
+                _ = token.cancelled() => return (Stop::End(End::Abort(self.live.cancel_reason())), false),
                 read = body.read(&mut decoder) => {
                     last_read = tokio::time::Instant::now();
                     read.map_err(ReadError::Failed)
@@ -310,18 +488,19 @@ impl Pump {
         }
     }
 
-    /// Take one item of the provider's stream: number an event into
-    /// `batch`, or say how the stream ends.
+    /// Take one item of the provider's stream: number what of it goes to
+    /// the client into `batch` (through the splice of a continuation and
+    /// the hold), or say how the stream ends.
     fn step(
         &self,
         next: Option<Result<SseEvent, ReadError>>,
-        seq: &mut u64,
+        flow: &mut Flow,
         batch: &mut Vec<Event>,
-    ) -> Option<End> {
+    ) -> Option<Stop> {
         let failed = |what: &str, detail: String| {
             tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, error = %detail, "{what}");
             self.relay.metrics.upstream_errors.inc();
-            Some(End::Abort(AbortKind::UpstreamFailed))
+            Some(Stop::End(End::Abort(AbortKind::UpstreamFailed)))
         };
         let event = match next {
             None => {
@@ -344,40 +523,88 @@ impl Pump {
         let wire = self.protocol.wire();
         let terminal = wire.terminal(&event);
         if terminal == Some(Terminal::Sentinel) {
-            return Some(End::Done);
+            // Nothing held is lost at a clean end.
+            flow.hold.release_all(&mut flow.released);
+            self.number(flow, batch);
+            return Some(if flow.more_legs {
+                Stop::NextLeg
+            } else {
+                Stop::End(End::Done)
+            });
         }
-        if self.continued.is_some() && wire.skip_in_continuation(&event) {
-            return None;
+        if let Some(error) = wire.provider_error(&event) {
+            tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, provider_said = %error.message, "the provider sent an error mid-stream");
+            self.relay.metrics.upstream_errors.inc();
+            self.live.set_detail(error.message);
+            let kind = if error.resumable {
+                AbortKind::UpstreamFailed
+            } else {
+                AbortKind::UpstreamRejected
+            };
+            return Some(Stop::End(End::Abort(kind)));
         }
-        let name = match event.name.as_deref() {
-            None | Some(b"") | Some(b"message") => None,
-            Some(other) => Some(String::from_utf8_lossy(other).into()),
+        match &mut flow.splice {
+            Some(splice) => {
+                splice.event(event, &mut flow.spliced);
+                for (name, data) in flow.spliced.drain(..) {
+                    let name = name.map(|n| Bytes::from(String::from(n)));
+                    flow.hold.offer(SseEvent { name, data }, &mut flow.released);
+                }
+            }
+            None => flow.hold.offer(event, &mut flow.released),
+        }
+        if flow.hold.held_bytes() > MAX_HELD {
+            tracing::warn!(stream = %self.live.who.id, "a tool call is too large to hold back; relaying it as it comes (a cut inside it cannot be continued)");
+            flow.hold.release_all(&mut flow.released);
+        }
+        self.number(flow, batch);
+        terminal.map(|_| Stop::End(End::Done))
+    }
+
+    /// Number what the hold released into `batch`.
+    fn number(&self, flow: &mut Flow, batch: &mut Vec<Event>) {
+        for event in flow.released.drain(..) {
+            flow.seq += 1;
+            batch.push(Event {
+                seq: flow.seq,
+                name: stored_name(event.name.as_deref()),
+                data: event.data,
+            });
+        }
+    }
+
+    /// The status and reason `end` is recorded with (`status` overrides the
+    /// status): a cut on an upstream that cannot continue is final, and the
+    /// reason carries what the client was told.
+    fn recorded_end(&self, end: End, status: Option<Status>) -> (Status, Option<String>) {
+        let (ended, kind) = Status::of_end(end);
+        let mut status = status.unwrap_or(ended);
+        if status == Status::Interrupted && !self.live.who.continuable {
+            status = Status::Failed;
+        }
+        let reason = match (kind, self.live.detail()) {
+            (Some(kind), Some(detail)) => Some(format!("{kind}: {detail}")),
+            (kind, _) => kind.map(str::to_owned),
         };
-        let data = match &self.continued {
-            Some(continued) => wire.rewrite_continued(event.data, continued.chunk_id.as_deref()),
-            None => event.data,
-        };
-        *seq += 1;
-        batch.push(Event {
-            seq: *seq,
-            name,
-            data,
-        });
-        terminal.map(|_| End::Done)
+        (status, reason)
     }
 
     /// Every exit: record the status (unless `recorded` with the last
     /// events), release the lease, wake subscribers.
     /// `status` overrides the status `end` is recorded with.
     async fn finish(&self, end: End, status: Option<Status>, recorded: bool) {
-        let (ended, reason) = Status::of_end(end);
-        let status = status.unwrap_or(ended);
+        let (status, reason) = self.recorded_end(end, status);
         let id = &self.live.who.id;
+        // A run that ended for good, or said something new, restarts the
+        // count of continuations in a row.
+        if status != Status::Interrupted || self.live.last_seq() > self.live.base {
+            self.relay.progressed(id);
+        }
         if !recorded
             && let Err(e) = self
                 .relay
                 .store
-                .set_status(id, status, reason, &self.relay.instance)
+                .set_status(id, status, reason.as_deref(), &self.relay.instance)
                 .await
         {
             tracing::error!(stream = %id, error = %e, "could not record the stream's end");

@@ -8,24 +8,33 @@
 
 use std::sync::Arc;
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::live::LiveStream;
 use super::pump::{Continued, Pump};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
 use crate::protocol::Plan;
-use crate::stream::{AbortKind, End, Event, Status, StreamRecord};
+use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
+use crate::upstream::has_credential;
+
+/// Continuations a stream gets in a row without progress before the
+/// gateway stops re-asking a provider that keeps failing.
+pub(super) const MAX_ATTEMPTS: u32 = 4;
 
 impl Relay {
     /// Serve stream `id` to a client that has everything up to `cursor`.
     /// `is_resume`: a client reconnecting (its body gets a `retry:` hint),
-    /// not an idempotent retry of the first request.
+    /// not an idempotent retry of the first request. `credential`: the
+    /// client's own provider key headers, presented on the resume request,
+    /// for a continuation on an upstream without a key of its own.
     pub async fn resume(
         self: &Arc<Self>,
         id: &str,
         access: Access<'_>,
         cursor: u64,
         is_resume: bool,
+        credential: &HeaderMap,
     ) -> Result<Attached, RelayError> {
         if let Some(live) = self.registry.get(id) {
             self.allows(access, id, &live.owner)?;
@@ -35,18 +44,26 @@ impl Relay {
         let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
         self.allows(access, id, &record.owner)?;
         self.count_resume(is_resume);
-        let who = self.identity(id, &record.owner, protocol_of(&record));
+        let who = self.identity(id, &record.owner, protocol_of(&record), true);
         match record.status {
             Status::Completed | Status::Cancelled | Status::Failed => {
                 let end = record.status.end_after_replay(record.reason.as_deref());
-                Ok(self.attach(who, cursor, None, end, None, is_resume))
+                let detail = record
+                    .reason
+                    .as_deref()
+                    .and_then(reason_detail)
+                    .map(str::to_owned);
+                Ok(self
+                    .attach(who, cursor, None, end, None, is_resume)
+                    .with_detail(detail))
             }
             Status::Running if self.store.lease_alive(id).await? => {
                 Ok(self.follow_remote(who, &record.owner, cursor, is_resume))
             }
             Status::Running | Status::Interrupted => {
                 self.admit()?;
-                self.continue_stream(record, who, cursor, is_resume).await
+                self.continue_stream(record, who, cursor, is_resume, credential)
+                    .await
             }
         }
     }
@@ -100,40 +117,85 @@ impl Relay {
     async fn continue_stream(
         self: &Arc<Self>,
         record: StreamRecord,
-        who: StreamIdentity,
+        mut who: StreamIdentity,
         cursor: u64,
         is_resume: bool,
+        credential: &HeaderMap,
     ) -> Result<Attached, RelayError> {
         let id = record.id.as_str();
-        let ended = |end: End, stored: Option<Vec<Event>>| {
-            Ok(self.attach(who.clone(), cursor, None, end, stored, is_resume))
+        let ended = |who: &StreamIdentity, end: End, stored: Option<Vec<Event>>| {
+            self.attach(who.clone(), cursor, None, end, stored, is_resume)
         };
         let Ok(original) = serde_json::from_str::<Value>(&record.request) else {
-            return ended(End::Abort(AbortKind::Incomplete), None);
+            return Ok(ended(&who, End::Abort(AbortKind::Incomplete), None));
         };
+        let model = original.get("model").and_then(Value::as_str).unwrap_or("");
         // The upstream that served it; else whichever serves its model now
         // in its protocol (the config may have changed since).
-        let upstream = self.upstreams.named(&record.upstream).or_else(|| {
-            let model = original.get("model").and_then(Value::as_str)?;
-            self.upstreams.route(model, who.protocol)
-        });
+        let upstream = self
+            .upstreams
+            .named(&record.upstream)
+            .or_else(|| self.upstreams.route(model, who.protocol));
         let Some(upstream) = upstream.cloned() else {
-            return ended(End::Abort(AbortKind::Incomplete), None);
+            return Ok(ended(&who, End::Abort(AbortKind::Incomplete), None));
         };
+        who.continuable = upstream.continues(model);
         let events = self.store.events_after(id, 0).await?;
         let wire = who.protocol.wire();
         let partial = wire.partial(&events);
-        let body = match wire.continuation(&original, upstream.config.continuation, &partial) {
-            Plan::Continue(body) => body,
+        let styles = upstream.styles(model);
+        let style = styles[0];
+        let mut legs = match wire.continuation(&original, style, &partial) {
+            Plan::Continue(legs) => legs,
             Plan::AlreadyComplete => {
                 self.store
                     .set_status(id, Status::Completed, None, &self.instance)
                     .await?;
-                return ended(End::Done, Some(events));
+                return Ok(ended(&who, End::Done, Some(events)));
             }
-            Plan::Unsupported => return ended(End::Abort(AbortKind::Incomplete), Some(events)),
+            Plan::Unsupported => {
+                return Ok(ended(&who, End::Abort(AbortKind::Incomplete), Some(events)));
+            }
+            Plan::Impossible(why) => {
+                tracing::info!(stream = %id, reason = %why, "an interrupted stream cannot be continued");
+                let reason = format!("{}: {why}", AbortKind::Incomplete.as_str());
+                self.store
+                    .set_status(id, Status::Failed, Some(&reason), &self.instance)
+                    .await?;
+                return Ok(ended(&who, End::Abort(AbortKind::Incomplete), Some(events))
+                    .with_detail(Some(why)));
+            }
         };
-        let body = serde_json::to_vec(&body).map_err(RelayError::Encode)?;
+        if upstream.config.api_key.is_none()
+            && record.client_credential
+            && !has_credential(credential)
+        {
+            return Err(RelayError::CredentialRequired {
+                upstream: upstream.config.name.clone(),
+            });
+        }
+        if !self.attempt(id) {
+            let why =
+                format!("the provider failed {MAX_ATTEMPTS} continuations in a row; giving up");
+            tracing::warn!(stream = %id, upstream = %upstream.config.name, "{why}");
+            let reason = format!("{}: {why}", AbortKind::Incomplete.as_str());
+            self.store
+                .set_status(id, Status::Failed, Some(&reason), &self.instance)
+                .await?;
+            return Ok(
+                ended(&who, End::Abort(AbortKind::Incomplete), Some(events)).with_detail(Some(why))
+            );
+        }
+        // The next style, ready for a 400 refusing this one.
+        let fallback =
+            styles
+                .get(1)
+                .and_then(|&next| match wire.continuation(&original, next, &partial) {
+                    Plan::Continue(legs) => Some((next, legs)),
+                    _ => None,
+                });
+        let first = legs.remove(0);
+        let body = serde_json::to_vec(&first.body).map_err(RelayError::Encode)?;
         let live = self.new_live(who.clone(), &record.owner, partial.last_seq);
         let (live, created) = self.registry.get_or_insert(id, || live);
         if !created {
@@ -156,17 +218,18 @@ impl Relay {
             }
         }
         self.metrics.continuations.inc();
-        tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, "continuing an interrupted stream");
+        tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, style = style.as_str(), requests = legs.len() + 1, "continuing an interrupted stream");
         let pump = Pump {
             live: live.clone(),
             upstream,
             protocol: who.protocol,
             body: body.into(),
-            // The resume request's credentials are a resume token, never a
-            // provider key: continuations use the upstream's configured key.
-            client_headers: Default::default(),
+            client_headers: continuation_headers(&record, credential),
             continued: Some(Continued {
-                chunk_id: partial.chunk_id,
+                splice: Some(first.splice),
+                legs: legs.into(),
+                style,
+                fallback,
             }),
             relay: self.clone(),
         };
@@ -188,4 +251,20 @@ impl Relay {
             .await?;
         Ok(true)
     }
+}
+
+/// What a continuation sends the provider of the client's: the non-secret
+/// headers the original carried, and the credential the resume request
+/// presented (used only when the upstream has no key of its own).
+fn continuation_headers(record: &StreamRecord, credential: &HeaderMap) -> HeaderMap {
+    let mut out = credential.clone();
+    for (name, value) in &record.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            out.insert(name, value);
+        }
+    }
+    out
 }

@@ -13,7 +13,7 @@ use super::{Access, Attached, Relay, RelayError};
 use crate::protocol::Protocol;
 use crate::stream::{End, IdempotencyEntry, Status, StreamRecord, now_ms};
 use crate::token::{hash_hex, random_string};
-use crate::upstream::{Upstream, forwardable};
+use crate::upstream::{Upstream, forwardable, has_credential, non_secret};
 
 /// A validated streaming request, routed.
 pub struct NewStream<'a> {
@@ -27,6 +27,8 @@ pub struct NewStream<'a> {
     pub owner: String,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<&'a str>,
+    /// Whether the upstream can continue this model's answers.
+    pub continuable: bool,
 }
 
 /// How long an idempotent retry waits for the stream its key started to
@@ -68,13 +70,15 @@ impl Relay {
             protocol: new.protocol.as_str().into(),
             upstream: new.upstream.config.name.clone(),
             request: String::from_utf8_lossy(&new.body).into_owned(),
+            headers: non_secret(new.client_headers),
+            client_credential: has_credential(new.client_headers),
             status: Status::Running,
             reason: None,
             created_ms: now,
             updated_ms: now,
             instance: self.instance.clone(),
         };
-        let who = self.identity(&id, &new.owner, new.protocol);
+        let who = self.identity(&id, &new.owner, new.protocol, new.continuable);
         let live = self.new_live(who.clone(), &new.owner, 0);
         // In the registry before the record exists: whoever finds the record
         // (an idempotent retry) finds this run too, and never starts another.
@@ -106,7 +110,10 @@ impl Relay {
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(RelayError::PumpVanished),
         }
-        Ok(self.attach_subscribed(who, 0, Some((live, subscription)), End::Done, None, false))
+        let headers = live.headers();
+        Ok(self
+            .attach_subscribed(who, 0, Some((live, subscription)), End::Done, None, false)
+            .with_headers(headers))
     }
 
     /// The same request again: attach to the first stream from its start,
@@ -114,7 +121,10 @@ impl Relay {
     async fn join(self: &Arc<Self>, id: &str, owner: &str) -> Result<Attached, RelayError> {
         let until = tokio::time::Instant::now() + JOIN_WAIT;
         loop {
-            match self.resume(id, Access::Owner(owner), 0, false).await {
+            match self
+                .resume(id, Access::Owner(owner), 0, false, &Default::default())
+                .await
+            {
                 Err(RelayError::NotFound) if tokio::time::Instant::now() < until => {
                     tokio::time::sleep(JOIN_POLL).await
                 }

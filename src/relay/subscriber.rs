@@ -30,8 +30,10 @@ pub struct Follow {
     pub cursor: u64,
     /// The run to follow after the replay; `None` for a stream that is over.
     pub live: Option<(Arc<LiveStream>, Subscription)>,
-    /// How a stream that is over ends after its replay.
+    /// How a stream that is over ends after its replay, and what its abort
+    /// says beyond its kind.
     pub end_after_replay: End,
+    pub detail: Option<String>,
     /// The stream's stored events from seq 1, when the caller has read
     /// them already: the replay then reads the store only if they fall
     /// short of the run it follows.
@@ -46,7 +48,7 @@ pub struct Follow {
 
 pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     async_stream::stream! {
-        let Follow { who, mut cursor, live, end_after_replay, stored, store, heartbeat, retry_hint, deadline } = f;
+        let Follow { who, mut cursor, live, end_after_replay, detail, stored, store, heartbeat, retry_hint, deadline } = f;
         // Grown by what is framed into it: a held stream writes one small event
         // at a time.
         let mut buf = BytesMut::new();
@@ -75,14 +77,14 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                 }
                 Err(e) => {
                     tracing::error!(stream = %who.id, error = %e, "replay failed");
-                    end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor);
+                    end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor, None);
                     yield Ok(buf.split().freeze());
                     return;
                 }
             }
         }
         let Some((live, _subscription)) = live else {
-            end_frame(&mut buf, end_after_replay, &who, cursor);
+            end_frame(&mut buf, end_after_replay, &who, cursor, detail.as_deref());
             yield Ok(buf.split().freeze());
             return;
         };
@@ -99,7 +101,7 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         loop {
             changes.borrow_and_update();
             if let Some(end) = live.write_after(&mut cursor, &mut buf) {
-                end_frame(&mut buf, end, &who, cursor);
+                end_frame(&mut buf, end, &who, cursor, live.detail().as_deref());
                 yield Ok(buf.split().freeze());
                 return;
             }
@@ -124,7 +126,7 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                     settle = Some(tokio::time::Instant::now() + DEADLINE_SETTLE);
                 }
                 _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
-                    end_frame(&mut buf, End::Abort(AbortKind::ServerRestarting), &who, cursor);
+                    end_frame(&mut buf, End::Abort(AbortKind::ServerRestarting), &who, cursor, None);
                     yield Ok(buf.split().freeze());
                     return;
                 }

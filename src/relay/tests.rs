@@ -186,6 +186,7 @@ async fn start(relay: &Arc<Relay>, body: String) -> (String, Read) {
     let upstream = relay.upstreams.named("builtin-mock").unwrap().clone();
     let attached = relay
         .start(NewStream {
+            continuable: true,
             protocol: Protocol::OpenAi,
             upstream,
             body: body.into(),
@@ -219,7 +220,9 @@ async fn a_resume_reads_the_record_once_and_the_events_once() {
     store.reads();
 
     // Interrupted: the resume continues it, from the start of the answer.
-    let resumed = relay.resume(&id, Access::Token(&token), 0, true).await;
+    let resumed = relay
+        .resume(&id, Access::Token(&token), 0, true, &HeaderMap::new())
+        .await;
     let resumed = read(resumed.unwrap()).await;
     assert_eq!(resumed.end, "done");
     assert_eq!(resumed.text, whole.text);
@@ -228,17 +231,21 @@ async fn a_resume_reads_the_record_once_and_the_events_once() {
     assert_eq!(store.reads(), (1, 1), "record reads, event reads");
 
     // Completed: the resume replays what the client lacks after its cursor.
-    let replayed = relay.resume(&id, Access::Token(&token), 2, true).await;
+    let replayed = relay
+        .resume(&id, Access::Token(&token), 2, true, &HeaderMap::new())
+        .await;
     let replayed = read(replayed.unwrap()).await;
     assert_eq!(replayed.end, "done");
     assert_eq!(replayed.ids, (3..=n).collect::<Vec<_>>());
     assert_eq!(store.reads(), (1, 1), "record reads, event reads");
 
     // A wrong token is the same answer as no stream, after one record read.
-    let wrong = relay.resume(&id, Access::Token("nope"), 0, true).await;
+    let wrong = relay
+        .resume(&id, Access::Token("nope"), 0, true, &HeaderMap::new())
+        .await;
     assert!(matches!(wrong, Err(super::RelayError::NotFound)));
     let unknown = relay
-        .resume("tg_none", Access::Token(&token), 0, true)
+        .resume("tg_none", Access::Token(&token), 0, true, &HeaderMap::new())
         .await;
     assert!(matches!(unknown, Err(super::RelayError::NotFound)));
     assert_eq!(store.reads(), (2, 0));

@@ -501,6 +501,8 @@ mod tests {
             protocol: "openai".into(),
             upstream: "u".into(),
             request: "{}".into(),
+            headers: Vec::new(),
+            client_credential: false,
             status: Status::Running,
             reason: None,
             created_ms: now_ms(),

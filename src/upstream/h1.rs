@@ -243,6 +243,7 @@ impl Pool {
                 return Ok(Response {
                     status: parsed.status,
                     content_type: parsed.content_type,
+                    headers: parsed.headers,
                     body: Body {
                         stream: Some(stream),
                         framing: parsed.framing,
@@ -308,6 +309,8 @@ struct Head {
     len: usize,
     status: StatusCode,
     content_type: Option<HeaderValue>,
+    /// The provider's headers a client is shown (`super::passes_to_client`).
+    headers: axum::http::HeaderMap,
     framing: Framing,
     keep_alive: bool,
 }
@@ -324,11 +327,20 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::protocol(format!("status {code}")))?;
     let mut content_type = None;
+    let mut passed = axum::http::HeaderMap::new();
     let mut length = None;
     let mut chunked = false;
     let mut keep_alive = response.version == Some(1);
     for h in response.headers.iter() {
         let value = h.value;
+        if super::passes_to_client(h.name)
+            && let (Ok(name), Ok(value)) = (
+                axum::http::HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            )
+        {
+            passed.append(name, value);
+        }
         if h.name.eq_ignore_ascii_case("content-type") {
             content_type = HeaderValue::from_bytes(value).ok();
         } else if h.name.eq_ignore_ascii_case("content-length") {
@@ -373,6 +385,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
         len,
         status,
         content_type,
+        headers: passed,
         framing,
         keep_alive,
     }))
@@ -382,6 +395,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
 pub struct Response {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
+    /// The provider's headers a client is shown.
+    pub headers: axum::http::HeaderMap,
     pub body: Body,
 }
 

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 
 use crate::config::UpstreamConfig;
+use crate::protocol::Continuation;
 use crate::protocol::sse::SseDecoder;
 
 /// A provider and the pooled client that talks to it.
@@ -33,6 +34,8 @@ pub struct Upstream {
 /// A provider's streaming answer whose head said 2xx.
 pub struct StreamResponse {
     pub content_type: Option<HeaderValue>,
+    /// The provider's headers a client is shown ([`passes_to_client`]).
+    pub headers: HeaderMap,
     pub body: StreamBody,
 }
 
@@ -158,12 +161,21 @@ pub enum UpstreamError {
     },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
     Timeout { upstream: String, after: Duration },
-    /// The provider answered with an error status; its body is passed on.
+    /// The provider answered with an error status; its body and the
+    /// headers a client is shown (`retry-after`, request id) are passed on.
     #[error("upstream `{upstream}` answered {status}")]
     Status {
         upstream: String,
         status: StatusCode,
         body: Bytes,
+        headers: Box<HeaderMap>,
+    },
+    /// The provider's non-streaming answer broke off mid-body.
+    #[error("upstream `{upstream}` broke off its answer mid-body: {source}")]
+    Body {
+        upstream: String,
+        #[source]
+        source: TransportError,
     },
 }
 
@@ -264,6 +276,20 @@ impl Upstream {
         out
     }
 
+    /// The continuation styles for `model`, in the order they are tried.
+    pub fn styles(&self, model: &str) -> &[Continuation] {
+        self.config
+            .continuation_rules
+            .iter()
+            .find(|rule| rule.models.iter().any(|g| route::glob_match(g, model)))
+            .map_or(&self.config.continuation, |rule| &rule.styles)
+    }
+
+    /// Whether an interrupted answer of `model` can be continued here.
+    pub fn continues(&self, model: &str) -> bool {
+        self.styles(model) != [Continuation::None]
+    }
+
     fn timeout(&self, after: Duration) -> UpstreamError {
         UpstreamError::Timeout {
             upstream: self.config.name.clone(),
@@ -299,22 +325,24 @@ impl Upstream {
         };
         if !response.status().is_success() {
             let status = response.status();
+            let headers = passed_headers(response.headers());
             // Read a bounded amount of the error body, within the same budget.
             let body = tokio::time::timeout(ERROR_BODY_WAIT, response.bytes())
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            return Err(self.status_error(status, body));
+            return Err(self.status_error(status, body, headers));
         }
         Ok(response)
     }
 
-    fn status_error(&self, status: StatusCode, body: Bytes) -> UpstreamError {
+    fn status_error(&self, status: StatusCode, body: Bytes, headers: HeaderMap) -> UpstreamError {
         UpstreamError::Status {
             upstream: self.config.name.clone(),
             status,
             body: body.slice(..body.len().min(ERROR_BODY_LIMIT)),
+            headers: Box::new(headers),
         }
     }
 
@@ -329,6 +357,7 @@ impl Upstream {
             let response = self.send(body, client_headers).await?;
             return Ok(StreamResponse {
                 content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
+                headers: passed_headers(response.headers()),
                 body: StreamBody::Pooled(Box::pin(response.bytes_stream())),
             });
         };
@@ -352,10 +381,11 @@ impl Upstream {
                     .ok()
                     .and_then(Result::ok)
                     .unwrap_or_default();
-            return Err(self.status_error(response.status, body));
+            return Err(self.status_error(response.status, body, response.headers));
         }
         Ok(StreamResponse {
             content_type: response.content_type,
+            headers: response.headers,
             body: StreamBody::Direct(response.body),
         })
     }
@@ -368,6 +398,43 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// keep its connection.
 const REST_LIMIT: usize = 64 * 1024;
 
+/// Whether `headers` carry a provider credential of the client's.
+pub fn has_credential(headers: &HeaderMap) -> bool {
+    CLIENT_CREDENTIAL
+        .iter()
+        .any(|name| headers.contains_key(name))
+}
+
+/// The client's provider credential headers alone (`Authorization`,
+/// `x-api-key`); `bearer_is_token`: the `Authorization` header carried the
+/// resume token, not a key.
+pub fn client_credential(headers: &HeaderMap, bearer_is_token: bool) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in &CLIENT_CREDENTIAL {
+        if bearer_is_token && name == header::AUTHORIZATION {
+            continue;
+        }
+        if let Some(v) = headers.get(name) {
+            let mut v = v.clone();
+            v.set_sensitive(true);
+            out.insert(name.clone(), v);
+        }
+    }
+    out
+}
+
+/// The non-secret headers of the client's that go to the provider, to
+/// keep with the stream for its continuations.
+pub fn non_secret(headers: &HeaderMap) -> Vec<(String, String)> {
+    FORWARDED
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name.as_str().to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 /// The client headers a pump keeps for its provider call: the forwarded
 /// ones and the client's own credential (used only without `api_key_env`).
 pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
@@ -375,6 +442,37 @@ pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
     for name in FORWARDED.iter().chain(&CLIENT_CREDENTIAL) {
         if let Some(v) = headers.get(name) {
             out.insert(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Whether a provider's response header is shown to the client: request
+/// ids, processing time, rate limits and `retry-after` — what a client
+/// reads to correlate, pace and back off. Never cookies, hop-by-hop
+/// headers, framing or anything else the provider sets.
+pub fn passes_to_client(name: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "x-request-id",
+        "request-id",
+        "openai-processing-ms",
+        "openai-organization",
+        "openai-project",
+        "openai-version",
+        "anthropic-organization-id",
+        "retry-after",
+    ];
+    const PREFIXES: [&str; 2] = ["x-ratelimit-", "anthropic-ratelimit-"];
+    let name = name.to_ascii_lowercase();
+    EXACT.contains(&name.as_str()) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The headers of `headers` that [`passes_to_client`].
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        if passes_to_client(name.as_str()) {
+            out.append(name.clone(), value.clone());
         }
     }
     out
