@@ -13,6 +13,7 @@
 mod anthropic;
 mod auth;
 mod common;
+mod continuation;
 mod drain;
 mod relay;
 mod replicas;
