@@ -50,6 +50,7 @@ async fn handle(
         .ok_or_else(|| ApiError::ModelNotFound(request.model.clone().into_owned()))?
         .clone();
     let continuable = upstream.continues(&request.model);
+    let tools = request.tools;
     if !request.stream {
         let answer = relay.passthrough(&upstream, bytes, &headers).await?;
         let mut response = (answer.status, answer.body).into_response();
@@ -70,6 +71,7 @@ async fn handle(
             owner,
             idempotency_key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
             continuable,
+            tools,
         })
         .await?;
     Ok(super::sse::response(attached))

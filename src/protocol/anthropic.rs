@@ -8,6 +8,7 @@
 //! "message"}}`, in a body and as `event: error` in a stream.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use axum::http::{HeaderName, HeaderValue};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -345,6 +346,10 @@ impl Wire for AnthropicMessages {
     }
 }
 
+/// Built once: a searcher costs more to build than to run on an event.
+static TOOL_USE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"tool_use\""));
+
 /// Holds everything from the first tool-use block's start until the
 /// message's end (`message_delta`): tool input reaches the client whole.
 #[derive(Default)]
@@ -362,7 +367,7 @@ impl Hold for ToolUseHold {
         }
         if self.held.is_empty() {
             let tool = event.name_is("content_block_start")
-                && memmem::find(&event.data, b"tool_use\"").is_some()
+                && TOOL_USE.find(&event.data).is_some()
                 && serde_json::from_slice::<Value>(&event.data).is_ok_and(|v| {
                     v.pointer("/content_block/type")
                         .and_then(Value::as_str)

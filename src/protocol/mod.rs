@@ -116,6 +116,16 @@ impl Continuation {
     }
 }
 
+/// Whether a request body declares tools (so its answer may call one).
+pub fn declares_tools(request: &Value) -> bool {
+    ["tools", "functions"].iter().any(|k| {
+        request
+            .get(k)
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    })
+}
+
 /// An error a provider sent inside its stream (Anthropic `event: error`,
 /// an OpenAI chunk that is an `error` object): the stream failed there.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,7 +176,8 @@ pub trait Wire: Sync {
     fn provider_error(&self, event: &SseEvent) -> Option<ProviderError>;
 
     /// A new stream's hold: what must reach the client only whole (tool
-    /// calls).
+    /// calls). Only a request that declares tools gets one: no other can be
+    /// answered with a tool call, so no other stream is searched for one.
     fn hold(&self) -> Box<dyn Hold>;
 
     /// Read what was already said back from the stored events, as the

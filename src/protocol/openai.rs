@@ -8,6 +8,7 @@
 //! "code"}}`, in a body and in-band.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use axum::http::{HeaderName, header};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,8 +52,12 @@ impl Wire for OpenAiChat {
     }
 
     fn provider_error(&self, event: &SseEvent) -> Option<ProviderError> {
-        // Cheap first: only a chunk that names `error` is parsed.
-        memmem::find(&event.data, b"\"error\"")?;
+        // Cheap first: only an object whose first key is `error` is parsed
+        // (a chunk's first key is its `id`).
+        let rest = event.data.trim_ascii_start().strip_prefix(b"{")?;
+        if !rest.trim_ascii_start().starts_with(b"\"error\"") {
+            return None;
+        }
         let v: Value = serde_json::from_slice(&event.data).ok()?;
         let error = v.get("error").filter(|e| e.is_object())?;
         if v.get("choices").is_some() {
@@ -292,6 +297,10 @@ impl Wire for OpenAiChat {
     }
 }
 
+/// Built once: a searcher costs more to build than to run on a chunk.
+static TOOL_CALLS: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"tool_calls\""));
+
 /// Holds each choice's chunks from its first tool-call fragment until it
 /// finishes: a tool call reaches the client whole or not at all.
 #[derive(Default)]
@@ -304,9 +313,7 @@ struct ToolCallHold {
 impl Hold for ToolCallHold {
     fn offer(&mut self, event: SseEvent, out: &mut Vec<SseEvent>) {
         // Cheap first: a text chunk with nothing held passes unparsed.
-        if self.off
-            || (self.held.is_empty() && memmem::find(&event.data, b"\"tool_calls\"").is_none())
-        {
+        if self.off || (self.held.is_empty() && TOOL_CALLS.find(&event.data).is_none()) {
             out.push(event);
             return;
         }

@@ -11,6 +11,9 @@ pub struct Summary<'a> {
     pub model: Cow<'a, str>,
     /// `stream: true`: relayed as a stream; else passed through.
     pub stream: bool,
+    /// The request declares tools (`tools`, or the older `functions`): its
+    /// answer may call one, so its stream is read for tool calls.
+    pub tools: bool,
 }
 
 /// Why a request body is refused (a 400 in the protocol's shape).
@@ -43,7 +46,12 @@ pub fn chat(body: &[u8], max_tokens_required: bool) -> Result<Summary<'_>, Reque
         fields.require_max_tokens()?;
     }
     let stream = fields.stream()?;
-    Ok(Summary { model, stream })
+    let tools = matches!(fields.tools, Some(Shape::Array { empty: false }));
+    Ok(Summary {
+        model,
+        stream,
+        tools,
+    })
 }
 
 impl<'a> Fields<'a> {
@@ -98,6 +106,7 @@ pub struct Fields<'a> {
     messages: Option<Shape<'a>>,
     max_tokens: Option<Shape<'a>>,
     stream: Option<Shape<'a>>,
+    tools: Option<Shape<'a>>,
 }
 
 /// What validation needs to know of a JSON value.
@@ -133,6 +142,7 @@ enum Key {
     Messages,
     MaxTokens,
     Stream,
+    Tools,
     Other,
 }
 
@@ -150,6 +160,7 @@ impl<'de> Deserialize<'de> for Key {
                     "messages" => Key::Messages,
                     "max_tokens" => Key::MaxTokens,
                     "stream" => Key::Stream,
+                    "tools" | "functions" => Key::Tools,
                     _ => Key::Other,
                 })
             }
@@ -210,6 +221,7 @@ impl<'de> Visitor<'de> for ShapeVisitor {
                 Key::Messages => &mut fields.messages,
                 Key::MaxTokens => &mut fields.max_tokens,
                 Key::Stream => &mut fields.stream,
+                Key::Tools => &mut fields.tools,
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;

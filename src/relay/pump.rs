@@ -113,7 +113,8 @@ enum Stop {
 /// the current request's splice.
 struct Flow {
     seq: u64,
-    hold: Box<dyn Hold>,
+    /// Only for a request that declares tools.
+    hold: Option<Box<dyn Hold>>,
     splice: Option<Box<dyn Splice>>,
     more_legs: bool,
     /// Scratch: events the hold lets through, a splice's output.
@@ -157,6 +158,8 @@ pub struct Pump {
     pub body: Bytes,
     /// What of the client's headers goes to the provider.
     pub client_headers: HeaderMap,
+    /// The request declares tools: tool calls are held until whole.
+    pub tools: bool,
     /// Set for a continuation.
     pub continued: Option<Continued>,
     pub relay: Arc<Relay>,
@@ -202,7 +205,7 @@ impl Pump {
         let mut started = Some(started);
         let mut flow = Flow {
             seq: self.live.base,
-            hold: self.protocol.wire().hold(),
+            hold: self.tools.then(|| self.protocol.wire().hold()),
             splice: self.continued.as_mut().and_then(|c| c.splice.take()),
             more_legs: self.continued.as_ref().is_some_and(|c| !c.legs.is_empty()),
             released: Vec::new(),
@@ -524,7 +527,9 @@ impl Pump {
         let terminal = wire.terminal(&event);
         if terminal == Some(Terminal::Sentinel) {
             // Nothing held is lost at a clean end.
-            flow.hold.release_all(&mut flow.released);
+            if let Some(hold) = &mut flow.hold {
+                hold.release_all(&mut flow.released);
+            }
             self.number(flow, batch);
             return Some(if flow.more_legs {
                 Stop::NextLeg
@@ -543,19 +548,36 @@ impl Pump {
             };
             return Some(Stop::End(End::Abort(kind)));
         }
+        if flow.splice.is_none() && flow.hold.is_none() {
+            // Most streams: every event goes to the client as it comes.
+            flow.seq += 1;
+            batch.push(Event {
+                seq: flow.seq,
+                name: stored_name(event.name.as_deref()),
+                data: event.data,
+            });
+            return terminal.map(|_| Stop::End(End::Done));
+        }
+        let released = &mut flow.released;
+        let mut offer = |event: SseEvent| match &mut flow.hold {
+            Some(hold) => hold.offer(event, released),
+            None => released.push(event),
+        };
         match &mut flow.splice {
             Some(splice) => {
                 splice.event(event, &mut flow.spliced);
                 for (name, data) in flow.spliced.drain(..) {
                     let name = name.map(|n| Bytes::from(String::from(n)));
-                    flow.hold.offer(SseEvent { name, data }, &mut flow.released);
+                    offer(SseEvent { name, data });
                 }
             }
-            None => flow.hold.offer(event, &mut flow.released),
+            None => offer(event),
         }
-        if flow.hold.held_bytes() > MAX_HELD {
+        if let Some(hold) = &mut flow.hold
+            && hold.held_bytes() > MAX_HELD
+        {
             tracing::warn!(stream = %self.live.who.id, "a tool call is too large to hold back; relaying it as it comes (a cut inside it cannot be continued)");
-            flow.hold.release_all(&mut flow.released);
+            hold.release_all(&mut flow.released);
         }
         self.number(flow, batch);
         terminal.map(|_| Stop::End(End::Done))
@@ -597,7 +619,9 @@ impl Pump {
         let id = &self.live.who.id;
         // A run that ended for good, or said something new, restarts the
         // count of continuations in a row.
-        if status != Status::Interrupted || self.live.last_seq() > self.live.base {
+        if self.continued.is_some()
+            && (status != Status::Interrupted || self.live.last_seq() > self.live.base)
+        {
             self.relay.progressed(id);
         }
         if !recorded

@@ -225,6 +225,7 @@ impl Relay {
             protocol: who.protocol,
             body: body.into(),
             client_headers: continuation_headers(&record, credential),
+            tools: crate::protocol::declares_tools(&original),
             continued: Some(Continued {
                 splice: Some(first.splice),
                 legs: legs.into(),

@@ -29,6 +29,8 @@ pub struct NewStream<'a> {
     pub idempotency_key: Option<&'a str>,
     /// Whether the upstream can continue this model's answers.
     pub continuable: bool,
+    /// The request declares tools: its tool calls are held until whole.
+    pub tools: bool,
 }
 
 /// How long an idempotent retry waits for the stream its key started to
@@ -99,6 +101,7 @@ impl Relay {
             protocol: new.protocol,
             body: new.body,
             client_headers: forwardable(new.client_headers),
+            tools: new.tools,
             continued: None,
             relay: self.clone(),
         };

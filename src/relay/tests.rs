@@ -187,6 +187,7 @@ async fn start(relay: &Arc<Relay>, body: String) -> (String, Read) {
     let attached = relay
         .start(NewStream {
             continuable: true,
+            tools: false,
             protocol: Protocol::OpenAi,
             upstream,
             body: body.into(),

@@ -463,8 +463,11 @@ pub fn passes_to_client(name: &str) -> bool {
         "retry-after",
     ];
     const PREFIXES: [&str; 2] = ["x-ratelimit-", "anthropic-ratelimit-"];
-    let name = name.to_ascii_lowercase();
-    EXACT.contains(&name.as_str()) || PREFIXES.iter().any(|p| name.starts_with(p))
+    EXACT.iter().any(|e| e.eq_ignore_ascii_case(name))
+        || PREFIXES.iter().any(|p| {
+            name.get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        })
 }
 
 /// The headers of `headers` that [`passes_to_client`].
