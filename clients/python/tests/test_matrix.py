@@ -113,8 +113,9 @@ def model_for(shape: Shape, style: str) -> str:
 # ----------------------------------------------------------------- processes
 
 
-def upstream_block(protocol: str, style: str, mock_url: str) -> str:
+def upstream_block(protocol: str, style: str, mock_url: str, as_list: bool = False) -> str:
     prefix = "a" if protocol == "anthropic" else "o"
+    continuation = f'["{style}"]' if as_list else f'"{style}"'
     return f"""
 [[upstreams]]
 name = "{prefix}-{style}"
@@ -122,7 +123,7 @@ protocol = "{protocol}"
 base_url = "{mock_url}/v1"
 api_key_env = "{KEY_ENV}"
 models = ["{prefix}-{style}-*"]
-continuation = "{style}"
+continuation = {continuation}
 first_byte_timeout = "5s"
 idle_timeout = "5s"
 """
@@ -157,15 +158,21 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         skipped: dict[tuple[str, str], str] = {}
         for protocol, styles in (("openai", OPENAI_STYLES), ("anthropic", ANTHROPIC_STYLES)):
             for style in styles:
-                block = upstream_block(protocol, style, mock.url)
-                probe = tmp / f"probe-{protocol}-{style}.toml"
-                probe.write_text(config_text(port, [block]))
-                r = subprocess.run([binary, "check-config", "--config", str(probe)], env=gateway_env(),
-                                   capture_output=True, text=True, timeout=30)
-                if r.returncode == 0:
-                    accepted.append(block)
+                # `continuation = "style"`, else a one-style list (per-model
+                # style lists); a style the gateway does not know is skipped.
+                why = ""
+                for as_list in (False, True):
+                    block = upstream_block(protocol, style, mock.url, as_list)
+                    probe = tmp / f"probe-{protocol}-{style}.toml"
+                    probe.write_text(config_text(port, [block]))
+                    r = subprocess.run([binary, "check-config", "--config", str(probe)], env=gateway_env(),
+                                       capture_output=True, text=True, timeout=30)
+                    if r.returncode == 0:
+                        accepted.append(block)
+                        break
+                    why = why or ((r.stderr or r.stdout).strip().splitlines() or ["check-config failed"])[-1][:200]
                 else:
-                    skipped[(protocol, style)] = (r.stderr or r.stdout).strip().splitlines()[-1][:200]
+                    skipped[(protocol, style)] = why
         path = tmp / "gateway.toml"
         path.write_text(config_text(port, accepted))
         gateway = _start_gateway(binary, path, tmp / "gateway.log")
