@@ -557,8 +557,17 @@ pub fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Refusal> {
         Dialect::OpenAi => openai_start(&request, messages)?,
         Dialect::Anthropic => anthropic_start(&request, messages)?,
     };
-    let source = Source::new(source_messages, body.get("system"));
-    let (choices, covered) = answer(&request, &source, start)?;
+    let mut source = Source::new(source_messages, body.get("system"));
+    let (choices, covered) = match answer(&request, &source, start)? {
+        Some(answered) => answered,
+        None => {
+            source = Source::new(messages, body.get("system"));
+            answer(&request, &source, Start::Fresh)?.ok_or_else(|| Refusal {
+                message: "no answer".into(),
+                param: None,
+            })?
+        }
+    };
     let delivery = Delivery {
         interval: Duration::from_millis(request.knob("token_interval_ms").unwrap_or(0)),
         fail_after: request.knob("fail_after").map(|v| v as usize),
@@ -620,6 +629,12 @@ fn openai_start<'m>(r: &Request, messages: &'m [Value]) -> Result<(&'m [Value], 
     if body.get("continue_final_message").is_some() && !r.supports("continue_final_message") {
         return Err(Refusal {
             message: "Unrecognized request argument supplied: continue_final_message".into(),
+            param: None,
+        });
+    }
+    if body.get("add_generation_prompt").is_some() && !r.supports("continue_final_message") {
+        return Err(Refusal {
+            message: "Unrecognized request argument supplied: add_generation_prompt".into(),
             param: None,
         });
     }
@@ -716,10 +731,60 @@ fn openai_start<'m>(r: &Request, messages: &'m [Value]) -> Result<(&'m [Value], 
     Ok((messages, Start::Fresh))
 }
 
+/// What Anthropic checks in every message: no empty content but the final
+/// assistant turn's, no empty text block, and every thinking block signed.
+fn anthropic_messages_valid(messages: &[Value]) -> Result<(), Refusal> {
+    let last = messages.len() - 1;
+    for (i, m) in messages.iter().enumerate() {
+        match m.get("content") {
+            Some(Value::String(s))
+                if s.is_empty() && !(i == last && role(m) == Some("assistant")) =>
+            {
+                return refuse(format!(
+                    "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
+                ));
+            }
+            Some(Value::Array(blocks)) => {
+                for (j, b) in blocks.iter().enumerate() {
+                    match b.get("type").and_then(Value::as_str) {
+                        Some("text")
+                            if b.get("text")
+                                .and_then(Value::as_str)
+                                .is_none_or(str::is_empty) =>
+                        {
+                            return refuse(format!(
+                                "messages.{i}.content.{j}.text: text content blocks must be non-empty"
+                            ));
+                        }
+                        Some("thinking") if role(m) == Some("assistant") => {
+                            let thinking = b.get("thinking").and_then(Value::as_str).unwrap_or("");
+                            let sig = b.get("signature").and_then(Value::as_str).unwrap_or("");
+                            if sig.is_empty() {
+                                return refuse(format!(
+                                    "messages.{i}.content.{j}.thinking.signature: Field required"
+                                ));
+                            }
+                            if sig != signature(thinking) {
+                                return refuse(format!(
+                                    "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                                ));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn anthropic_start<'m>(
     r: &Request,
     messages: &'m [Value],
 ) -> Result<(&'m [Value], Start), Refusal> {
+    anthropic_messages_valid(messages)?;
     let last_index = messages.len() - 1;
     let last = &messages[last_index];
     if role(last) != Some("assistant") {
@@ -848,7 +913,11 @@ fn split(source: &Source, salt: u64, words: usize, prefix: &str) -> Option<(usiz
     Some((i, String::new()))
 }
 
-fn answer(r: &Request, source: &Source, start: Start) -> Result<(Vec<ChoiceOut>, usize), Refusal> {
+fn answer(
+    r: &Request,
+    source: &Source,
+    start: Start,
+) -> Result<Option<(Vec<ChoiceOut>, usize)>, Refusal> {
     let reasoning_salt = |k: usize| REASONING_SALT.wrapping_add(CHOICE_SALT.wrapping_mul(k as u64));
     let text_salt = |k: usize| CHOICE_SALT.wrapping_mul(k as u64);
     let tools = |k: usize, units: &mut Vec<Unit>| {
@@ -973,17 +1042,8 @@ fn answer(r: &Request, source: &Source, start: Start) -> Result<(Vec<ChoiceOut>,
                     tools(k, &mut units);
                     choices.push(units);
                 }
-                None => {
-                    // Not a partial of ours: an ordinary answer to it all.
-                    let all = Source::new(
-                        r.body
-                            .get("messages")
-                            .and_then(Value::as_array)
-                            .map_or(&[][..], |m| &m[..]),
-                        r.body.get("system"),
-                    );
-                    return answer(r, &all, Start::Fresh);
-                }
+                // Not a partial of ours: an ordinary answer to it all.
+                None => return Ok(None),
             }
         }
     }
@@ -1003,5 +1063,5 @@ fn answer(r: &Request, source: &Source, start: Start) -> Result<(Vec<ChoiceOut>,
             ChoiceOut { units, finish }
         })
         .collect();
-    Ok((out, covered))
+    Ok(Some((out, covered)))
 }

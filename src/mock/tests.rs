@@ -463,6 +463,13 @@ fn openai_continuation_styles() {
         m,
         "Unrecognized request argument supplied: continue_final_message"
     );
+    let mut agp = bare.clone();
+    agp["add_generation_prompt"] = json!(false);
+    let m = refused(&only("prefix", agp), Dialect::OpenAi);
+    assert_eq!(
+        m,
+        "Unrecognized request argument supplied: add_generation_prompt"
+    );
     let m = refused(
         &only("continue_final_message", prefix.clone()),
         Dialect::OpenAi,
@@ -759,6 +766,22 @@ fn anthropic_prefill_rules() {
         Dialect::Anthropic,
     ));
     assert_eq!(blocks[0]["text"].as_str(), Some(text.as_str()));
+    // Anthropic's checks on every message: signed thinking in earlier turns
+    // too, no empty text blocks.
+    let mut earlier = base.clone();
+    push(
+        &mut earlier,
+        json!({"role": "assistant", "content": [forged_block(&full[0]), {"type": "text", "text": cut}]}),
+    );
+    push(&mut earlier, json!({"role": "user", "content": "go on"}));
+    assert!(refused(&earlier, Dialect::Anthropic).contains("signature"));
+    assert!(
+        refused(
+            &with(json!([full[0].clone(), {"type": "text", "text": ""}])),
+            Dialect::Anthropic
+        )
+        .contains("non-empty")
+    );
     // A tool_use in the prefill is refused.
     assert!(
         plan::plan(
@@ -767,6 +790,12 @@ fn anthropic_prefill_rules() {
         )
         .is_err()
     );
+}
+
+fn forged_block(block: &Value) -> Value {
+    let mut b = block.clone();
+    b["signature"] = json!("forged");
+    b
 }
 
 #[test]
