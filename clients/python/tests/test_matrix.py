@@ -590,6 +590,12 @@ def test_sdk_accumulation_matrix(rig: Rig) -> None:
     slow = sorted(cells, key=lambda c: -(c.outcome.seconds if c.outcome else 0))[:5]
     lines.append("\nSlowest cells: " + ", ".join(
         f"{c.shape.name}/{c.style}/K={c.k} {c.outcome.seconds:.1f}s ({c.outcome.kind})" for c in slow if c.outcome))
+    seen = [e for c in cells for e in c.requests]
+    busiest = max(cells, key=lambda c: len(c.requests), default=None)
+    lines.append(
+        f"\nProvider requests seen for the cut cells: {len(seen)}, {sum(1 for e in seen if not e.get('has_credential'))} without a "
+        f"credential, {sum(1 for e in seen if e.get('status') == 400)} answered 400; most for one stream: "
+        + (f"{len(busiest.requests)} ({busiest.shape.name}/{busiest.style}/K={busiest.k})" if busiest else "-"))
     if mock_log_lost:
         lines.append("\n(note: a batch filled the mock's request log; some request checks may be incomplete)")
     elapsed = time.monotonic() - started
