@@ -50,6 +50,9 @@ enum Command {
         /// real provider; read from the environment so it stays out of `ps`.
         #[arg(long, env = "TIDEGATE_MOCK_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Demand the key held in this environment variable instead.
+        #[arg(long)]
+        api_key_env: Option<String>,
     },
     /// Validate a config, print the effective settings and drain timeline.
     CheckConfig {
@@ -70,7 +73,22 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve { config, listen, ui } => serve(config, listen, ui),
-        Command::MockUpstream { listen, api_key } => mock(listen, api_key),
+        Command::MockUpstream {
+            listen,
+            api_key,
+            api_key_env,
+        } => match api_key_env {
+            None => mock(listen, api_key),
+            Some(var) => match std::env::var(&var) {
+                Ok(key) if !key.is_empty() => mock(listen, Some(key)),
+                _ => {
+                    eprintln!(
+                        "tidegate mock-upstream: --api-key-env {var}: the variable is not set"
+                    );
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
+        },
         Command::CheckConfig { config } => check(config),
     }
 }
@@ -149,7 +167,7 @@ fn mock(listen: String, api_key: Option<String>) -> ExitCode {
         };
         if let Ok(address) = listener.local_addr() {
             println!("listening on http://{address}");
-            tracing::info!(%address, "mock provider serving /v1/chat/completions, /v1/messages, /mock/stats");
+            tracing::info!(%address, "mock provider serving /v1/chat/completions, /v1/messages, /mock/stats, /mock/requests");
         }
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;

@@ -1,45 +1,104 @@
 //! `tidegate mock-upstream`: a deterministic OpenAI- and Anthropic-compatible
-//! provider for demos, tests and benchmarks.
+//! provider for demos, tests and benchmarks, as strict as the real ones.
 //!
-//! The answer to a request is a sequence of words drawn from its messages
-//! (a trailing assistant prefix left out), the same for the same messages,
-//! one word per chunk. A trailing assistant message is a prefix to continue:
-//! it must be the start of the answer, and only the words after it are sent.
-//! Knobs ride in the request body's `mock` object and pass through the
-//! gateway untouched:
-//! - `words`: the answer's natural length (default: prefix + `max_tokens`, else 64);
-//! - `token_interval_ms`: pacing between chunks (0: as fast as possible);
-//! - `delay_ms`: wait before the response head;
-//! - `fail_after` / `stall_after`: once the answer holds that many words
-//!   (prefix included, so a continuation past that point succeeds), cut the
-//!   connection / stop sending while keeping it open;
-//! - `status`: answer with that HTTP status and an error body.
+//! The answer to a request is drawn from its messages (the same for the
+//! same conversation), one unit per chunk: a word of reasoning or text, a
+//! tool call's opening, a fragment of its arguments. Knobs ride in the
+//! request body's `mock` object and pass through the gateway untouched:
+//! - `shape`: `text` (default), `tools`, `parallel_tools` (need `tools`),
+//!   OpenAI `reasoning` (`reasoning_content` first), Anthropic `thinking` /
+//!   `redacted_thinking` (need `thinking` enabled); `words` (text words,
+//!   default: as many as `max_tokens` allows, else 64), `reasoning_words`
+//!   (6), `content_words` (text before tool calls, 3), `tool_words` (3);
+//!   `n` (OpenAI, 1..=8) gives choices that interleave, each shorter than
+//!   the one before;
+//! - `token_interval_ms`: pacing between units; `delay_ms`: wait before the
+//!   response head; `status`: answer with that HTTP status;
+//! - `fail_after` / `stall_after`: once the answer holds that many units
+//!   (the prefix's included), cut the connection / stop sending;
+//! - `cut_after_events` / `error_after_events` (+ `fail_id`, once per id):
+//!   after that many SSE events, cut the connection / send the provider's
+//!   own mid-stream error and end the body;
+//! - `styles`: the continuation styles this provider supports (default all
+//!   of `continue_final_message`, `prefix`, `assistant_prefix`);
+//!   `no_prefill`: more model globs that refuse Anthropic prefill;
+//!   `ping_every`: Anthropic pings (every 5 units).
 //!
-//! `GET /mock/stats` counts requests so tests can prove an upstream request
-//! was really dropped.
+//! A continuation must continue *this* answer (else 400), in a style the
+//! provider supports ([`plan`] has the rules). `GET /mock/stats` counts
+//! requests; `GET /mock/requests` shows the last 256 received (never a key).
 
+mod plan;
+mod render;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-/// Counters behind `GET /mock/stats`, and the key the mock demands.
+use plan::Plan;
+
+/// How many fail ids are remembered (the oldest forgotten first).
+const FAIL_IDS_KEPT: usize = 65_536;
+/// How many requests `GET /mock/requests` shows.
+const REQUESTS_KEPT: usize = 256;
+
+/// The mock's state: counters behind `GET /mock/stats`, the key it
+/// demands, the fail ids already used, the last requests.
 #[derive(Default)]
 pub struct Stats {
-    /// When set, requests must carry it (`Authorization: Bearer` or
-    /// `x-api-key`), as a real provider would.
+    /// When set, requests must carry it (`Authorization: Bearer` on the
+    /// OpenAI API, `x-api-key` on Anthropic's), as a real provider would.
     api_key: Option<String>,
     requests_started: AtomicU64,
     requests_completed: AtomicU64,
     requests_cancelled: AtomicU64,
+    requests_unauthorized: AtomicU64,
+    requests_rejected: AtomicU64,
     tokens_sent: AtomicU64,
+    request_ids: AtomicU64,
+    fail_ids: Mutex<(HashSet<String>, VecDeque<String>)>,
+    log: Mutex<VecDeque<Value>>,
+}
+
+impl Stats {
+    /// Whether this is the first use of `id` (and remember it).
+    fn first_use(&self, id: &str) -> bool {
+        let Ok(mut guard) = self.fail_ids.lock() else {
+            return false;
+        };
+        let (set, order) = &mut *guard;
+        if !set.insert(id.to_owned()) {
+            return false;
+        }
+        order.push_back(id.to_owned());
+        if order.len() > FAIL_IDS_KEPT
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        true
+    }
+
+    fn record(&self, entry: Value) {
+        if let Ok(mut log) = self.log.lock() {
+            log.push_back(entry);
+            if log.len() > REQUESTS_KEPT {
+                log.pop_front();
+            }
+        }
+    }
 }
 
 /// Serve the mock on `listener` until `stop` resolves: HTTP/1.1, and
@@ -90,6 +149,7 @@ pub fn router(api_key: Option<String>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
         .route("/mock/stats", get(stats))
+        .route("/mock/requests", get(requests).delete(clear_requests))
         .with_state(Arc::new(Stats {
             api_key,
             ..Stats::default()
@@ -97,200 +157,73 @@ pub fn router(api_key: Option<String>) -> Router {
 }
 
 async fn stats(State(stats): State<Arc<Stats>>) -> Response {
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     axum::Json(json!({
-        "requests_started": stats.requests_started.load(Ordering::Relaxed),
-        "requests_completed": stats.requests_completed.load(Ordering::Relaxed),
-        "requests_cancelled": stats.requests_cancelled.load(Ordering::Relaxed),
-        "tokens_sent": stats.tokens_sent.load(Ordering::Relaxed),
+        "requests_started": n(&stats.requests_started),
+        "requests_completed": n(&stats.requests_completed),
+        "requests_cancelled": n(&stats.requests_cancelled),
+        "requests_unauthorized": n(&stats.requests_unauthorized),
+        "requests_rejected": n(&stats.requests_rejected),
+        "tokens_sent": n(&stats.tokens_sent),
     }))
     .into_response()
 }
 
-/// The words the mock would say, and where this request starts in them.
-struct Plan {
-    words: Vec<String>,
-    /// Words already in the assistant prefix.
-    skip: usize,
-    /// Whether the answer stops because `max_tokens` cut it.
-    truncated: bool,
-    interval: Duration,
-    fail_after: Option<usize>,
-    stall_after: Option<usize>,
-    stream: bool,
-    model: String,
-    id: String,
+async fn requests(State(stats): State<Arc<Stats>>) -> Response {
+    let log: Vec<Value> = stats
+        .log
+        .lock()
+        .map(|l| l.iter().cloned().collect())
+        .unwrap_or_default();
+    axum::Json(Value::Array(log)).into_response()
 }
 
-impl Plan {
-    fn piece(&self, index: usize) -> String {
-        if index == 0 {
-            self.words[0].clone()
-        } else {
-            format!(" {}", self.words[index])
-        }
+async fn clear_requests(State(stats): State<Arc<Stats>>) -> Response {
+    if let Ok(mut log) = stats.log.lock() {
+        log.clear();
     }
-
-    fn new_text(&self) -> String {
-        (self.skip..self.words.len())
-            .map(|i| self.piece(i))
-            .collect()
-    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dialect {
     OpenAi,
     Anthropic,
 }
 
-fn error(status: StatusCode, dialect: Dialect, message: &str) -> Response {
+/// An error in the provider's own shape.
+fn error(status: StatusCode, dialect: Dialect, message: &str, param: Option<&str>) -> Response {
     let body = match dialect {
         Dialect::OpenAi => {
-            json!({"error": {"message": message, "type": "invalid_request_error", "code": status.as_u16()}})
+            let (kind, code) = match status.as_u16() {
+                401 => ("invalid_request_error", json!("invalid_api_key")),
+                429 => ("requests", json!("rate_limit_exceeded")),
+                400..=499 => ("invalid_request_error", Value::Null),
+                _ => ("server_error", Value::Null),
+            };
+            json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
         }
         Dialect::Anthropic => {
-            json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+            let kind = match status.as_u16() {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
         }
     };
-    (status, axum::Json(body)).into_response()
-}
-
-fn text_of(content: &Value) -> Option<String> {
-    match content {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(
-            parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect(),
-        ),
-        _ => None,
+    let mut response = (status, axum::Json(body)).into_response();
+    if matches!(status.as_u16(), 429 | 529) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-}
-
-fn fnv(text: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-const FALLBACK: &[&str] = &[
-    "the", "tide", "gate", "holds", "every", "stream", "until", "it", "ends",
-];
-
-/// The answer to `body`, or why the request is bad (a 400).
-fn plan(body: &Value, dialect: Dialect) -> Result<Plan, String> {
-    let bad = |m: &str| m.to_owned();
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("`messages` must be an array"))?;
-    let (source, prefix) = match messages.last() {
-        Some(last) if last.get("role").and_then(Value::as_str) == Some("assistant") => {
-            let text = last
-                .get("content")
-                .and_then(text_of)
-                .ok_or_else(|| bad("the assistant prefix has no text content"))?;
-            if dialect == Dialect::OpenAi {
-                let continue_final =
-                    body.get("continue_final_message").and_then(Value::as_bool) == Some(true);
-                let generation_prompt = body
-                    .get("add_generation_prompt")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true);
-                if continue_final && generation_prompt {
-                    return Err(bad(
-                        "continue_final_message requires add_generation_prompt: false",
-                    ));
-                }
-            }
-            (&messages[..messages.len() - 1], Some(text))
-        }
-        _ => (&messages[..], None),
-    };
-    let mut joined = String::new();
-    for m in source {
-        if let Some(t) = m.get("content").and_then(text_of) {
-            joined.push_str(&t);
-            joined.push('\n');
-        }
-    }
-    if let Some(system) = body.get("system").and_then(text_of) {
-        joined.push_str(&system);
-    }
-    let vocab: Vec<String> = joined
-        .split_whitespace()
-        .map(|w| {
-            w.trim_matches(|c: char| !c.is_alphanumeric())
-                .to_lowercase()
-        })
-        .filter(|w| !w.is_empty())
-        .collect();
-    let vocab: Vec<String> = if vocab.is_empty() {
-        FALLBACK.iter().map(|w| w.to_string()).collect()
-    } else {
-        vocab
-    };
-    let seed = fnv(&joined);
-    let knobs = body.get("mock").cloned().unwrap_or(Value::Null);
-    let knob = |name: &str| knobs.get(name).and_then(Value::as_u64);
-    let max_tokens = body
-        .get("max_tokens")
-        .or_else(|| body.get("max_completion_tokens"))
-        .and_then(Value::as_u64)
-        .map(|v| v as usize);
-
-    // Find how many words the prefix covers.
-    let word =
-        |i: usize| vocab[(mix(seed.wrapping_add(i as u64)) % vocab.len() as u64) as usize].clone();
-    let mut skip = 0;
-    if let Some(prefix) = &prefix {
-        let mut built = String::new();
-        while built.len() < prefix.len() {
-            if skip > 0 {
-                built.push(' ');
-            }
-            built.push_str(&word(skip));
-            skip += 1;
-        }
-        if &built != prefix {
-            return Err(bad("the assistant prefix is not the start of this answer"));
-        }
-    }
-    let natural = match (knob("words"), max_tokens) {
-        (Some(words), _) => words as usize,
-        (None, Some(max)) => skip + max,
-        (None, None) => 64,
-    };
-    let remaining = natural.saturating_sub(skip);
-    let adds = max_tokens.map_or(remaining, |m| remaining.min(m));
-    let total = skip + adds;
-    let words = (0..total).map(word).collect();
-    Ok(Plan {
-        words,
-        skip,
-        truncated: adds < remaining,
-        interval: Duration::from_millis(knob("token_interval_ms").unwrap_or(0)),
-        fail_after: knob("fail_after").map(|v| v as usize),
-        stall_after: knob("stall_after").map(|v| v as usize),
-        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        model: body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or("mock")
-            .to_owned(),
-        id: format!("{:016x}", seed),
-    })
+    response
 }
 
 async fn chat(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -301,13 +234,60 @@ async fn messages(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Byt
     respond(stats, &headers, body, Dialect::Anthropic).await
 }
 
-fn authorized(expected: &str, headers: &HeaderMap) -> bool {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    bearer == Some(expected) || api_key == Some(expected)
+/// The credential the request carries in the dialect's own header.
+fn credential(dialect: Dialect, headers: &HeaderMap) -> Option<&str> {
+    let value = match dialect {
+        Dialect::OpenAi => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ")),
+        Dialect::Anthropic => headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+    };
+    value.map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// Response headers like the provider's own (and a cookie no gateway
+/// should pass on).
+fn provider_headers(response: &mut Response, dialect: Dialect, request: u64) {
+    let id = format!("req_{:016x}{:08x}", plan::mix(request), request);
+    let cookie = format!(
+        "__cf_bm=mock{:016x}; path=/; expires=Thu, 01-Jan-2099 00:00:00 GMT; domain=.mock.invalid; HttpOnly; Secure; SameSite=None",
+        plan::mix(!request)
+    );
+    let pairs: Vec<(&'static str, String)> = match dialect {
+        Dialect::OpenAi => vec![
+            ("x-request-id", id),
+            ("openai-organization", "mock-org".into()),
+            ("openai-processing-ms", "12".into()),
+            ("openai-version", "2020-10-01".into()),
+            ("x-ratelimit-limit-requests", "10000".into()),
+            ("x-ratelimit-limit-tokens", "2000000".into()),
+            ("x-ratelimit-remaining-requests", "9999".into()),
+            ("x-ratelimit-remaining-tokens", "1999000".into()),
+            ("x-ratelimit-reset-requests", "6ms".into()),
+            ("x-ratelimit-reset-tokens", "30ms".into()),
+            ("set-cookie", cookie),
+        ],
+        Dialect::Anthropic => vec![
+            ("request-id", id),
+            ("anthropic-organization-id", "mock-org".into()),
+            ("anthropic-ratelimit-requests-limit", "4000".into()),
+            ("anthropic-ratelimit-requests-remaining", "3999".into()),
+            (
+                "anthropic-ratelimit-requests-reset",
+                "2099-01-01T00:00:00Z".into(),
+            ),
+            ("anthropic-ratelimit-tokens-limit", "400000".into()),
+            ("anthropic-ratelimit-tokens-remaining", "399000".into()),
+            ("set-cookie", cookie),
+        ],
+    };
+    let headers = response.headers_mut();
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.append(name, v);
+        }
+    }
 }
 
 async fn respond(
@@ -316,20 +296,95 @@ async fn respond(
     body: Bytes,
     dialect: Dialect,
 ) -> Response {
-    if let Some(expected) = &stats.api_key
-        && !authorized(expected, headers)
-    {
-        return error(StatusCode::UNAUTHORIZED, dialect, "invalid API key");
+    let path = match dialect {
+        Dialect::OpenAi => "/v1/chat/completions",
+        Dialect::Anthropic => "/v1/messages",
+    };
+    let parsed: Result<Value, _> = serde_json::from_slice(&body);
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map_or(Value::Null, |v| json!(v))
+    };
+    let mut entry = json!({
+        "path": path,
+        "body": parsed.as_ref().map_or_else(|_| json!(String::from_utf8_lossy(&body)), Clone::clone),
+        "has_credential": credential(dialect, headers).is_some(),
+        "headers": {
+            "anthropic-version": header_text("anthropic-version"),
+            "anthropic-beta": header_text("anthropic-beta"),
+            "openai-organization": header_text("openai-organization"),
+            "openai-project": header_text("openai-project"),
+        },
+    });
+    let request = stats.request_ids.fetch_add(1, Ordering::Relaxed);
+    let mut response = answer(&stats, headers, parsed, dialect).await;
+    let status = response.status();
+    entry["status"] = json!(status.as_u16());
+    stats.record(entry);
+    if status == StatusCode::UNAUTHORIZED {
+        stats.requests_unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+    if status.is_client_error() {
+        stats.requests_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    provider_headers(&mut response, dialect, request);
+    response
+}
+
+async fn answer(
+    stats: &Arc<Stats>,
+    headers: &HeaderMap,
+    parsed: Result<Value, serde_json::Error>,
+    dialect: Dialect,
+) -> Response {
+    if let Some(expected) = &stats.api_key {
+        match (credential(dialect, headers), dialect) {
+            (Some(key), _) if key == expected => {}
+            (None, Dialect::OpenAi) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                    None,
+                );
+            }
+            (Some(_), Dialect::OpenAi) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "Incorrect API key provided. You can find your API key in your account settings.",
+                    None,
+                );
+            }
+            (None, Dialect::Anthropic) => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "x-api-key header is required",
+                    None,
+                );
+            }
+            (Some(_), Dialect::Anthropic) => {
+                return error(StatusCode::UNAUTHORIZED, dialect, "invalid x-api-key", None);
+            }
+        }
     }
     stats.requests_started.fetch_add(1, Ordering::Relaxed);
-    let parsed: Value = match serde_json::from_slice(&body) {
+    if dialect == Dialect::Anthropic && headers.get("anthropic-version").is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            dialect,
+            "anthropic-version: header is required",
+            None,
+        );
+    }
+    let parsed = match parsed {
         Ok(v) => v,
         Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                dialect,
-                &format!("malformed JSON: {e}"),
-            );
+            let message = format!("malformed JSON: {e}");
+            return error(StatusCode::BAD_REQUEST, dialect, &message, None);
         }
     };
     // `delay_ms`: a provider slow to answer at all (first-byte timeouts).
@@ -337,22 +392,49 @@ async fn respond(
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if let Some(status) = parsed.pointer("/mock/status").and_then(Value::as_u64) {
-        let status =
-            StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error(status, dialect, "the mock was asked to fail");
+        let status = u16::try_from(status)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = match status.as_u16() {
+            429 => "Rate limit reached for requests (the mock was asked to fail)",
+            529 => "Overloaded",
+            _ => "the mock was asked to fail",
+        };
+        return error(status, dialect, message, None);
     }
-    let plan = match plan(&parsed, dialect) {
+    let plan = match plan::plan(&parsed, dialect) {
         Ok(p) => p,
-        Err(message) => return error(StatusCode::BAD_REQUEST, dialect, &message),
+        Err(refusal) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                dialect,
+                &refusal.message,
+                refusal.param.as_deref(),
+            );
+        }
     };
     if !plan.stream {
         stats.requests_completed.fetch_add(1, Ordering::Relaxed);
         stats
             .tokens_sent
-            .fetch_add((plan.words.len() - plan.skip) as u64, Ordering::Relaxed);
-        return axum::Json(whole(&plan, dialect)).into_response();
+            .fetch_add(plan.completion_tokens() as u64, Ordering::Relaxed);
+        let body = match dialect {
+            Dialect::OpenAi => render::openai_whole(&plan),
+            Dialect::Anthropic => render::anthropic_whole(&plan),
+        };
+        return axum::Json(body).into_response();
     }
-    let body = Body::from_stream(stream(plan, dialect, stats));
+    // A failure with a fail id happens on the first request carrying it only.
+    let fails =
+        plan.delivery.cut_after_events.is_some() || plan.delivery.error_after_events.is_some();
+    let armed = !fails
+        || plan
+            .delivery
+            .fail_id
+            .as_deref()
+            .is_none_or(|id| stats.first_use(id));
+    let body = Body::from_stream(stream(plan, dialect, stats.clone(), armed));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -360,37 +442,12 @@ async fn respond(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn whole(plan: &Plan, dialect: Dialect) -> Value {
-    let text = plan.new_text();
-    let count = plan.words.len() - plan.skip;
-    match dialect {
-        Dialect::OpenAi => json!({
-            "id": format!("chatcmpl-mock-{}", plan.id),
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": plan.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": if plan.truncated { "length" } else { "stop" }}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1},
-        }),
-        Dialect::Anthropic => json!({
-            "id": format!("msg_mock_{}", plan.id),
-            "type": "message",
-            "role": "assistant",
-            "model": plan.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": if plan.truncated { "max_tokens" } else { "end_turn" },
-            "usage": {"input_tokens": 1, "output_tokens": count},
-        }),
-    }
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Ending {
     /// Still sending: a drop now means the peer went away.
     Running,
     Finished,
-    /// The mock failed on purpose (`fail_after`): neither completed nor cancelled.
+    /// The mock failed on purpose: neither completed nor cancelled.
     Failed,
 }
 
@@ -424,127 +481,86 @@ fn sse(event: Option<&str>, data: &str) -> Bytes {
     Bytes::from(out)
 }
 
-fn stream(
-    plan: Plan,
-    dialect: Dialect,
-    stats: Arc<Stats>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    async_stream::stream! {
-        let mut outcome = Outcome { stats: stats.clone(), ending: Ending::Running };
-        let created = 1_700_000_000;
-        let model = serde_json::to_string(&plan.model).unwrap_or_else(|_| "\"mock\"".into());
-        let start = tokio::time::Instant::now();
-        if dialect == Dialect::Anthropic {
-            yield Ok(sse(Some("message_start"), &format!(
-                r#"{{"type":"message_start","message":{{"id":"msg_mock_{}","type":"message","role":"assistant","model":{model},"content":[],"stop_reason":null,"usage":{{"input_tokens":1,"output_tokens":0}}}}}}"#,
-                plan.id)));
-            yield Ok(sse(Some("content_block_start"), r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#));
-        }
-        for (sent, index) in (plan.skip..plan.words.len()).enumerate() {
-            if plan.fail_after.is_some_and(|n| n > plan.skip && index >= n) {
-                outcome.ending = Ending::Failed;
-                // Let the chunks already yielded reach the socket: an error
-                // aborts the connection without flushing.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                yield Err(std::io::Error::other("mock: fail_after reached"));
-                return;
-            }
-            if plan.stall_after.is_some_and(|n| n > plan.skip && index >= n) {
-                std::future::pending::<()>().await;
-            }
-            if !plan.interval.is_zero() && sent > 0 {
-                tokio::time::sleep_until(start + plan.interval * sent as u32).await;
-            }
-            let piece = serde_json::to_string(&plan.piece(index)).unwrap_or_default();
-            let chunk = match dialect {
-                Dialect::OpenAi => {
-                    let role = if sent == 0 { r#""role":"assistant","# } else { "" };
-                    sse(None, &format!(
-                        r#"{{"id":"chatcmpl-mock-{}","object":"chat.completion.chunk","created":{created},"model":{model},"choices":[{{"index":0,"delta":{{{role}"content":{piece}}},"finish_reason":null}}]}}"#,
-                        plan.id))
-                }
-                Dialect::Anthropic => sse(Some("content_block_delta"), &format!(
-                    r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{piece}}}}}"#)),
-            };
-            stats.tokens_sent.fetch_add(1, Ordering::Relaxed);
-            yield Ok(chunk);
-        }
-        let added = plan.words.len() - plan.skip;
-        match dialect {
-            Dialect::OpenAi => {
-                let reason = if plan.truncated { "length" } else { "stop" };
-                yield Ok(sse(None, &format!(
-                    r#"{{"id":"chatcmpl-mock-{}","object":"chat.completion.chunk","created":{created},"model":{model},"choices":[{{"index":0,"delta":{{}},"finish_reason":"{reason}"}}]}}"#,
-                    plan.id)));
-                outcome.ending = Ending::Finished;
-                yield Ok(sse(None, "[DONE]"));
-            }
-            Dialect::Anthropic => {
-                let reason = if plan.truncated { "max_tokens" } else { "end_turn" };
-                yield Ok(sse(Some("content_block_stop"), r#"{"type":"content_block_stop","index":0}"#));
-                yield Ok(sse(Some("message_delta"), &format!(
-                    r#"{{"type":"message_delta","delta":{{"stop_reason":"{reason}","stop_sequence":null}},"usage":{{"output_tokens":{added}}}}}"#)));
-                outcome.ending = Ending::Finished;
-                yield Ok(sse(Some("message_stop"), r#"{"type":"message_stop"}"#));
-            }
+enum Renderer {
+    OpenAi(render::OpenAiStream),
+    Anthropic(render::AnthropicStream),
+}
+
+impl Renderer {
+    fn next(&mut self) -> Option<render::Out> {
+        match self {
+            Renderer::OpenAi(r) => r.next(),
+            Renderer::Anthropic(r) => r.next(),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+const OPENAI_STREAM_ERROR: &str = r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#;
+const ANTHROPIC_STREAM_ERROR: &str =
+    r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
 
-    fn body(extra: Value) -> Value {
-        let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "alpha beta gamma delta"}], "max_tokens": 10});
-        if let (Some(b), Some(extra)) = (b.as_object_mut(), extra.as_object()) {
-            for (k, v) in extra {
-                b.insert(k.clone(), v.clone());
+fn stream(
+    plan: Plan,
+    dialect: Dialect,
+    stats: Arc<Stats>,
+    armed: bool,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    async_stream::stream! {
+        let mut outcome = Outcome { stats: stats.clone(), ending: Ending::Running };
+        let delivery = plan.delivery.clone();
+        let covered = plan.covered;
+        let cut_after = delivery.cut_after_events.filter(|_| armed);
+        let error_after = delivery.error_after_events.filter(|_| armed);
+        let mut renderer = match dialect {
+            Dialect::OpenAi => Renderer::OpenAi(render::OpenAiStream::new(plan)),
+            Dialect::Anthropic => Renderer::Anthropic(render::AnthropicStream::new(plan)),
+        };
+        let start = tokio::time::Instant::now();
+        let mut events = 0usize;
+        let mut units = 0usize;
+        let mut next = renderer.next();
+        while let Some(out) = next.take() {
+            next = renderer.next();
+            if cut_after == Some(events) {
+                outcome.ending = Ending::Failed;
+                // Let the events already yielded reach the socket: an error
+                // aborts the connection without flushing.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                yield Err(std::io::Error::other("mock: cut_after_events reached"));
+                return;
             }
+            if error_after == Some(events) {
+                outcome.ending = Ending::Failed;
+                yield Ok(match dialect {
+                    Dialect::OpenAi => sse(None, OPENAI_STREAM_ERROR),
+                    Dialect::Anthropic => sse(Some("error"), ANTHROPIC_STREAM_ERROR),
+                });
+                return;
+            }
+            if out.unit {
+                let at = covered + units;
+                if delivery.fail_after.is_some_and(|n| n > covered && at >= n) {
+                    outcome.ending = Ending::Failed;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    yield Err(std::io::Error::other("mock: fail_after reached"));
+                    return;
+                }
+                if delivery.stall_after.is_some_and(|n| n > covered && at >= n) {
+                    std::future::pending::<()>().await;
+                }
+                if !delivery.interval.is_zero() && units > 0 {
+                    let step = u32::try_from(units).unwrap_or(u32::MAX);
+                    tokio::time::sleep_until(start + delivery.interval.saturating_mul(step)).await;
+                }
+                units += 1;
+                stats.tokens_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            events += 1;
+            if next.is_none() {
+                // The last event: a peer leaving now has had it all.
+                outcome.ending = Ending::Finished;
+            }
+            yield Ok(sse(out.event, &out.data));
         }
-        b
-    }
-
-    #[test]
-    fn deterministic_and_capped() {
-        let a = plan(&body(json!({})), Dialect::OpenAi).unwrap();
-        let b = plan(&body(json!({})), Dialect::OpenAi).unwrap();
-        assert_eq!(a.words, b.words);
-        assert_eq!(a.words.len(), 10);
-        assert!(
-            a.words
-                .iter()
-                .all(|w| ["alpha", "beta", "gamma", "delta"].contains(&w.as_str()))
-        );
-    }
-
-    #[test]
-    fn continues_from_a_prefix() {
-        let full = plan(&body(json!({})), Dialect::OpenAi).unwrap();
-        let text = full.new_text();
-        let prefix: String = (0..4).map(|i| full.piece(i)).collect();
-        let mut req = body(json!({"max_tokens": 6}));
-        req["messages"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"role": "assistant", "content": prefix}));
-        let cont = plan(&req, Dialect::OpenAi).unwrap();
-        assert_eq!(cont.skip, 4);
-        assert_eq!(format!("{prefix}{}", cont.new_text()), text);
-        // vLLM style needs add_generation_prompt: false
-        req["continue_final_message"] = json!(true);
-        assert!(plan(&req, Dialect::OpenAi).is_err());
-        req["add_generation_prompt"] = json!(false);
-        assert!(plan(&req, Dialect::OpenAi).is_ok());
-    }
-
-    #[test]
-    fn rejects_a_foreign_prefix() {
-        let mut req = body(json!({}));
-        req["messages"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"role": "assistant", "content": "zzz"}));
-        assert!(plan(&req, Dialect::OpenAi).is_err());
     }
 }

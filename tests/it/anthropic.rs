@@ -43,6 +43,7 @@ async fn messages_stream_abort_and_continue() {
     plain["mock"] = json!({});
     let whole: Value = client()
         .post(format!("{}/messages", mock.base_url()))
+        .header("anthropic-version", "2023-06-01")
         .json(&plain)
         .send()
         .await

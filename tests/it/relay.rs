@@ -32,7 +32,11 @@ async fn relays_the_exact_text_with_ids_and_done() {
         "ends with [DONE]"
     );
     assert_contiguous(&ids_of(&events));
-    assert_eq!(ids_of(&events).len(), 51, "50 words and the finish chunk");
+    assert_eq!(
+        ids_of(&events).len(),
+        52,
+        "the role chunk, 50 words and the finish chunk"
+    );
     assert_eq!(text_of(&events), mock.answer(&request).await);
 
     // Non-streaming requests pass through as the provider's JSON.
@@ -85,7 +89,11 @@ async fn http2_upstream_carries_every_stream_on_few_connections() {
         events.extend(sse.rest().await);
         assert!(events.last().is_some_and(SseEvent::is_done));
         assert_contiguous(&ids_of(&events));
-        assert_eq!(ids_of(&events).len(), 41, "40 words and the finish chunk");
+        assert_eq!(
+            ids_of(&events).len(),
+            42,
+            "the role chunk, 40 words and the finish chunk"
+        );
         assert_eq!(text_of(&events), mock.answer(request).await);
     }
 }
@@ -248,10 +256,11 @@ async fn provider_dying_or_stalling_mid_stream_ends_with_upstream_failed() {
             error["stream_id"].as_str().unwrap(),
             sse.header("x-tidegate-stream-id")
         );
-        assert_eq!(error["last_event_id"], "7");
+        // The role chunk, then the 7 words.
+        assert_eq!(error["last_event_id"], "8");
         assert!(last.id.is_none(), "the abort event has no id");
         assert_contiguous(&ids_of(&events));
-        assert_eq!(ids_of(&events).len(), 7);
+        assert_eq!(ids_of(&events).len(), 8);
         assert!(!events.iter().any(SseEvent::is_done));
     }
 }
@@ -378,7 +387,7 @@ async fn zero_config_serves_the_builtin_mock() {
     .await;
     let events = sse.rest().await;
     assert!(events.last().is_some_and(SseEvent::is_done));
-    assert_eq!(ids_of(&events).len(), 9);
+    assert_eq!(ids_of(&events).len(), 10, "role, 8 words, finish");
     assert!(
         proc.log_text().contains("built-in mock provider"),
         "says so loudly"
@@ -453,7 +462,7 @@ async fn idle_streams_get_heartbeats_and_metrics_count_them() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("tidegate_events_relayed_total 4"),
+        metrics.contains("tidegate_events_relayed_total 5"),
         "{metrics}"
     );
     assert!(metrics.contains("tidegate_streams_active 0"), "{metrics}");

@@ -282,7 +282,7 @@ async fn a_stream_on_one_replica_is_followed_live_from_another() {
     all_a.extend(rest_a);
     assert_eq!(
         ids_of(&from_b),
-        (3..=41).collect::<Vec<_>>(),
+        (3..=42).collect::<Vec<_>>(),
         "B replays after 2, then follows with no gap"
     );
     assert_eq!(text_of(&from_b), text_of(&all_a[2..]));
