@@ -154,6 +154,7 @@ impl Wire for AnthropicMessages {
                         b.stopped = true;
                     }
                 }
+                Some("message_stop") => out.ended = true,
                 Some("message_delta") => {
                     stop_reason = v
                         .pointer("/delta/stop_reason")
@@ -257,6 +258,8 @@ impl Wire for AnthropicMessages {
                 .max()
                 .unwrap_or(0),
             drop_thinking: has_thinking,
+            pending: None,
+            started: partial.choices.first().is_some_and(|c| c.started),
             map: HashMap::new(),
             overlap: None,
             overlap_block: None,
@@ -315,6 +318,25 @@ impl Wire for AnthropicMessages {
             body: Value::Object(body),
             splice: Box::new(splice),
         }])
+    }
+
+    fn closing(&self, partial: &Partial) -> Vec<Out> {
+        let mut out = Vec::new();
+        if partial.ended {
+            return out;
+        }
+        if let Some(b) = partial.blocks.last()
+            && !b.stopped
+        {
+            out.push(stop(b.index));
+        }
+        if partial.finish_reason().is_none() {
+            let delta = json!({"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": null}, "usage": {"output_tokens": partial.tokens()}});
+            out.push((Some("message_delta".into()), Bytes::from(delta.to_string())));
+        }
+        let end = json!({"type": "message_stop"});
+        out.push((Some("message_stop".into()), Bytes::from(end.to_string())));
+        out
     }
 
     fn write_done(&self, _out: &mut BytesMut) {
@@ -415,6 +437,11 @@ struct BlockSplice {
     overlap: Option<Overlap>,
     /// The continuation block whose text the overlap applies to.
     overlap_block: Option<u32>,
+    /// That block's start, when it opens a new block: held until it has
+    /// text, so a block the trim leaves empty never reaches the client.
+    pending: Option<Value>,
+    /// The client holds the message's start (`message_start` not sent again).
+    started: bool,
 }
 
 fn with_index(mut v: Value, index: u32) -> Bytes {
@@ -430,6 +457,14 @@ fn stop(index: u32) -> Out {
 }
 
 impl BlockSplice {
+    /// A new client block for continuation block `j`.
+    fn open_new(&mut self, j: u32) -> u32 {
+        let c = self.next;
+        self.next += 1;
+        self.map.insert(j, Some(c));
+        c
+    }
+
     /// Close the client's open block when no continuation block continues it.
     fn close_open(&mut self, out: &mut Vec<Out>) {
         if let Some((k, _)) = self.open.take() {
@@ -437,17 +472,6 @@ impl BlockSplice {
         }
     }
 
-    fn flush_overlap(&mut self, index: u32, out: &mut Vec<Out>) {
-        if let Some(text) = self.overlap.as_mut().and_then(Overlap::flush)
-            && !text.is_empty()
-        {
-            let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}});
-            out.push((
-                Some("content_block_delta".into()),
-                Bytes::from(delta.to_string()),
-            ));
-        }
-    }
 }
 
 impl Splice for BlockSplice {
@@ -458,7 +482,7 @@ impl Splice for BlockSplice {
             .map(|n| String::from_utf8_lossy(n).into());
         let kind = name.as_deref().unwrap_or("");
         match kind {
-            "message_start" => {}
+            "message_start" if self.started => {}
             "content_block_start" | "content_block_delta" | "content_block_stop" => {
                 let Ok(mut v) = serde_json::from_slice::<Value>(&event.data) else {
                     out.push((name, event.data));
@@ -486,32 +510,63 @@ impl Splice for BlockSplice {
                         return;
                     }
                     self.close_open(out);
-                    let c = self.next;
-                    self.next += 1;
-                    self.map.insert(j, Some(c));
+                    if self.overlap_block == Some(j) && self.overlap.is_some() {
+                        self.map.insert(j, None);
+                        self.pending = Some(v);
+                        return;
+                    }
+                    let c = self.open_new(j);
                     out.push((name, with_index(v, c)));
                     return;
                 }
-                let Some(c) = self.map.get(&j).copied().unwrap_or(Some(j)) else {
-                    return;
-                };
+                let mapped = self.map.get(&j).copied().unwrap_or(Some(j));
                 if self.overlap_block == Some(j) {
-                    if kind == "content_block_stop" {
-                        self.flush_overlap(c, out);
-                    } else if let Some(text) = v
-                        .pointer("/delta/text")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                        && let Some(overlap) = self.overlap.as_mut()
-                    {
-                        match overlap.push(&text) {
-                            Some(text) if !text.is_empty() => {
-                                v["delta"]["text"] = Value::String(text)
+                    let relay = if kind == "content_block_stop" {
+                        self.overlap.as_mut().and_then(Overlap::flush)
+                    } else {
+                        let text = v.pointer("/delta/text").and_then(Value::as_str);
+                        match (text, self.overlap.as_mut()) {
+                            (Some(text), Some(overlap)) => match overlap.push(text) {
+                                Some(text) if !text.is_empty() => Some(text),
+                                _ => return,
+                            },
+                            _ => None,
+                        }
+                    };
+                    let c = match (mapped, self.pending.take()) {
+                        (Some(c), _) => Some(c),
+                        // The held start goes out with the block's first text.
+                        (None, Some(start)) if relay.as_deref().is_some_and(|t| !t.is_empty()) => {
+                            let c = self.open_new(j);
+                            out.push((Some("content_block_start".into()), with_index(start, c)));
+                            Some(c)
+                        }
+                        (None, Some(start)) => {
+                            // Still nothing: keep holding, or drop an empty block.
+                            if kind != "content_block_stop" {
+                                self.pending = Some(start);
                             }
-                            _ => return,
+                            return;
+                        }
+                        (None, None) => return,
+                    };
+                    let Some(c) = c else { return };
+                    if let Some(text) = relay {
+                        if kind == "content_block_stop" {
+                            if !text.is_empty() {
+                                let delta = json!({"type": "content_block_delta", "index": c, "delta": {"type": "text_delta", "text": text}});
+                                out.push((Some("content_block_delta".into()), Bytes::from(delta.to_string())));
+                            }
+                        } else {
+                            v["delta"]["text"] = Value::String(text);
                         }
                     }
+                    out.push((name, with_index(v, c)));
+                    return;
                 }
+                let Some(c) = mapped else {
+                    return;
+                };
                 out.push((name, with_index(v, c)));
             }
             "message_delta" => {

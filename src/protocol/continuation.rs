@@ -75,6 +75,8 @@ pub struct Partial {
     /// Output tokens as the provider counted them, when it said.
     pub usage_output: Option<u64>,
     pub last_seq: u64,
+    /// The answer's own last event was stored (Anthropic `message_stop`).
+    pub ended: bool,
 }
 
 impl Partial {

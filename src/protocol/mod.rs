@@ -188,6 +188,11 @@ pub trait Wire: Sync {
     /// none.
     fn continuation(&self, original: &Value, style: Continuation, partial: &Partial) -> Plan;
 
+    /// The events that end an answer whose continuation has nothing left
+    /// to generate but whose stored events do not end it (a provider cut
+    /// right before its last event; a budget spent with no finish said).
+    fn closing(&self, partial: &Partial) -> Vec<continuation::Out>;
+
     /// Frame the end of a finished stream (nothing, where the answer's
     /// last event says it).
     fn write_done(&self, out: &mut BytesMut);

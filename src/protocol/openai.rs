@@ -274,6 +274,19 @@ impl Wire for OpenAiChat {
         )
     }
 
+    fn closing(&self, partial: &Partial) -> Vec<Out> {
+        // A choice the budget ended before the provider said so.
+        partial
+            .choices
+            .iter()
+            .filter(|c| c.finish_reason.is_none())
+            .map(|c| {
+                let chunk = json!({"id": partial.chunk_id, "object": "chat.completion.chunk", "choices": [{"index": c.index, "delta": {}, "finish_reason": "length"}]});
+                (None, Bytes::from(chunk.to_string()))
+            })
+            .collect()
+    }
+
     fn write_done(&self, out: &mut BytesMut) {
         out.put_slice(b"data: [DONE]\n\n");
     }

@@ -148,9 +148,24 @@ impl Relay {
         let mut legs = match wire.continuation(&original, style, &partial) {
             Plan::Continue(legs) => legs,
             Plan::AlreadyComplete => {
-                self.store
-                    .set_status(id, Status::Completed, None, &self.instance)
-                    .await?;
+                // What ends the answer, when the stored events stop short of it.
+                let mut events = events;
+                let closing: Vec<Event> = wire
+                    .closing(&partial)
+                    .into_iter()
+                    .zip(partial.last_seq + 1..)
+                    .map(|((name, data), seq)| Event { seq, name, data })
+                    .collect();
+                if closing.is_empty() {
+                    self.store
+                        .set_status(id, Status::Completed, None, &self.instance)
+                        .await?;
+                } else {
+                    self.store
+                        .append_final(id, &closing, Status::Completed, None, &self.instance)
+                        .await?;
+                    events.extend(closing);
+                }
                 return Ok(ended(&who, End::Done, Some(events)));
             }
             Plan::Unsupported => {
