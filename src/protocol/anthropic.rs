@@ -471,7 +471,6 @@ impl BlockSplice {
             out.push(stop(k));
         }
     }
-
 }
 
 impl Splice for BlockSplice {
@@ -555,7 +554,10 @@ impl Splice for BlockSplice {
                         if kind == "content_block_stop" {
                             if !text.is_empty() {
                                 let delta = json!({"type": "content_block_delta", "index": c, "delta": {"type": "text_delta", "text": text}});
-                                out.push((Some("content_block_delta".into()), Bytes::from(delta.to_string())));
+                                out.push((
+                                    Some("content_block_delta".into()),
+                                    Bytes::from(delta.to_string()),
+                                ));
                             }
                         } else {
                             v["delta"]["text"] = Value::String(text);

@@ -145,7 +145,7 @@ async fn a_provider_refusing_the_continuation_ends_it_in_band_with_its_message()
     assert_eq!(abort["resume"], false);
     let message = abort["message"].as_str().unwrap();
     assert!(
-        message.contains("401") && message.contains("invalid API key"),
+        message.contains("401") && message.contains("Incorrect API key provided"),
         "{message}"
     );
 
@@ -183,6 +183,6 @@ async fn a_provider_refusing_the_continuation_ends_it_in_band_with_its_message()
         abort["message"]
             .as_str()
             .unwrap()
-            .contains("invalid API key")
+            .contains("Incorrect API key provided")
     );
 }

@@ -183,7 +183,13 @@ def test_gateway_down_past_budget_raises_resume_failed(gateway: Gateway, mock: M
 
     # ... and the caller can finish the answer later with what the exception carries
     gateway.start()
+    # The original carried the client's own key to the provider: a
+    # continuation needs it presented again beside the token.
     with TidegateClient(gateway.url, max_wait=30) as tg:
+        with pytest.raises(Exception) as refused:
+            "".join(tg.resume_text(e.stream_id, e.resume_token or "", e.last_event_id))
+        assert "provider_credential_required" in str(refused.value) or "401" in str(refused.value)
+    with TidegateClient(gateway.url, api_key="sk-test", max_wait=30) as tg:
         rest = "".join(tg.resume_text(e.stream_id, e.resume_token or "", e.last_event_id))
     assert text + rest == expected
 
