@@ -16,7 +16,8 @@
 //!   response head; `status`: answer with that HTTP status;
 //! - `fail_after` / `stall_after`: once the answer holds that many units
 //!   (the prefix's included), cut the connection / stop sending;
-//! - `cut_after_events` / `error_after_events` (+ `fail_id`, once per id):
+//! - `cut_after_events` / `error_after_events` (+ `fail_id`, once per id;
+//!   on a non-streaming request, `cut_after_events` cuts the body half-way):
 //!   after that many SSE events, cut the connection / send the provider's
 //!   own mid-stream error and end the body;
 //! - `styles`: the continuation styles this provider supports (default all
@@ -423,6 +424,24 @@ async fn answer(
             Dialect::OpenAi => render::openai_whole(&plan),
             Dialect::Anthropic => render::anthropic_whole(&plan),
         };
+        // `cut_after_events` on a whole answer: the head and half the body,
+        // then the connection dies (a provider crashing mid-body).
+        if plan.delivery.cut_after_events.is_some() {
+            let bytes = Bytes::from(body.to_string());
+            let half = bytes.slice(..bytes.len() / 2);
+            let cut = async_stream::stream! {
+                yield Ok::<_, std::io::Error>(half);
+                // Let the head and the half reach the socket first: an
+                // error aborts the connection without flushing.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                yield Err(std::io::Error::other("mock: cut mid-body"));
+            };
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, bytes.len())
+                .body(Body::from_stream(cut))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
         return axum::Json(body).into_response();
     }
     // A failure with a fail id happens on the first request carrying it only.

@@ -308,10 +308,20 @@ impl Overlap {
     fn decide(&mut self) -> String {
         self.done = true;
         let pending = std::mem::take(&mut self.pending);
-        let longest = (self.min..=self.tail.len().min(pending.len()))
+        // The longest overlap of at least `min` bytes, or a shorter one that
+        // is a whole word repeated ("… by" + "by the …").
+        let whole_word = |k: usize| {
+            let before = self.tail[..self.tail.len() - k].chars().next_back();
+            let after = pending[k..].chars().next();
+            before.is_none_or(char::is_whitespace)
+                && after.is_none_or(|c| c.is_whitespace() || c.is_ascii_punctuation())
+                && !pending[..k].trim().is_empty()
+        };
+        let longest = (1..=self.tail.len().min(pending.len()))
             .rev()
             .filter(|&k| pending.is_char_boundary(k))
-            .find(|&k| self.tail.ends_with(&pending[..k]));
+            .filter(|&k| self.tail.is_char_boundary(self.tail.len() - k))
+            .find(|&k| self.tail.ends_with(&pending[..k]) && (k >= self.min || whole_word(k)));
         match longest {
             Some(k) => pending[k..].to_owned(),
             None => pending,
@@ -386,9 +396,13 @@ mod tests {
         // No overlap: all of it.
         let mut o = Overlap::new("the tide gate");
         assert_eq!(o.push(" river").as_deref(), Some(" river"));
-        // A short chance match is kept.
+        // A short chance match is kept; a short whole word repeated is not.
         let mut o = Overlap::new("abc de");
         assert_eq!(o.push("e f").as_deref(), Some("e f"));
+        let mut o = Overlap::new("and by");
+        assert_eq!(o.push("by the").as_deref(), Some(" the"));
+        let mut o = Overlap::new("and by");
+        assert_eq!(o.push("byte").as_deref(), Some("byte"));
         // Held text comes out when the stream moves on.
         let mut o = Overlap::new("the tide gate");
         assert_eq!(o.push(" ga"), None);
