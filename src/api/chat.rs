@@ -41,7 +41,14 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
-    let bytes = super::read_body(&headers, body, state.config.max_body_bytes).await?;
+    let limits = &state.config.limits;
+    let bytes = super::read_body(
+        &headers,
+        body,
+        state.config.max_body_bytes,
+        limits.body_read_timeout,
+    )
+    .await?;
     let request = protocol.wire().validate(&bytes)?;
     let relay = &state.relay;
     let upstream = relay

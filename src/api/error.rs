@@ -38,6 +38,9 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
+
     /// What the relay could not do; its status is decided here.
     #[error(transparent)]
     Relay(#[from] RelayError),
@@ -67,9 +70,12 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Relay(e) => match e {
                 RelayError::NotFound | RelayError::IdempotentStreamGone => StatusCode::NOT_FOUND,
                 RelayError::IdempotencyConflict => StatusCode::CONFLICT,
+                RelayError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
+                RelayError::TooManyStreamsForKey(_) => StatusCode::TOO_MANY_REQUESTS,
                 RelayError::Draining | RelayError::ServerRestarting | RelayError::Store(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
@@ -92,6 +98,7 @@ impl ApiError {
             ApiError::NotFound(_) => ("not_found_error", "not_found"),
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", "request_timeout"),
             ApiError::Relay(e) => match e {
                 RelayError::NotFound | RelayError::IdempotentStreamGone => {
                     ("not_found_error", "not_found")
@@ -100,6 +107,8 @@ impl ApiError {
                     ("invalid_request_error", "idempotency_conflict")
                 }
                 RelayError::Draining => ("server_draining", "draining"),
+                RelayError::TooManyStreams => ("server_overloaded", "too_many_streams"),
+                RelayError::TooManyStreamsForKey(_) => ("rate_limit_error", "too_many_streams"),
                 RelayError::ServerRestarting => ("server_restarting", "server_restarting"),
                 RelayError::Upstream(UpstreamError::Connect { .. })
                 | RelayError::NotAStream { .. } => ("upstream_error", "upstream_unavailable"),
@@ -178,6 +187,15 @@ impl ApiError {
             ApiError::Relay(RelayError::Draining | RelayError::ServerRestarting)
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(
+            self,
+            ApiError::Relay(RelayError::TooManyStreams | RelayError::TooManyStreamsForKey(_))
+        ) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::RequestTimeout(_)) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response.extensions_mut().insert(ErrorLog {
