@@ -79,10 +79,21 @@ impl ApiError {
                 RelayError::Draining | RelayError::ServerRestarting | RelayError::Store(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                RelayError::Upstream(UpstreamError::Connect { .. })
+                RelayError::Upstream(
+                    UpstreamError::Connect { .. } | UpstreamError::TooLarge { .. },
+                )
                 | RelayError::NotAStream { .. } => StatusCode::BAD_GATEWAY,
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-                RelayError::Upstream(UpstreamError::Status { status, .. }) => *status,
+                // A provider's 4xx or 5xx is the client's answer; anything
+                // else (a redirect we do not follow, a status that is no
+                // error, a code past 599) is a provider that misbehaved.
+                RelayError::Upstream(UpstreamError::Status { status, .. }) => {
+                    if status.is_client_error() || status.is_server_error() {
+                        *status
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    }
+                }
                 RelayError::CancelledBeforeStart(_)
                 | RelayError::PumpVanished
                 | RelayError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -110,10 +121,20 @@ impl ApiError {
                 RelayError::TooManyStreams => ("server_overloaded", "too_many_streams"),
                 RelayError::TooManyStreamsForKey(_) => ("rate_limit_error", "too_many_streams"),
                 RelayError::ServerRestarting => ("server_restarting", "server_restarting"),
-                RelayError::Upstream(UpstreamError::Connect { .. })
-                | RelayError::NotAStream { .. } => ("upstream_error", "upstream_unavailable"),
+                RelayError::Upstream(UpstreamError::Connect { .. }) => {
+                    ("upstream_error", "upstream_unavailable")
+                }
+                RelayError::NotAStream { .. }
+                | RelayError::Upstream(UpstreamError::TooLarge { .. }) => {
+                    ("upstream_error", "upstream_failed")
+                }
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => {
                     ("upstream_error", "upstream_timeout")
+                }
+                RelayError::Upstream(UpstreamError::Status { status, .. })
+                    if !(status.is_client_error() || status.is_server_error()) =>
+                {
+                    ("upstream_error", "upstream_bad_status")
                 }
                 RelayError::Upstream(UpstreamError::Status { .. }) => {
                     ("upstream_error", "upstream_error")
@@ -150,6 +171,22 @@ impl ApiError {
             ApiError::Relay(RelayError::Store(_)) => {
                 "the partial-response store is unavailable".into()
             }
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                upstream,
+                status,
+                ..
+            })) if status.is_redirection() => format!(
+                "upstream `{upstream}` answered with a redirect ({}), which the gateway does not follow: check its base_url",
+                status.as_u16()
+            ),
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                upstream,
+                status,
+                ..
+            })) if !(status.is_client_error() || status.is_server_error()) => format!(
+                "upstream `{upstream}` answered with status {}, which is not an HTTP error status",
+                status.as_u16()
+            ),
             ApiError::Relay(
                 RelayError::CancelledBeforeStart(_)
                 | RelayError::PumpVanished
@@ -172,7 +209,9 @@ impl ApiError {
         // tells the client more than we could.
         let wire = protocol.wire();
         let passthrough = match &self {
-            ApiError::Relay(RelayError::Upstream(UpstreamError::Status { body, .. })) => {
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                body, status, ..
+            })) if status.is_client_error() || status.is_server_error() => {
                 serde_json::from_slice::<Value>(body)
                     .ok()
                     .filter(|v| wire.is_error_body(v))

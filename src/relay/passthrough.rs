@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
 
 use super::{Relay, RelayError};
-use crate::upstream::{TransportError, Upstream, UpstreamError};
+use crate::upstream::{ReadAtMostError, TransportError, Upstream, UpstreamError, read_at_most};
 
 /// A provider's whole answer.
 pub struct Answer {
@@ -38,15 +38,25 @@ impl Relay {
                 .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
             let name = || upstream.config.name.clone();
             let after = upstream.config.idle_timeout;
-            let body = match tokio::time::timeout(after, response.bytes()).await {
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) => {
+            // Read while it fits in `limits.max_answer_bytes`: a larger
+            // answer is refused, not held.
+            let limit = self.settings.limits.max_answer_bytes;
+            let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+            let body = match read_at_most(response, cap, after).await {
+                Ok((_, true)) => {
+                    return Err(UpstreamError::TooLarge {
+                        upstream: name(),
+                        limit,
+                    });
+                }
+                Ok((body, false)) => body,
+                Err(ReadAtMostError::Transport(e)) => {
                     return Err(UpstreamError::Connect {
                         upstream: name(),
                         source: TransportError::Pooled(e),
                     });
                 }
-                Err(_) => {
+                Err(ReadAtMostError::Timeout) => {
                     return Err(UpstreamError::Timeout {
                         upstream: name(),
                         after,

@@ -14,6 +14,7 @@ mod anthropic;
 mod auth;
 mod common;
 mod drain;
+mod hostile;
 mod limits;
 mod relay;
 mod replicas;
