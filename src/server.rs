@@ -54,6 +54,9 @@ pub async fn run(
     mut config: Config,
     options: RunOptions,
 ) -> Result<(), ServeError> {
+    // Before anything slow (opening the store): a SIGTERM from here on
+    // drains rather than kills.
+    let signals = crate::drain::install_signals();
     let drain = Arc::new(Drain::new());
     let store = store::open(&config.store).await?;
 
@@ -132,7 +135,7 @@ pub async fn run(
         drain
             .tracker
             .clone()
-            .spawn(async move { drain.listen_for_signals().await });
+            .spawn(async move { drain.listen_for_signals(signals).await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
     if store.shared() {
@@ -162,12 +165,16 @@ pub async fn run(
     };
     let deadline = Instant::now();
     let exit_by = deadline + drain_config.exit_timeout;
+    // The store's last sync must not wait behind a client that stopped
+    // reading: connections and tasks get the exit budget minus this share,
+    // the flush gets the rest.
+    let flush_from = exit_by - drain_config.exit_timeout / 3;
 
     // Bodies end by themselves at the deadline; the listener is closed.
-    let connections_closed = timeout_at(exit_by, &mut serve).await.is_ok();
+    let connections_closed = timeout_at(flush_from, &mut serve).await.is_ok();
     let closed_after = deadline.elapsed();
     drain.tracker.close();
-    let tasks_done = timeout_at(exit_by, drain.tracker.wait()).await.is_ok();
+    let tasks_done = timeout_at(flush_from, drain.tracker.wait()).await.is_ok();
     let tasks_after = deadline.elapsed();
     let flushed = match timeout_at(exit_by, store.flush()).await {
         Ok(Ok(())) => true,

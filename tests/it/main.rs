@@ -14,6 +14,7 @@ mod anthropic;
 mod auth;
 mod common;
 mod drain;
+mod drain_hard;
 mod hostile;
 mod limits;
 mod relay;
