@@ -20,3 +20,4 @@ mod limits;
 mod relay;
 mod replicas;
 mod resume;
+mod tokens;
