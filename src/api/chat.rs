@@ -49,6 +49,7 @@ async fn handle(
         limits.body_read_timeout,
     )
     .await?;
+    crate::protocol::request::check_structure(&bytes, limits.max_json_depth)?;
     let request = protocol.wire().validate(&bytes)?;
     let relay = &state.relay;
     let upstream = relay

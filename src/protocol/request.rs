@@ -22,6 +22,52 @@ pub enum RequestError {
     Invalid(&'static str),
 }
 
+/// Refuse a body the provider should never see: bytes that are not UTF-8
+/// (validation skips the values it does not check, so it would not see
+/// them) and arrays or objects nested deeper than `max_depth` (the
+/// values validation skips are skipped without a depth limit). One pass
+/// over the bytes, no tree.
+pub fn check_structure(body: &[u8], max_depth: usize) -> Result<(), RequestError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(RequestError::Invalid("the request body is not valid UTF-8"));
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, over escapes.
+                i += 1;
+                loop {
+                    let Some(j) = memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or_default())
+                    else {
+                        // An unterminated string: the parser says so.
+                        return Ok(());
+                    };
+                    if body[i + j] == b'\\' {
+                        i += j + 2;
+                    } else {
+                        i += j;
+                        break;
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(RequestError::Invalid(
+                        "the request body nests JSON deeper than the gateway allows (limits.max_json_depth)",
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Read `body`'s checked fields; a body that is not a JSON object is refused.
 pub fn read(body: &[u8]) -> Result<Fields<'_>, RequestError> {
     let top = serde_json::from_slice::<Top>(body).map_err(RequestError::Malformed)?;
@@ -224,6 +270,34 @@ impl<'de> Visitor<'de> for ShapeVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut b = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":".to_vec();
+        b.extend(std::iter::repeat_n(b'[', depth));
+        b.extend(std::iter::repeat_n(b']', depth));
+        b.extend(b"}]}");
+        b
+    }
+
+    #[test]
+    fn deep_nesting_and_invalid_utf8_are_refused() {
+        // 3 levels of the request's own, then `depth` arrays.
+        assert!(check_structure(&nested(61), 64).is_ok());
+        assert!(check_structure(&nested(62), 64).is_err());
+        assert!(check_structure(&nested(100_000), 64).is_err());
+        // Brackets inside strings, escaped quotes, do not count.
+        let text = br#"{"a":"[[[[[[[[[[\"{{{{{{{{","b":[{"c":"]]]]"}],"d":{"e":[1,[2]]}}"#;
+        assert!(check_structure(text, 4).is_ok());
+        assert!(check_structure(text, 2).is_err());
+        // Siblings do not add up.
+        let wide = format!("[{}]", vec!["[[1]]"; 1000].join(","));
+        assert!(check_structure(wide.as_bytes(), 3).is_ok());
+        let bad = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
+        assert!(check_structure(bad, 64).is_err());
+        // Validation alone lets both through: what this check is for.
+        assert!(chat(&nested(100_000), false).is_ok());
+        assert!(chat(bad, false).is_ok());
+    }
 
     /// How validation sees a body: each checked field's shape, as text.
     fn read(json: &str) -> Result<Option<[String; 4]>, String> {

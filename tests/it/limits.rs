@@ -204,3 +204,43 @@ async fn concurrent_streams_are_capped_per_process_and_per_key() {
     }
     drop(b);
 }
+
+#[tokio::test]
+async fn deep_json_and_invalid_utf8_are_refused_at_the_gateway() {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let gw = Gateway::start(&dir, &config(&mock, "127.0.0.1:0", "kind = \"memory\"", "")).await;
+    let deep = {
+        let mut b = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"#.to_vec();
+        b.extend(std::iter::repeat_n(b'[', 100_000));
+        b.extend(std::iter::repeat_n(b']', 100_000));
+        b.extend(b"}]}");
+        b
+    };
+    let utf8 = b"{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec();
+    for (path, body) in [
+        ("/v1/chat/completions", deep.clone()),
+        ("/v1/chat/completions", utf8.clone()),
+        ("/v1/messages", utf8),
+    ] {
+        let r = client()
+            .post(gw.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let v: Value = r.json().await.unwrap();
+        if path == "/v1/messages" {
+            assert_eq!(v["type"], "error", "{v}");
+        } else {
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        }
+    }
+    assert_eq!(
+        mock.stat("requests_started").await,
+        0,
+        "nothing reached the provider"
+    );
+}
