@@ -388,4 +388,70 @@ mod tests {
             assert!(read(json).is_err(), "{json}");
         }
     }
+
+    // Fuzz smoke (proptest; no `cargo fuzz` on the stable toolchain).
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(6, 64, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("model".to_owned()),
+                            Just("messages".to_owned()),
+                            Just("stream".to_owned()),
+                            Just("max_tokens".to_owned()),
+                            "[a-z\\[\\]{}\"]{0,6}",
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn depth(v: &Value) -> usize {
+            match v {
+                Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+                Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn validation_never_panics_on_bytes(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = check_structure(&input, 8);
+                let _ = chat(&input, true);
+                let _ = chat(&input, false);
+            }
+
+            #[test]
+            fn the_depth_check_agrees_with_a_parser(value in json_value()) {
+                let text = serde_json::to_vec(&value).unwrap();
+                let d = depth(&value);
+                prop_assert!(check_structure(&text, d).is_ok());
+                if d > 0 {
+                    prop_assert!(check_structure(&text, d - 1).is_err());
+                }
+                let _ = chat(&text, true);
+            }
+        }
+    }
 }

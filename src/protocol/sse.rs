@@ -460,4 +460,67 @@ mod tests {
         );
         assert_eq!(&out[..], b"id: 4\nevent: ping\ndata: a\ndata: b\n\n");
     }
+
+    // Fuzz smoke (proptest: only the stable toolchain is available, so no
+    // `cargo fuzz`): bounded cases, seconds in CI.
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn events(input: &[u8], cuts: &[usize], limits: (usize, u64)) -> (Vec<SseEvent>, usize) {
+            let mut d = SseDecoder::with_limits(limits.0, limits.1);
+            let mut out = Vec::new();
+            let mut most = 0;
+            let mut at = 0;
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(input.len());
+            for cut in cuts {
+                d.feed(&input[at..cut.max(at)]);
+                at = cut.max(at);
+                while let Some(e) = d.next_event() {
+                    out.push(e);
+                }
+                most = most.max(d.buf.len());
+            }
+            (out, most)
+        }
+
+        /// Bytes that look like an event stream more often than noise does.
+        fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"data: ".to_vec()),
+                Just(b"event: x\n".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b": c\n".to_vec()),
+                Just(b"\xEF\xBB\xBF".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ];
+            proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_split_gives_the_same_events(input in stream_bytes(), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+                let (whole, _) = events(&input, &[], (usize::MAX, u64::MAX));
+                let (split, _) = events(&input, &cuts, (usize::MAX, u64::MAX));
+                prop_assert_eq!(whole, split);
+            }
+
+            #[test]
+            fn limits_bound_what_is_held(input in proptest::collection::vec(any::<u8>(), 0..4096), cuts in proptest::collection::vec(any::<usize>(), 0..16)) {
+                let (_, most) = events(&input, &cuts, (64, 2048));
+                // At most one line over the limit, plus one read.
+                prop_assert!(most <= 64 + input.len().min(4096));
+                let mut d = SseDecoder::with_limits(64, 2048);
+                d.feed(&input);
+                while d.next_event().is_some() {}
+                prop_assert!(d.overflow().is_some() || d.buf.len() <= 64);
+            }
+        }
+    }
 }

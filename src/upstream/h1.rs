@@ -852,4 +852,80 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n").is_err());
         assert!(parse_head(b"SMTP ready\r\n\r\n").is_err());
     }
+
+    // Fuzz smoke (proptest; no `cargo fuzz` on the stable toolchain).
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn chunked(payload: &[u8], sizes: &[usize]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut rest = payload;
+            let mut sizes = sizes.iter().cycle();
+            while !rest.is_empty() {
+                let n = (sizes.next().copied().unwrap_or(1) % 17 + 1).min(rest.len());
+                out.extend(format!("{n:x}\r\n").as_bytes());
+                out.extend(&rest[..n]);
+                out.extend(b"\r\n");
+                rest = &rest[n..];
+            }
+            out.extend(b"0\r\n\r\n");
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn chunked_bodies_round_trip_however_split(
+                payload in proptest::collection::vec(any::<u8>(), 0..300),
+                sizes in proptest::collection::vec(any::<usize>(), 1..8),
+                cut in any::<usize>(),
+            ) {
+                let body = chunked(&payload, &sizes);
+                let cut = cut % (body.len() + 1);
+                let mut c = Chunked::default();
+                let mut out = Vec::new();
+                let mut used = c.decode(&body[..cut], &mut |b: &[u8]| out.extend_from_slice(b)).unwrap();
+                used += c.decode(&body[cut..], &mut |b: &[u8]| out.extend_from_slice(b)).unwrap();
+                prop_assert_eq!(out, payload);
+                prop_assert!(c.is_done());
+                prop_assert_eq!(used, body.len());
+            }
+
+            #[test]
+            fn the_chunked_decoder_never_panics_nor_overreads(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let mut c = Chunked::default();
+                let mut total = 0;
+                if let Ok(used) = c.decode(&input, &mut |b: &[u8]| total += b.len()) {
+                    prop_assert!(used <= input.len());
+                    prop_assert!(total <= input.len());
+                }
+            }
+
+            #[test]
+            fn the_head_parser_never_panics(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Ok(Some(head)) = parse_head(&input) {
+                    prop_assert!(head.len <= input.len());
+                }
+            }
+
+            #[test]
+            fn heads_with_odd_headers_parse_or_fail_cleanly(
+                code in 0u16..1200,
+                headers in proptest::collection::vec(("[a-zA-Z-]{1,20}", "[ -~]{0,30}"), 0..10),
+            ) {
+                let mut text = format!("HTTP/1.1 {code} X\r\n");
+                for (name, value) in &headers {
+                    text.push_str(&format!("{name}: {value}\r\n"));
+                }
+                text.push_str("\r\n");
+                match parse_head(text.as_bytes()) {
+                    Ok(Some(head)) => prop_assert_eq!(head.status.as_u16(), code),
+                    Ok(None) => prop_assert!(false, "a complete head read as partial"),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
 }
