@@ -366,6 +366,8 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
 }
 
@@ -522,6 +524,8 @@ pub struct Config {
     pub auth_keys: Option<Vec<Secret>>,
     /// The token guarding `/admin/*`; `None` disables the admin routes.
     pub admin_token: Option<Secret>,
+    /// What a peer (client or provider) may make the gateway hold or wait for.
+    pub limits: LimitsConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// Set when no upstream was configured and the built-in mock must be
     /// started in-process (the zero-config demo).
@@ -655,6 +659,7 @@ impl Config {
         let streams = streams(raw.streams)?;
         let auth_keys = auth(raw.auth, env)?;
         let admin_token = admin(raw.admin, env)?;
+        let limits = limits(raw.limits)?;
         let upstreams = upstreams(raw.upstreams, env)?;
         let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Config {
@@ -667,6 +672,7 @@ impl Config {
             streams,
             auth_keys,
             admin_token,
+            limits,
             builtin_mock: upstreams.is_empty(),
             upstreams,
         })
@@ -818,6 +824,141 @@ fn admin(raw: RawAdmin, env: &dyn Env) -> Result<Option<Secret>, ConfigError> {
     raw.token_env
         .map(|var| secret(env, &var, "admin.token_env").map(Secret))
         .transpose()
+}
+
+// ---------------------------------------------------------------------------
+// `[limits]`: every size and time a peer controls. Each default is safe for
+// a production gateway; README's config reference lists them.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<u64>,
+    header_read_timeout: Option<HumanDuration>,
+    max_header_bytes: Option<u64>,
+    body_read_timeout: Option<HumanDuration>,
+    write_timeout: Option<HumanDuration>,
+    max_streams: Option<u64>,
+    max_streams_per_key: Option<u64>,
+    max_json_depth: Option<u64>,
+    max_event_bytes: Option<u64>,
+    max_answer_bytes: Option<u64>,
+}
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open client connections at most; more are answered 503 and closed.
+    /// Lowered at start-up to half the open-file limit (the other half is
+    /// for provider connections and the store).
+    pub max_connections: usize,
+    /// A client must send a request's whole head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// A request head larger than this is refused (431).
+    pub max_header_bytes: usize,
+    /// A request body must arrive within this (408).
+    pub body_read_timeout: Duration,
+    /// A write to a client that makes no progress this long closes it.
+    pub write_timeout: Duration,
+    /// Streams this process runs at once (503 + Retry-After beyond).
+    pub max_streams: usize,
+    /// Streams one client key runs at once (429 + Retry-After beyond);
+    /// only with `[auth]` keys.
+    pub max_streams_per_key: usize,
+    /// JSON nesting deeper than this in a request is refused (400).
+    pub max_json_depth: usize,
+    /// A provider's SSE line or event larger than this ends the stream
+    /// with `upstream_failed`.
+    pub max_event_bytes: usize,
+    /// A provider's whole answer larger than this ends the stream with
+    /// `upstream_failed` (streaming) or a 502 (not streaming).
+    pub max_answer_bytes: u64,
+}
+
+const DEFAULT_LIMITS: LimitsConfig = LimitsConfig {
+    max_connections: 10_000,
+    header_read_timeout: Duration::from_secs(10),
+    max_header_bytes: 64 * 1024,
+    body_read_timeout: Duration::from_secs(30),
+    write_timeout: Duration::from_secs(30),
+    max_streams: 5_000,
+    max_streams_per_key: 500,
+    max_json_depth: 64,
+    max_event_bytes: 1024 * 1024,
+    max_answer_bytes: 64 * 1024 * 1024,
+};
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        DEFAULT_LIMITS
+    }
+}
+
+/// Validates the `[limits]` section.
+fn limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
+    let d = DEFAULT_LIMITS;
+    let count = |value: Option<u64>, default: usize, key: &str, min: u64| {
+        let n = value.unwrap_or(default as u64);
+        if n < min {
+            return Err(ConfigError::invalid(
+                format!("limits.{key}"),
+                format!("must be at least {min}"),
+            ));
+        }
+        usize::try_from(n).map_err(|_| ConfigError::invalid(format!("limits.{key}"), "too large"))
+    };
+    let time = |value: Option<HumanDuration>, default: Duration, key: &str| {
+        let t = duration_or(value, default);
+        if t.is_zero() {
+            return Err(ConfigError::invalid(
+                format!("limits.{key}"),
+                "must be more than 0s",
+            ));
+        }
+        Ok(t)
+    };
+    Ok(LimitsConfig {
+        max_connections: count(raw.max_connections, d.max_connections, "max_connections", 1)?,
+        header_read_timeout: time(
+            raw.header_read_timeout,
+            d.header_read_timeout,
+            "header_read_timeout",
+        )?,
+        // hyper's smallest read buffer.
+        max_header_bytes: count(
+            raw.max_header_bytes,
+            d.max_header_bytes,
+            "max_header_bytes",
+            8192,
+        )?,
+        body_read_timeout: time(
+            raw.body_read_timeout,
+            d.body_read_timeout,
+            "body_read_timeout",
+        )?,
+        write_timeout: time(raw.write_timeout, d.write_timeout, "write_timeout")?,
+        max_streams: count(raw.max_streams, d.max_streams, "max_streams", 1)?,
+        max_streams_per_key: count(
+            raw.max_streams_per_key,
+            d.max_streams_per_key,
+            "max_streams_per_key",
+            1,
+        )?,
+        max_json_depth: count(raw.max_json_depth, d.max_json_depth, "max_json_depth", 2)?,
+        max_event_bytes: count(
+            raw.max_event_bytes,
+            d.max_event_bytes,
+            "max_event_bytes",
+            1024,
+        )?,
+        max_answer_bytes: count(
+            raw.max_answer_bytes,
+            d.max_answer_bytes as usize,
+            "max_answer_bytes",
+            1024,
+        )? as u64,
+    })
 }
 
 /// Validates the `[[upstreams]]`; with none, `OPENAI_API_KEY` alone
@@ -1629,6 +1770,7 @@ mod tests {
                 "streams",
                 "auth",
                 "admin",
+                "limits",
                 "upstreams",
             ]
         );

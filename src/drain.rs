@@ -42,6 +42,12 @@ pub struct Drain {
     requested: CancellationToken,
     /// Cancelled by a second signal: skip to the deadline.
     hurry: CancellationToken,
+    /// Signals received: only a second *signal* hurries the drain (an
+    /// `/admin/drain` before the kubelet's SIGTERM must not).
+    signals: AtomicUsize,
+    /// A deadline earlier than `start + grace`, from `/admin/drain` (a
+    /// spot-preemption notice with less time left than the grace).
+    sooner: watch::Sender<Option<Instant>>,
     /// The parent of every stream's token: cancelled at the deadline.
     pub streams: CancellationToken,
     /// Cancelled when the listener should close (after the deadline).
@@ -74,6 +80,8 @@ impl Drain {
             phase: watch::Sender::new(Phase::Serving),
             requested: CancellationToken::new(),
             hurry: CancellationToken::new(),
+            signals: AtomicUsize::new(0),
+            sooner: watch::Sender::new(None),
             streams: CancellationToken::new(),
             close_listener: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -96,21 +104,52 @@ impl Drain {
         self.phase() <= Phase::Draining
     }
 
-    /// Start the drain; a second call skips to the deadline.
-    pub fn begin(&self, why: &str) {
-        if self.requested.is_cancelled() {
-            tracing::warn!(
-                trigger = why,
-                "second drain trigger: skipping to the deadline"
-            );
+    /// A signal: the first starts the drain (or joins one `/admin/drain`
+    /// started), the second skips to the deadline.
+    pub fn signal(&self, why: &str) {
+        if self.signals.fetch_add(1, Ordering::AcqRel) >= 1 {
+            tracing::warn!(trigger = why, "second signal: skipping to the deadline");
             self.hurry.cancel();
             return;
         }
-        if let Ok(mut at) = self.started_at.lock() {
-            *at = Some(Instant::now());
+        self.begin(why, None);
+    }
+
+    /// Start the drain, to end by `by` at the latest (never later than the
+    /// configured grace allows). Idempotent: a drain under way keeps the
+    /// earlier of its deadline and `by`. Returns whether it started now.
+    pub fn begin(&self, why: &str, by: Option<Instant>) -> bool {
+        if let Some(by) = by {
+            self.sooner.send_if_modified(|sooner| match sooner {
+                Some(at) if *at <= by => false,
+                _ => {
+                    *sooner = Some(by);
+                    true
+                }
+            });
         }
+        let Ok(mut at) = self.started_at.lock() else {
+            return false;
+        };
+        if at.is_some() {
+            tracing::info!(trigger = why, "drain already under way");
+            return false;
+        }
+        *at = Some(Instant::now());
+        drop(at);
         tracing::info!(trigger = why, "drain requested");
         self.requested.cancel();
+        true
+    }
+
+    /// When the deadline falls, once the drain has started.
+    pub fn deadline(&self, grace: Duration) -> Option<Instant> {
+        let started = (*self.started_at.lock().ok()?)?;
+        let configured = started + grace;
+        Some(match *self.sooner.borrow() {
+            Some(sooner) => sooner.min(configured),
+            None => configured,
+        })
     }
 
     pub fn requested(&self) -> bool {
@@ -132,15 +171,12 @@ impl Drain {
     }
 
     /// SIGTERM and SIGINT: the first starts the drain, the second hurries
-    /// it. Ends when the listener closes.
-    pub async fn listen_for_signals(&self) {
+    /// it. Ends when the listener closes. `signals`: from
+    /// [`install_signals`], called before anything slow at start-up.
+    pub async fn listen_for_signals(&self, signals: Option<Signals>) {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
+            let Some(Signals { mut term, mut int }) = signals else {
                 tracing::error!(
                     "cannot install signal handlers; only /admin/drain can start a drain"
                 );
@@ -149,17 +185,18 @@ impl Drain {
             loop {
                 tokio::select! {
                     // Kubernetes, systemd and most supervisors stop with SIGTERM.
-                    _ = term.recv() => self.begin("SIGTERM"),
+                    _ = term.recv() => self.signal("SIGTERM"),
                     // Ctrl-C in a terminal.
-                    _ = int.recv() => self.begin("SIGINT"),
+                    _ = int.recv() => self.signal("SIGINT"),
                     _ = self.close_listener.cancelled() => return,
                 }
             }
         }
         #[cfg(not(unix))]
         {
+            let _ = signals;
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => self.begin("ctrl-c"),
+                _ = tokio::signal::ctrl_c() => self.signal("ctrl-c"),
                 _ = self.close_listener.cancelled() => {}
             }
         }
@@ -183,9 +220,19 @@ impl Drain {
             "drain: readiness is 503; still accepting during pre_stop_delay"
         );
 
-        tokio::select! {
-            _ = tokio::time::sleep_until(start + config.pre_stop_delay) => {}
-            _ = self.hurry.cancelled() => report.hurried = true,
+        let mut sooner = self.sooner.subscribe();
+        let deadline_now = |sooner: &watch::Receiver<Option<Instant>>| {
+            let configured = start + config.grace;
+            sooner.borrow().map_or(configured, |s| s.min(configured))
+        };
+        loop {
+            // pre_stop_delay, cut short by a sooner deadline.
+            let until = (start + config.pre_stop_delay).min(deadline_now(&sooner));
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = self.hurry.cancelled() => { report.hurried = true; break }
+                _ = sooner.changed() => {}
+            }
         }
         self.phase.send_replace(Phase::Refusing);
         tracing::info!(
@@ -193,14 +240,15 @@ impl Drain {
             "drain: refusing new streams; active streams go on"
         );
 
-        let deadline = start + config.grace;
         let mut tick = tokio::time::interval(Duration::from_millis(25));
         loop {
             if report.hurried {
                 break;
             }
+            let deadline = deadline_now(&sooner);
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = sooner.changed() => {}
                 _ = self.hurry.cancelled() => { report.hurried = true; break }
                 _ = tick.tick() => {
                     if active() == 0 && self.in_flight.load(Ordering::Acquire) == 0 {
@@ -223,6 +271,62 @@ impl Drain {
         self.streams.cancel();
         self.close_listener.cancel();
         report
+    }
+}
+
+/// The signal streams, installed before anything slow at start-up so a
+/// SIGTERM in the first milliseconds drains instead of killing.
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+/// Hold SIGTERM and SIGINT back (blocked, so they wait instead of killing
+/// the process) until [`install_signals`] has handlers for them. Called
+/// first thing in `main`, before the runtime's threads exist (they
+/// inherit the mask and keep it: the main thread, which unblocks them,
+/// takes the signals).
+pub fn hold_signals() {
+    #[cfg(unix)]
+    // SAFETY: the set is initialised by sigemptyset before use; the calls
+    // only change this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Install the handlers for SIGTERM and SIGINT, then let held signals in
+/// (on this thread: call it on the thread that runs `block_on`).
+pub fn install_signals() -> Option<Signals> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let installed = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some(Signals { term, int }),
+            _ => None,
+        };
+        // SAFETY: as in `hold_signals`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+        installed
+    }
+    #[cfg(not(unix))]
+    {
+        Some(Signals {})
     }
 }
 
@@ -258,7 +362,7 @@ mod tests {
                 .await
         });
         assert!(drain.ready());
-        drain.begin("test");
+        drain.begin("test", None);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(drain.phase(), Phase::Draining);
         assert!(drain.accepting());
@@ -274,11 +378,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_admin_drain_then_a_signal_does_not_hurry() {
+        let drain = Arc::new(Drain::new());
+        let d = drain.clone();
+        let started = Instant::now();
+        let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 5).await });
+        assert!(drain.begin("POST /admin/drain", None));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!drain.begin("POST /admin/drain", None), "idempotent");
+        drain.signal("SIGTERM");
+        let report = run.await.unwrap();
+        assert!(!report.hurried);
+        assert_eq!(started.elapsed(), Duration::from_secs(10), "the full grace");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sooner_deadline_only_shortens_and_the_earlier_one_wins() {
+        let drain = Arc::new(Drain::new());
+        let d = drain.clone();
+        let started = Instant::now();
+        let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 5).await });
+        // Longer than the grace: the grace holds.
+        drain.begin("admin", Some(started + Duration::from_secs(60)));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            drain.deadline(Duration::from_secs(10)),
+            Some(started + Duration::from_secs(10))
+        );
+        // A notice with 3 s left: the deadline moves up.
+        drain.begin("admin", Some(started + Duration::from_secs(4)));
+        // A later notice does not move it back.
+        drain.begin("admin", Some(started + Duration::from_secs(8)));
+        let report = run.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
+        assert_eq!(report.aborted_at_deadline, 5);
+        // The pre-stop delay is cut short too.
+        let drain = Arc::new(Drain::new());
+        let d = drain.clone();
+        let started = Instant::now();
+        let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 5).await });
+        drain.begin("admin", Some(started + Duration::from_secs(1)));
+        run.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn ends_early_when_idle_and_hurries_on_second_signal() {
         let drain = Arc::new(Drain::new());
         let d = drain.clone();
         let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 0).await });
-        drain.begin("test");
+        drain.begin("test", None);
         let report = run.await.unwrap();
         assert!(report.idle_early);
 
@@ -286,9 +435,9 @@ mod tests {
         let d = drain.clone();
         let started = Instant::now();
         let run = TaskTracker::new().spawn(async move { d.timeline(config(), || 5).await });
-        drain.begin("first");
+        drain.signal("first");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        drain.begin("second");
+        drain.signal("second");
         let report = run.await.unwrap();
         assert!(report.hurried);
         assert!(started.elapsed() < Duration::from_secs(1));

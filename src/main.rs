@@ -119,6 +119,9 @@ fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Exi
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
+    // A SIGTERM from now on waits for the drain's handler instead of
+    // killing the process (server::run installs it first thing).
+    tidegate::drain::hold_signals();
     let config = match load(path, listen) {
         Ok(c) => c,
         Err(code) => return code,

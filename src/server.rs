@@ -3,16 +3,22 @@
 //! `drain.exit_timeout`, flush the store, and return.
 
 use std::collections::HashSet;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, LimitsConfig, UpstreamConfig};
 use crate::drain::Drain;
 use crate::relay::{Relay, Settings};
 use crate::store::{self, StoreError};
@@ -48,6 +54,9 @@ pub async fn run(
     mut config: Config,
     options: RunOptions,
 ) -> Result<(), ServeError> {
+    // Before anything slow (opening the store): a SIGTERM from here on
+    // drains rather than kills.
+    let signals = crate::drain::install_signals();
     let drain = Arc::new(Drain::new());
     let store = store::open(&config.store).await?;
 
@@ -98,6 +107,8 @@ pub async fn run(
         heartbeat: config.streams.heartbeat,
         on_client_disconnect: config.streams.on_client_disconnect,
         retry_hint: config.resume.retry_hint,
+        limits: config.limits,
+        keyed: config.auth_keys.is_some(),
     };
     let relay = Arc::new(Relay::new(
         store.clone(),
@@ -109,6 +120,7 @@ pub async fn run(
     ));
     log_startup(&config, &listener, store.name());
     let drain_config = config.drain;
+    let limits = config.limits;
     let lease_every = config.store.lease_ttl / 3;
     let state = Arc::new(AppState {
         config,
@@ -123,7 +135,7 @@ pub async fn run(
         drain
             .tracker
             .clone()
-            .spawn(async move { drain.listen_for_signals().await });
+            .spawn(async move { drain.listen_for_signals(signals).await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
     if store.shared() {
@@ -132,20 +144,20 @@ pub async fn run(
             .spawn(keep_leases(relay.clone(), drain.clone(), lease_every));
     }
 
-    // Rule: serve `into_make_service`, so each connection gets a clone of
-    // the router (a reference count), not a rebuilt route table
-    // (benches/OPTIMISATIONS.md, "held streams").
-    let serve = axum::serve(
-        listener.tap_io(crate::net::no_delay),
-        api::app(state).into_make_service(),
-    )
-    .with_graceful_shutdown(drain.close_listener.clone().cancelled_owned())
-    .into_future();
+    let max_connections = connection_cap(limits.max_connections);
+    let serve = serve(
+        listener,
+        api::app(state),
+        drain.clone(),
+        limits,
+        max_connections,
+    );
     tokio::pin!(serve);
     let aborted_before = relay.metrics.aborted(AbortKind::ServerRestarting);
     let report = tokio::select! {
         result = &mut serve => {
-            // axum::serve only returns on a listener error before a drain.
+            // `serve` returns once the listener is closed, which only the
+            // timeline does; this branch is for completeness.
             result?;
             return Ok(());
         }
@@ -153,12 +165,16 @@ pub async fn run(
     };
     let deadline = Instant::now();
     let exit_by = deadline + drain_config.exit_timeout;
+    // The store's last sync must not wait behind a client that stopped
+    // reading: connections and tasks get the exit budget minus this share,
+    // the flush gets the rest.
+    let flush_from = exit_by - drain_config.exit_timeout / 3;
 
     // Bodies end by themselves at the deadline; the listener is closed.
-    let connections_closed = timeout_at(exit_by, &mut serve).await.is_ok();
+    let connections_closed = timeout_at(flush_from, &mut serve).await.is_ok();
     let closed_after = deadline.elapsed();
     drain.tracker.close();
-    let tasks_done = timeout_at(exit_by, drain.tracker.wait()).await.is_ok();
+    let tasks_done = timeout_at(flush_from, drain.tracker.wait()).await.is_ok();
     let tasks_after = deadline.elapsed();
     let flushed = match timeout_at(exit_by, store.flush()).await {
         Ok(Ok(())) => true,
@@ -217,6 +233,197 @@ fn log_startup(config: &Config, listener: &TcpListener, store: &str) {
         tracing::warn!("{warning}");
     }
     tracing::info!(%address, store, grace = ?config.drain.grace, "tidegate serving");
+}
+
+/// Spawns hyper's connection tasks (HTTP/2 streams) on the drain's tracker.
+#[derive(Clone)]
+struct Tracked(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
+}
+
+/// The configured connection cap, lowered to half the open-file limit: the
+/// other half is for provider connections and the store's files, so that
+/// `accept` never fails for want of a descriptor.
+fn connection_cap(configured: usize) -> usize {
+    let files = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let cap = usize::try_from(files / 2).unwrap_or(usize::MAX).max(16);
+    if configured > cap {
+        tracing::warn!(
+            configured,
+            open_file_limit = files,
+            using = cap,
+            "limits.max_connections is above half the open-file limit; using half of it"
+        );
+        cap
+    } else {
+        configured
+    }
+}
+
+/// How many refusals (503 to a connection over the cap) may be written at
+/// once; beyond that a connection over the cap is closed unanswered.
+const MAX_REFUSING: usize = 256;
+
+/// Accept connections until the listener must close, then shut the open
+/// ones down gracefully (each finishes its request; bodies end by
+/// themselves at the drain deadline) and return once they are closed.
+///
+/// Each connection must send its first bytes and then its whole request
+/// head within `header_read_timeout`, and a write that makes no progress
+/// for `write_timeout` closes it. At most `max_connections` are open;
+/// one more is answered 503 with `Retry-After` and closed, so the
+/// process never runs out of descriptors and `/healthz/live` answers as
+/// soon as a slot frees. An `accept` error backs off instead of spinning.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    drain: Arc<Drain>,
+    limits: LimitsConfig,
+    max_connections: usize,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(Tracked(drain.tracker.clone()));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(limits.write_timeout);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let close = drain.close_listener.clone();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = close.cancelled() => break,
+        };
+        let mut stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                stream
+            }
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                // Out of descriptors or memory: wait for some to free up.
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = close.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        crate::net::no_delay(&mut stream);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                drain.tracker.spawn(async move {
+                    refuse(stream).await;
+                    drop(refusal);
+                });
+            }
+            continue;
+        };
+        let builder = builder.clone();
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        let close = close.clone();
+        drain.tracker.spawn(async move {
+            let _slot = slot;
+            let spoke = tokio::select! {
+                spoke = crate::net::wait_for_preface(&stream, limits.header_read_timeout) => spoke,
+                _ = close.cancelled() => false,
+            };
+            if !spoke {
+                return;
+            }
+            let io = TokioIo::new(crate::net::WriteTimeout::new(stream, limits.write_timeout));
+            let connection = builder.serve_connection(io, service).into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// `accept` errors that concern one connection only (it was reset before
+/// we took it): take the next one at once.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// Answer a connection over the cap: a liveness probe (`GET
+/// /healthz/live`) still gets its 200, anything else 503 with
+/// `Retry-After`; then the connection is closed. The request is read
+/// (a little, briefly) first, so the close does not reset the connection
+/// before the client reads the answer.
+async fn refuse(mut stream: TcpStream) {
+    const LIVE: &str = r#"{"status":"live"}"#;
+    const BUSY: &str = r#"{"error":{"message":"too many open connections; retry shortly","type":"server_overloaded","code":"too_many_connections"}}"#;
+    let exchange = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        let read_head = async {
+            while head.len() < 4096 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), read_head).await;
+        let live =
+            head.starts_with(b"GET /healthz/live ") || head.starts_with(b"GET /healthz/live?");
+        let (status, body, retry) = if live {
+            ("200 OK", LIVE, "")
+        } else {
+            ("503 Service Unavailable", BUSY, "retry-after: 1\r\n")
+        };
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{retry}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), exchange).await;
 }
 
 /// Delete expired records every so often, until the listener closes.

@@ -65,11 +65,16 @@ impl AbortKind {
         AbortKind::ALL.into_iter().find(|k| k.as_str() == text)
     }
 
-    /// Whether a resume can finish the answer.
+    /// Whether a resume can finish the answer. A store failure can: what
+    /// the client was sent is in the store (write-ahead), so once the
+    /// store takes writes again a resume continues from there.
     pub fn resumable(self) -> bool {
         matches!(
             self,
-            AbortKind::ServerRestarting | AbortKind::UpstreamFailed | AbortKind::ClientGone
+            AbortKind::ServerRestarting
+                | AbortKind::UpstreamFailed
+                | AbortKind::ClientGone
+                | AbortKind::StoreFailed
         )
     }
 
@@ -80,7 +85,9 @@ impl AbortKind {
             AbortKind::UpstreamFailed => {
                 "the provider failed mid-stream; resume this stream to continue"
             }
-            AbortKind::StoreFailed => "the partial-response store failed; the stream cannot go on",
+            AbortKind::StoreFailed => {
+                "the partial-response store failed; resume this stream once it is back"
+            }
             AbortKind::Cancelled => "the stream was cancelled",
             AbortKind::Incomplete => {
                 "the answer was interrupted and this provider cannot continue it"
@@ -129,11 +136,10 @@ impl Status {
             End::Abort(kind) => {
                 let status = match kind {
                     AbortKind::Cancelled => Status::Cancelled,
-                    AbortKind::StoreFailed
-                    | AbortKind::Incomplete
-                    | AbortKind::UpstreamRejected => Status::Failed,
+                    AbortKind::Incomplete | AbortKind::UpstreamRejected => Status::Failed,
                     AbortKind::ServerRestarting
                     | AbortKind::UpstreamFailed
+                    | AbortKind::StoreFailed
                     | AbortKind::ClientGone => Status::Interrupted,
                 };
                 (status, Some(kind.as_str()))
@@ -148,6 +154,7 @@ impl Status {
         match self {
             Status::Completed => End::Done,
             Status::Cancelled => End::Abort(AbortKind::Cancelled),
+            // Records of versions that stored a store failure as failed.
             Status::Failed
                 if matches!(
                     reason,
@@ -227,6 +234,19 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_failure_is_recorded_as_resumable() {
+        let (status, reason) = Status::of_end(End::Abort(AbortKind::StoreFailed));
+        assert_eq!(status, Status::Interrupted);
+        assert_eq!(reason, Some("store_failed"));
+        assert!(AbortKind::StoreFailed.resumable());
+        assert_eq!(
+            status.end_after_replay(reason),
+            End::Abort(AbortKind::StoreFailed),
+            "one stored status, one end"
+        );
+    }
 
     #[test]
     fn abort_kinds_round_trip() {

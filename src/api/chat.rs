@@ -41,7 +41,15 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let owner = state.owner(&headers)?;
-    let bytes = super::read_body(&headers, body, state.config.max_body_bytes).await?;
+    let limits = &state.config.limits;
+    let bytes = super::read_body(
+        &headers,
+        body,
+        state.config.max_body_bytes,
+        limits.body_read_timeout,
+    )
+    .await?;
+    crate::protocol::request::check_structure(&bytes, limits.max_json_depth)?;
     let request = protocol.wire().validate(&bytes)?;
     let relay = &state.relay;
     let upstream = relay

@@ -38,6 +38,9 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
+
     /// What the relay could not do; its status is decided here.
     #[error(transparent)]
     Relay(#[from] RelayError),
@@ -67,19 +70,33 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Relay(e) => match e {
                 RelayError::NotFound | RelayError::IdempotentStreamGone => StatusCode::NOT_FOUND,
                 RelayError::IdempotencyConflict => StatusCode::CONFLICT,
+                RelayError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
+                RelayError::TooManyStreamsForKey(_) => StatusCode::TOO_MANY_REQUESTS,
                 RelayError::Draining | RelayError::ServerRestarting | RelayError::Store(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
                 RelayError::Upstream(
-                    UpstreamError::Connect { .. } | UpstreamError::Body { .. },
+                    UpstreamError::Connect { .. }
+                    | UpstreamError::Body { .. }
+                    | UpstreamError::TooLarge { .. },
                 )
                 | RelayError::NotAStream { .. } => StatusCode::BAD_GATEWAY,
                 RelayError::CredentialRequired { .. } => StatusCode::UNAUTHORIZED,
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-                RelayError::Upstream(UpstreamError::Status { status, .. }) => *status,
+                // A provider's 4xx or 5xx is the client's answer; anything
+                // else (a redirect we do not follow, a status that is no
+                // error, a code past 599) is a provider that misbehaved.
+                RelayError::Upstream(UpstreamError::Status { status, .. }) => {
+                    if status.is_client_error() || status.is_server_error() {
+                        *status
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    }
+                }
                 RelayError::CancelledBeforeStart(_)
                 | RelayError::PumpVanished
                 | RelayError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -95,6 +112,7 @@ impl ApiError {
             ApiError::NotFound(_) => ("not_found_error", "not_found"),
             ApiError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", "request_timeout"),
             ApiError::Relay(e) => match e {
                 RelayError::NotFound | RelayError::IdempotentStreamGone => {
                     ("not_found_error", "not_found")
@@ -103,9 +121,16 @@ impl ApiError {
                     ("invalid_request_error", "idempotency_conflict")
                 }
                 RelayError::Draining => ("server_draining", "draining"),
+                RelayError::TooManyStreams => ("server_overloaded", "too_many_streams"),
+                RelayError::TooManyStreamsForKey(_) => ("rate_limit_error", "too_many_streams"),
                 RelayError::ServerRestarting => ("server_restarting", "server_restarting"),
-                RelayError::Upstream(UpstreamError::Connect { .. })
-                | RelayError::NotAStream { .. } => ("upstream_error", "upstream_unavailable"),
+                RelayError::Upstream(UpstreamError::Connect { .. }) => {
+                    ("upstream_error", "upstream_unavailable")
+                }
+                RelayError::NotAStream { .. }
+                | RelayError::Upstream(UpstreamError::TooLarge { .. }) => {
+                    ("upstream_error", "upstream_failed")
+                }
                 RelayError::Upstream(UpstreamError::Body { .. }) => {
                     ("upstream_error", "upstream_body_failed")
                 }
@@ -114,6 +139,11 @@ impl ApiError {
                 }
                 RelayError::Upstream(UpstreamError::Timeout { .. }) => {
                     ("upstream_error", "upstream_timeout")
+                }
+                RelayError::Upstream(UpstreamError::Status { status, .. })
+                    if !(status.is_client_error() || status.is_server_error()) =>
+                {
+                    ("upstream_error", "upstream_bad_status")
                 }
                 RelayError::Upstream(UpstreamError::Status { .. }) => {
                     ("upstream_error", "upstream_error")
@@ -150,6 +180,22 @@ impl ApiError {
             ApiError::Relay(RelayError::Store(_)) => {
                 "the partial-response store is unavailable".into()
             }
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                upstream,
+                status,
+                ..
+            })) if status.is_redirection() => format!(
+                "upstream `{upstream}` answered with a redirect ({}), which the gateway does not follow: check its base_url",
+                status.as_u16()
+            ),
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                upstream,
+                status,
+                ..
+            })) if !(status.is_client_error() || status.is_server_error()) => format!(
+                "upstream `{upstream}` answered with status {}, which is not an HTTP error status",
+                status.as_u16()
+            ),
             ApiError::Relay(
                 RelayError::CancelledBeforeStart(_)
                 | RelayError::PumpVanished
@@ -172,7 +218,9 @@ impl ApiError {
         // tells the client more than we could.
         let wire = protocol.wire();
         let passthrough = match &self {
-            ApiError::Relay(RelayError::Upstream(UpstreamError::Status { body, .. })) => {
+            ApiError::Relay(RelayError::Upstream(UpstreamError::Status {
+                body, status, ..
+            })) if status.is_client_error() || status.is_server_error() => {
                 serde_json::from_slice::<Value>(body)
                     .ok()
                     .filter(|v| wire.is_error_body(v))
@@ -194,6 +242,15 @@ impl ApiError {
             ApiError::Relay(RelayError::Draining | RelayError::ServerRestarting)
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(
+            self,
+            ApiError::Relay(RelayError::TooManyStreams | RelayError::TooManyStreamsForKey(_))
+        ) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::RequestTimeout(_)) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response.extensions_mut().insert(ErrorLog {

@@ -38,9 +38,63 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+/// What `POST /admin/drain` may say: how long the gateway has left, as a
+/// duration from now or a moment (RFC 3339). Either only shortens the
+/// configured grace.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    grace: Option<String>,
+    deadline: Option<String>,
+}
+
+/// The moment a drain request asks to be done by, if any.
+fn requested_deadline(body: &[u8]) -> Result<Option<tokio::time::Instant>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let request: DrainRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "the body must be {{\"grace\": \"30s\"}} or {{\"deadline\": \"<RFC 3339 time>\"}}: {e}"
+        ))
+    })?;
+    let now = tokio::time::Instant::now();
+    match (request.grace, request.deadline) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
+            "give either grace or deadline, not both".into(),
+        )),
+        (Some(grace), None) => humantime::parse_duration(grace.trim())
+            .map(|d| Some(now + d))
+            .map_err(|e| {
+                ApiError::InvalidRequest(format!(
+                    "grace `{grace}` is not a duration like \"30s\": {e}"
+                ))
+            }),
+        (None, Some(deadline)) => {
+            let at = humantime::parse_rfc3339_weak(deadline.trim()).map_err(|e| {
+                ApiError::InvalidRequest(format!(
+                    "deadline `{deadline}` is not an RFC 3339 time like \"2026-01-01T12:00:00Z\": {e}"
+                ))
+            })?;
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            Ok(Some(now + left))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// `POST /admin/drain`: start the drain without a signal (a spot
-/// preemption notice). Needs the admin token; absent without one.
-pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+/// preemption notice), optionally with less time than the configured
+/// grace (`{"grace": "30s"}` or `{"deadline": "…"}`). Needs the admin
+/// token; absent without one. Calling it again is harmless: it can only
+/// bring the deadline nearer.
+pub async fn admin_drain(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let Some(expected) = &state.config.admin_token else {
         return ApiError::NotFound("admin routes are disabled: set [admin] token_env".into())
             .into_response();
@@ -51,12 +105,22 @@ pub async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap)
     if presented.is_empty() || !matches {
         return ApiError::Unauthorized.into_response();
     }
-    state.drain.begin("POST /admin/drain");
+    let by = match requested_deadline(&body) {
+        Ok(by) => by,
+        Err(e) => return e.into_response(),
+    };
+    let started = state.drain.begin("POST /admin/drain", by);
+    let grace = state.config.drain.grace;
+    let left = state.drain.deadline(grace).map_or(grace, |d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+    });
     (
         StatusCode::ACCEPTED,
-        axum::Json(
-            json!({"status": "draining", "grace_ms": state.config.drain.grace.as_millis() as u64}),
-        ),
+        axum::Json(json!({
+            "status": "draining",
+            "started_now": started,
+            "grace_ms": left.as_millis() as u64,
+        })),
     )
         .into_response()
 }

@@ -25,6 +25,52 @@ pub enum RequestError {
     Invalid(&'static str),
 }
 
+/// Refuse a body the provider should never see: bytes that are not UTF-8
+/// (validation skips the values it does not check, so it would not see
+/// them) and arrays or objects nested deeper than `max_depth` (the
+/// values validation skips are skipped without a depth limit). One pass
+/// over the bytes, no tree.
+pub fn check_structure(body: &[u8], max_depth: usize) -> Result<(), RequestError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(RequestError::Invalid("the request body is not valid UTF-8"));
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, over escapes.
+                i += 1;
+                loop {
+                    let Some(j) = memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or_default())
+                    else {
+                        // An unterminated string: the parser says so.
+                        return Ok(());
+                    };
+                    if body[i + j] == b'\\' {
+                        i += j + 2;
+                    } else {
+                        i += j;
+                        break;
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(RequestError::Invalid(
+                        "the request body nests JSON deeper than the gateway allows (limits.max_json_depth)",
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Read `body`'s checked fields; a body that is not a JSON object is refused.
 pub fn read(body: &[u8]) -> Result<Fields<'_>, RequestError> {
     let top = serde_json::from_slice::<Top>(body).map_err(RequestError::Malformed)?;
@@ -237,6 +283,34 @@ impl<'de> Visitor<'de> for ShapeVisitor {
 mod tests {
     use super::*;
 
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut b = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":".to_vec();
+        b.extend(std::iter::repeat_n(b'[', depth));
+        b.extend(std::iter::repeat_n(b']', depth));
+        b.extend(b"}]}");
+        b
+    }
+
+    #[test]
+    fn deep_nesting_and_invalid_utf8_are_refused() {
+        // 3 levels of the request's own, then `depth` arrays.
+        assert!(check_structure(&nested(61), 64).is_ok());
+        assert!(check_structure(&nested(62), 64).is_err());
+        assert!(check_structure(&nested(100_000), 64).is_err());
+        // Brackets inside strings, escaped quotes, do not count.
+        let text = br#"{"a":"[[[[[[[[[[\"{{{{{{{{","b":[{"c":"]]]]"}],"d":{"e":[1,[2]]}}"#;
+        assert!(check_structure(text, 4).is_ok());
+        assert!(check_structure(text, 2).is_err());
+        // Siblings do not add up.
+        let wide = format!("[{}]", vec!["[[1]]"; 1000].join(","));
+        assert!(check_structure(wide.as_bytes(), 3).is_ok());
+        let bad = b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
+        assert!(check_structure(bad, 64).is_err());
+        // Validation alone lets both through: what this check is for.
+        assert!(chat(&nested(100_000), false).is_ok());
+        assert!(chat(bad, false).is_ok());
+    }
+
     /// How validation sees a body: each checked field's shape, as text.
     fn read(json: &str) -> Result<Option<[String; 4]>, String> {
         fn show(s: &Option<Shape>) -> String {
@@ -324,6 +398,72 @@ mod tests {
         }
         for json in ["{not json", "{\"model\":\"a\"} trailing", "[1,", ""] {
             assert!(read(json).is_err(), "{json}");
+        }
+    }
+
+    // Fuzz smoke (proptest; no `cargo fuzz` on the stable toolchain).
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(6, 64, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("model".to_owned()),
+                            Just("messages".to_owned()),
+                            Just("stream".to_owned()),
+                            Just("max_tokens".to_owned()),
+                            "[a-z\\[\\]{}\"]{0,6}",
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn depth(v: &Value) -> usize {
+            match v {
+                Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+                Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn validation_never_panics_on_bytes(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = check_structure(&input, 8);
+                let _ = chat(&input, true);
+                let _ = chat(&input, false);
+            }
+
+            #[test]
+            fn the_depth_check_agrees_with_a_parser(value in json_value()) {
+                let text = serde_json::to_vec(&value).unwrap();
+                let d = depth(&value);
+                prop_assert!(check_structure(&text, d).is_ok());
+                if d > 0 {
+                    prop_assert!(check_structure(&text, d - 1).is_err());
+                }
+                let _ = chat(&text, true);
+            }
         }
     }
 }

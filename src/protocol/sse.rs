@@ -16,6 +16,12 @@
 //! `id` and `retry` are ignored (the gateway numbers events itself); an
 //! unfinished event at the end of the stream is not dispatched. Payloads
 //! are relayed as bytes, not checked as UTF-8.
+//!
+//! A decoder made with [`SseDecoder::with_limits`] holds at most one
+//! line (or one event's joined `data`) of `max_event` bytes and takes at
+//! most `max_total` bytes in all: past either, it drops what it holds,
+//! takes nothing more and says why ([`SseDecoder::overflow`]), so a
+//! provider that never sends a line end cannot make it grow.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -39,9 +45,27 @@ impl SseEvent {
     }
 }
 
+/// Why a decoder stopped taking bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// A line, or an event's data, was longer than `max_event` bytes.
+    Event(usize),
+    /// The stream brought more than `max_total` bytes.
+    Answer(u64),
+}
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overflow::Event(n) => write!(f, "an event or line longer than {n} bytes"),
+            Overflow::Answer(n) => write!(f, "an answer longer than {n} bytes"),
+        }
+    }
+}
+
 /// The sans-IO decoder: [`feed`](Self::feed) bytes, take events with
 /// [`next_event`](Self::next_event).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseDecoder {
     /// Undecoded bytes, starting at the beginning of a line.
     buf: BytesMut,
@@ -53,6 +77,20 @@ pub struct SseDecoder {
     started: bool,
     name: Option<Bytes>,
     data: Data,
+    /// The longest line or event data held.
+    max_event: usize,
+    /// The most bytes taken in all.
+    max_total: u64,
+    /// Bytes taken so far.
+    fed: u64,
+    /// Set once a limit is passed: nothing more is taken.
+    overflow: Option<Overflow>,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        SseDecoder::with_limits(usize::MAX, u64::MAX)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -66,8 +104,40 @@ enum Data {
 }
 
 impl SseDecoder {
+    pub fn with_limits(max_event: usize, max_total: u64) -> SseDecoder {
+        SseDecoder {
+            buf: BytesMut::new(),
+            scanned: 0,
+            after_cr: false,
+            started: false,
+            name: None,
+            data: Data::None,
+            max_event,
+            max_total,
+            fed: 0,
+            overflow: None,
+        }
+    }
+
+    /// Why the decoder stopped taking bytes, once it has.
+    pub fn overflow(&self) -> Option<Overflow> {
+        self.overflow
+    }
+
+    /// Pass a limit: drop everything held, take nothing more.
+    fn overflowed(&mut self, why: Overflow) {
+        self.overflow = Some(why);
+        self.buf = BytesMut::new();
+        self.scanned = 0;
+        self.name = None;
+        self.data = Data::None;
+    }
+
     /// About `additional` bytes are coming: grow once for them.
     pub fn reserve(&mut self, additional: usize) {
+        if self.overflow.is_some() {
+            return;
+        }
         if self.buf.is_empty() && self.buf.capacity() < additional {
             // Nothing pending: a buffer of just this size. Growing the old
             // one (which earlier events still share) would allocate at
@@ -79,6 +149,13 @@ impl SseDecoder {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
+        if self.overflow.is_some() {
+            return;
+        }
+        self.fed = self.fed.saturating_add(chunk.len() as u64);
+        if self.fed > self.max_total {
+            return self.overflowed(Overflow::Answer(self.max_total));
+        }
         if self.buf.capacity() == 0 {
             self.buf.reserve(INITIAL_BUFFER.max(chunk.len()));
         }
@@ -125,8 +202,16 @@ impl SseDecoder {
         }
         let Some(at) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scanned..]) else {
             self.scanned = self.buf.len();
+            // What is left is one unfinished line.
+            if self.buf.len() > self.max_event {
+                self.overflowed(Overflow::Event(self.max_event));
+            }
             return None;
         };
+        if self.scanned + at > self.max_event {
+            self.overflowed(Overflow::Event(self.max_event));
+            return None;
+        }
         let len = self.scanned + at;
         self.scanned = 0;
         Some(len)
@@ -171,6 +256,11 @@ impl SseDecoder {
                     joined.put_slice(&value);
                     Data::Many(joined)
                 }
+            };
+            if let Data::Many(joined) = &self.data
+                && joined.len() > self.max_event
+            {
+                self.overflowed(Overflow::Event(self.max_event));
             }
         } else {
             self.name = Some(value);
@@ -298,6 +388,56 @@ mod tests {
     }
 
     #[test]
+    fn a_line_without_end_stops_at_the_limit() {
+        let mut d = SseDecoder::with_limits(1024, u64::MAX);
+        d.feed(b"data: a\n\n");
+        assert!(d.next_event().is_some());
+        for _ in 0..100 {
+            d.feed(&[b'x'; 100]);
+            assert!(d.next_event().is_none());
+        }
+        assert_eq!(d.overflow(), Some(Overflow::Event(1024)));
+        assert!(
+            d.buf.capacity() < 4096,
+            "the decoder kept {} bytes",
+            d.buf.capacity()
+        );
+        d.feed(b"\n\ndata: b\n\n");
+        assert!(
+            d.next_event().is_none(),
+            "nothing is taken after an overflow"
+        );
+    }
+
+    #[test]
+    fn a_long_line_in_one_read_and_many_data_lines_overflow() {
+        let mut d = SseDecoder::with_limits(1024, u64::MAX);
+        let mut long = b"data: ".to_vec();
+        long.extend([b'y'; 2000]);
+        long.extend(b"\n\n");
+        d.feed(&long);
+        assert!(d.next_event().is_none());
+        assert_eq!(d.overflow(), Some(Overflow::Event(1024)));
+        let mut d = SseDecoder::with_limits(1024, u64::MAX);
+        for _ in 0..50 {
+            d.feed(b"data: 0123456789012345678901234567890123456789\n");
+        }
+        assert!(d.next_event().is_none());
+        assert_eq!(d.overflow(), Some(Overflow::Event(1024)));
+    }
+
+    #[test]
+    fn the_whole_answer_is_capped() {
+        let mut d = SseDecoder::with_limits(1024, 100);
+        d.feed(b"data: 0123456789\n\n");
+        assert!(d.next_event().is_some());
+        for _ in 0..10 {
+            d.feed(b"data: 0123456789\n\n");
+        }
+        assert_eq!(d.overflow(), Some(Overflow::Answer(100)));
+    }
+
+    #[test]
     fn frames() {
         let mut out = BytesMut::new();
         write_frame(
@@ -319,5 +459,68 @@ mod tests {
             },
         );
         assert_eq!(&out[..], b"id: 4\nevent: ping\ndata: a\ndata: b\n\n");
+    }
+
+    // Fuzz smoke (proptest: only the stable toolchain is available, so no
+    // `cargo fuzz`): bounded cases, seconds in CI.
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn events(input: &[u8], cuts: &[usize], limits: (usize, u64)) -> (Vec<SseEvent>, usize) {
+            let mut d = SseDecoder::with_limits(limits.0, limits.1);
+            let mut out = Vec::new();
+            let mut most = 0;
+            let mut at = 0;
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(input.len());
+            for cut in cuts {
+                d.feed(&input[at..cut.max(at)]);
+                at = cut.max(at);
+                while let Some(e) = d.next_event() {
+                    out.push(e);
+                }
+                most = most.max(d.buf.len());
+            }
+            (out, most)
+        }
+
+        /// Bytes that look like an event stream more often than noise does.
+        fn stream_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"data: ".to_vec()),
+                Just(b"event: x\n".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b": c\n".to_vec()),
+                Just(b"\xEF\xBB\xBF".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ];
+            proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_split_gives_the_same_events(input in stream_bytes(), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+                let (whole, _) = events(&input, &[], (usize::MAX, u64::MAX));
+                let (split, _) = events(&input, &cuts, (usize::MAX, u64::MAX));
+                prop_assert_eq!(whole, split);
+            }
+
+            #[test]
+            fn limits_bound_what_is_held(input in proptest::collection::vec(any::<u8>(), 0..4096), cuts in proptest::collection::vec(any::<usize>(), 0..16)) {
+                let (_, most) = events(&input, &cuts, (64, 2048));
+                // At most one line over the limit, plus one read.
+                prop_assert!(most <= 64 + input.len().min(4096));
+                let mut d = SseDecoder::with_limits(64, 2048);
+                d.feed(&input);
+                while d.next_event().is_some() {}
+                prop_assert!(d.overflow().is_some() || d.buf.len() <= 64);
+            }
+        }
     }
 }

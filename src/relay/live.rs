@@ -51,6 +51,8 @@ struct LiveState {
     detail: Option<String>,
     /// The provider's headers the first client's response carries.
     headers: axum::http::HeaderMap,
+    /// This run's place under the stream limits, given back at its end.
+    permit: Option<StreamPermit>,
 }
 
 impl LiveStream {
@@ -89,13 +91,23 @@ impl LiveStream {
         self.changed.send_replace(());
     }
 
+    /// Count this run under the stream limits until it ends.
+    pub fn hold(&self, permit: StreamPermit) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.permit = Some(permit);
+        }
+    }
+
     /// The pump says how the stream ended. Only the first end counts.
     pub fn finish(&self, end: End) {
         let mut state = self.lock();
         if state.end.is_none() {
             state.end = Some(end);
         }
+        let permit = state.permit.take();
         drop(state);
+        drop(permit);
         self.changed.send_replace(());
     }
 
@@ -209,6 +221,89 @@ impl Drop for Subscription {
     }
 }
 
+/// How many streams may run at once: in this process, and per client key.
+pub struct StreamLimits {
+    max: usize,
+    /// `None` on an open gateway, where every client is `anonymous`.
+    per_key: Option<usize>,
+    running: Mutex<Running>,
+}
+
+#[derive(Default)]
+struct Running {
+    total: usize,
+    by_owner: HashMap<String, usize>,
+}
+
+/// Why a stream may not start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The process runs `max` streams.
+    Process,
+    /// The client key runs this many streams, its limit.
+    Key(usize),
+}
+
+/// A place under the [`StreamLimits`]; dropping it gives the place back.
+pub struct StreamPermit {
+    limits: Arc<StreamLimits>,
+    owner: String,
+}
+
+impl StreamLimits {
+    pub fn new(max: usize, per_key: Option<usize>) -> StreamLimits {
+        StreamLimits {
+            max,
+            per_key,
+            running: Mutex::new(Running::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Running> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A place for a new stream of `owner`, if one is free.
+    pub fn acquire(self: &Arc<Self>, owner: &str) -> Result<StreamPermit, Refusal> {
+        let mut running = self.lock();
+        if running.total >= self.max {
+            return Err(Refusal::Process);
+        }
+        if let Some(per_key) = self.per_key {
+            let mine = running.by_owner.get(owner).copied().unwrap_or(0);
+            if mine >= per_key {
+                return Err(Refusal::Key(per_key));
+            }
+        }
+        running.total += 1;
+        *running.by_owner.entry(owner.to_owned()).or_default() += 1;
+        Ok(StreamPermit {
+            limits: self.clone(),
+            owner: owner.to_owned(),
+        })
+    }
+
+    /// Streams counted now.
+    pub fn running(&self) -> usize {
+        self.lock().total
+    }
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut running = self.limits.lock();
+        running.total = running.total.saturating_sub(1);
+        if let Some(n) = running.by_owner.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                running.by_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
 /// Every stream this process runs, by id.
 #[derive(Default)]
 pub struct Registry {
@@ -309,6 +404,35 @@ mod tests {
         assert_eq!(after(6), (7, "id: 7\ndata: x\n\n".into()));
         assert_eq!(after(7), (7, String::new()));
         assert_eq!(after(99), (99, String::new()));
+    }
+
+    #[test]
+    fn stream_limits_count_per_process_and_per_key() {
+        let limits = Arc::new(StreamLimits::new(3, Some(2)));
+        let a1 = limits.acquire("a").unwrap();
+        let _a2 = limits.acquire("a").unwrap();
+        assert_eq!(limits.acquire("a").err(), Some(Refusal::Key(2)));
+        let _b1 = limits.acquire("b").unwrap();
+        assert_eq!(limits.acquire("c").err(), Some(Refusal::Process));
+        drop(a1);
+        assert_eq!(limits.running(), 2);
+        let _a3 = limits.acquire("a").unwrap();
+        let open = Arc::new(StreamLimits::new(10, None));
+        let held: Vec<_> = (0..10)
+            .map(|_| open.acquire("anonymous").unwrap())
+            .collect();
+        assert_eq!(held.len(), 10);
+        assert_eq!(open.acquire("anonymous").err(), Some(Refusal::Process));
+    }
+
+    #[test]
+    fn a_run_gives_its_place_back_when_it_ends() {
+        let limits = Arc::new(StreamLimits::new(1, None));
+        let l = live(DisconnectPolicy::Cancel);
+        l.hold(limits.acquire("o").unwrap());
+        assert!(limits.acquire("o").is_err());
+        l.finish(End::Done);
+        assert!(limits.acquire("o").is_ok());
     }
 
     #[test]

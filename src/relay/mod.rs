@@ -34,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::config::DisconnectPolicy;
+use crate::config::{DisconnectPolicy, LimitsConfig};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::protocol::Protocol;
@@ -43,7 +43,7 @@ use crate::stream::{AbortKind, End, Event, StreamRecord};
 use crate::token::TokenSigner;
 use crate::upstream::{UpstreamError, Upstreams};
 pub use end::StreamIdentity;
-use live::{LiveStream, Registry, Subscription};
+use live::{LiveStream, Refusal, Registry, StreamLimits, StreamPermit, Subscription};
 use subscriber::Follow;
 
 /// What a client's stream needs from the configuration.
@@ -55,6 +55,11 @@ pub struct Settings {
     pub on_client_disconnect: DisconnectPolicy,
     /// The `retry:` hint on resume streams.
     pub retry_hint: Duration,
+    /// What a peer may make a stream hold.
+    pub limits: LimitsConfig,
+    /// Whether clients are told apart by key (`[auth]` keys are set), so
+    /// `limits.max_streams_per_key` applies.
+    pub keyed: bool,
 }
 
 /// Everything a stream's life needs, built once at start-up and shared by
@@ -62,6 +67,8 @@ pub struct Settings {
 pub struct Relay {
     pub store: SharedStore,
     pub registry: Registry,
+    /// How many streams may run at once, per process and per key.
+    pub stream_limits: Arc<StreamLimits>,
     pub metrics: Metrics,
     pub upstreams: Upstreams,
     pub signer: TokenSigner,
@@ -90,6 +97,13 @@ pub enum RelayError {
     /// The drain has passed `pre_stop_delay`: no new provider calls.
     #[error("the gateway is draining and accepts no new streams; retry on another instance")]
     Draining,
+    /// This process runs as many streams as `limits.max_streams` allows.
+    #[error("the gateway runs as many streams as it may; retry shortly")]
+    TooManyStreams,
+    /// This client key runs as many streams as `limits.max_streams_per_key`
+    /// allows.
+    #[error("this API key runs as many concurrent streams as it may ({0}); retry once one ends")]
+    TooManyStreamsForKey(usize),
     /// The drain deadline came first.
     #[error("the gateway is restarting; retry the request")]
     ServerRestarting,
@@ -184,6 +198,12 @@ impl Relay {
         Relay {
             store,
             registry: Registry::default(),
+            stream_limits: Arc::new(StreamLimits::new(
+                settings.limits.max_streams,
+                settings
+                    .keyed
+                    .then_some(settings.limits.max_streams_per_key),
+            )),
             metrics: Metrics::default(),
             upstreams,
             signer,
@@ -202,6 +222,16 @@ impl Relay {
             self.metrics.rejected_draining.inc();
             Err(RelayError::Draining)
         }
+    }
+
+    /// A place for a new stream of `owner` under the stream limits.
+    fn stream_permit(&self, owner: &str) -> Result<StreamPermit, RelayError> {
+        self.stream_limits
+            .acquire(owner)
+            .map_err(|refusal| match refusal {
+                Refusal::Process => RelayError::TooManyStreams,
+                Refusal::Key(n) => RelayError::TooManyStreamsForKey(n),
+            })
     }
 
     fn identity(

@@ -8,7 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
 
 use super::{Relay, RelayError};
-use crate::upstream::{TransportError, Upstream, UpstreamError, passed_headers};
+use crate::upstream::{
+    ReadAtMostError, TransportError, Upstream, UpstreamError, passed_headers, read_at_most,
+};
 
 /// A provider's whole answer.
 pub struct Answer {
@@ -41,16 +43,26 @@ impl Relay {
             let headers = passed_headers(response.headers());
             let name = || upstream.config.name.clone();
             let after = upstream.config.idle_timeout;
-            let body = match tokio::time::timeout(after, response.bytes()).await {
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) => {
+            // Read while it fits in `limits.max_answer_bytes`: a larger
+            // answer is refused, not held.
+            let limit = self.settings.limits.max_answer_bytes;
+            let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+            let body = match read_at_most(response, cap, after).await {
+                Ok((_, true)) => {
+                    return Err(UpstreamError::TooLarge {
+                        upstream: name(),
+                        limit,
+                    });
+                }
+                Ok((body, false)) => body,
+                Err(ReadAtMostError::Transport(e)) => {
                     // The head came: the provider failed while sending.
                     return Err(UpstreamError::Body {
                         upstream: name(),
                         source: TransportError::Pooled(e),
                     });
                 }
-                Err(_) => {
+                Err(ReadAtMostError::Timeout) => {
                     return Err(UpstreamError::Timeout {
                         upstream: name(),
                         after,

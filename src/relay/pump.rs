@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::live::LiveStream;
 use super::{Relay, RelayError};
-use crate::protocol::sse::{SseDecoder, SseEvent};
+use crate::protocol::sse::{Overflow, SseDecoder, SseEvent};
 use crate::protocol::{Continuation, Hold, Leg, Protocol, Splice, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
@@ -52,6 +52,8 @@ fn announce(started: &mut Option<Started>) {
 enum ReadError {
     Stalled,
     Failed(TransportError),
+    /// Past `limits.max_event_bytes` or `limits.max_answer_bytes`.
+    TooLarge(Overflow),
 }
 
 /// Why a pump could not start relaying.
@@ -386,7 +388,8 @@ impl Pump {
         let hold = tokio::time::sleep(FIRST_EVENT_HOLD);
         tokio::pin!(hold);
         let token = &self.live.token;
-        let mut decoder = SseDecoder::default();
+        let limits = &self.relay.settings.limits;
+        let mut decoder = SseDecoder::with_limits(limits.max_event_bytes, limits.max_answer_bytes);
         let stall = tokio::time::sleep(idle);
         tokio::pin!(stall);
         let mut last_read = tokio::time::Instant::now();
@@ -400,12 +403,28 @@ impl Pump {
             // wake-up for the lot (a read brings a whole burst).
             let mut step = None;
             let mut full = false;
+            let mut alive = false;
             while let Some(event) = decoder.next_event() {
+                alive = true;
                 step = self.step(Some(Ok(event)), flow, &mut batch);
                 full = batch.len() >= MAX_BATCH;
                 if step.is_some() || full {
                     break;
                 }
+            }
+            // Only an event counts as the provider being alive: a byte a
+            // second, or `: keepalive` comments, do not.
+            if alive {
+                last_read = tokio::time::Instant::now();
+            }
+            // A line, an event or the answer past its limit: the decoder
+            // took nothing more, and the stream ends here.
+            if step.is_none()
+                && !full
+                && failure.is_none()
+                && let Some(overflow) = decoder.overflow()
+            {
+                failure = Some(ReadError::TooLarge(overflow));
             }
             // The body's end or failure counts once what came before it is in.
             if step.is_none() && !full {
@@ -465,10 +484,7 @@ impl Pump {
             let read = tokio::select! {
                 biased;
                 _ = token.cancelled() => return (Stop::End(End::Abort(self.live.cancel_reason())), false),
-                read = body.read(&mut decoder) => {
-                    last_read = tokio::time::Instant::now();
-                    read.map_err(ReadError::Failed)
-                }
+                read = body.read(&mut decoder) => read.map_err(ReadError::Failed),
                 _ = &mut hold, if started.is_some() => {
                     announce(started);
                     continue;
@@ -520,6 +536,12 @@ impl Pump {
             }
             Some(Err(ReadError::Failed(e))) => {
                 return failed("upstream failed mid-stream", e.to_string());
+            }
+            Some(Err(ReadError::TooLarge(overflow))) => {
+                return failed(
+                    "upstream sent more than the limits allow",
+                    overflow.to_string(),
+                );
             }
             Some(Ok(event)) => event,
         };

@@ -65,6 +65,9 @@ impl Relay {
                 return Box::pin(self.join(&existing.stream_id, &new.owner)).await;
             }
         }
+        // An idempotent retry joins the stream its key started; a new
+        // stream needs a place under the limits.
+        let permit = self.stream_permit(&new.owner)?;
         let now = now_ms();
         let record = StreamRecord {
             id: id.clone(),
@@ -82,6 +85,7 @@ impl Relay {
         };
         let who = self.identity(&id, &new.owner, new.protocol, new.continuable);
         let live = self.new_live(who.clone(), &new.owner, 0);
+        live.hold(permit);
         // In the registry before the record exists: whoever finds the record
         // (an idempotent retry) finds this run too, and never starts another.
         self.registry.get_or_insert(&id, || live.clone());

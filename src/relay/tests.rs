@@ -114,6 +114,8 @@ async fn relay(store: Arc<Counting>) -> Arc<Relay> {
         heartbeat: Duration::from_secs(15),
         on_client_disconnect: DisconnectPolicy::Cancel,
         retry_hint: Duration::from_secs(2),
+        limits: crate::config::LimitsConfig::default(),
+        keyed: false,
     };
     Arc::new(Relay::new(
         store,

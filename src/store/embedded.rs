@@ -68,6 +68,10 @@ struct Write {
 }
 
 pub struct EmbeddedStore {
+    /// Held from an idempotency key's read to its write, so that of many
+    /// concurrent claims of one key exactly one wins (claims are rare:
+    /// one lock for all keys is enough).
+    claims: tokio::sync::Mutex<()>,
     db: Database,
     streams: Keyspace,
     status: Keyspace,
@@ -113,6 +117,14 @@ fn pair_key(a: &str, b: &str) -> Vec<u8> {
 
 impl EmbeddedStore {
     pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
+        // The store holds every prompt and answer: what this process
+        // creates is for its own user only (files 0600, directories 0700).
+        #[cfg(unix)]
+        // SAFETY: umask only sets the process's file-creation mask; it
+        // cannot fail and touches no memory.
+        unsafe {
+            libc::umask(0o077);
+        }
         std::fs::create_dir_all(path).map_err(io_at("create", path))?;
         let db = Database::builder(path.join("db"))
             // One background thread for flushes and compactions: with two,
@@ -157,7 +169,9 @@ impl EmbeddedStore {
                 context: "cannot start the store writer thread".into(),
                 source,
             })?;
+        restrict_permissions(path)?;
         Ok(EmbeddedStore {
+            claims: tokio::sync::Mutex::new(()),
             db,
             streams,
             status,
@@ -181,42 +195,48 @@ impl EmbeddedStore {
                 source,
             })
     }
+}
 
-    fn read_record(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        match self
-            .streams
-            .get(stream_id)
-            .map_err(engine("cannot read a stream record"))?
-        {
-            Some(bytes) => self.with_status(stream_id, &bytes).map(Some),
-            None => Ok(None),
-        }
+fn read_record(
+    streams: &Keyspace,
+    status: &Keyspace,
+    stream_id: &str,
+) -> Result<Option<StreamRecord>, StoreError> {
+    match streams
+        .get(stream_id)
+        .map_err(engine("cannot read a stream record"))?
+    {
+        Some(bytes) => with_status(status, stream_id, &bytes).map(Some),
+        None => Ok(None),
     }
+}
 
-    /// A stored record with its latest status applied.
-    fn with_status(&self, stream_id: &str, record: &[u8]) -> Result<StreamRecord, StoreError> {
-        let mut record: StreamRecord =
-            serde_json::from_slice(record).map_err(|source| StoreError::Decode {
-                what: "stream record",
+/// A stored record with its latest status applied.
+fn with_status(
+    status: &Keyspace,
+    stream_id: &str,
+    record: &[u8],
+) -> Result<StreamRecord, StoreError> {
+    let mut record: StreamRecord =
+        serde_json::from_slice(record).map_err(|source| StoreError::Decode {
+            what: "stream record",
+            source,
+        })?;
+    if let Some(bytes) = status
+        .get(stream_id)
+        .map_err(engine("cannot read a stream's status"))?
+    {
+        let latest: StatusRecord =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
+                what: "stream status",
                 source,
             })?;
-        if let Some(bytes) = self
-            .status
-            .get(stream_id)
-            .map_err(engine("cannot read a stream's status"))?
-        {
-            let latest: StatusRecord =
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
-                    what: "stream status",
-                    source,
-                })?;
-            record.status = latest.status;
-            record.reason = latest.reason;
-            record.updated_ms = latest.updated_ms;
-            record.instance = latest.instance;
-        }
-        Ok(record)
+        record.status = latest.status;
+        record.reason = latest.reason;
+        record.updated_ms = latest.updated_ms;
+        record.instance = latest.instance;
     }
+    Ok(record)
 }
 
 /// The group commit: take one write, then everything else already waiting
@@ -258,6 +278,58 @@ fn writer_loop(
     let _ = db.persist(PersistMode::SyncAll);
 }
 
+/// The removals of every expired stream and idempotency key, and how many
+/// streams they remove. A full scan: run it off the async workers.
+fn expired_ops(
+    streams: &Keyspace,
+    status: &Keyspace,
+    batches: &Keyspace,
+    idempotency: &Keyspace,
+    ttl_ms: u64,
+) -> Result<(Vec<Op>, usize), StoreError> {
+    let now = now_ms();
+    let mut ops = Vec::new();
+    let mut gone = 0;
+    for guard in streams.iter() {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(engine("cannot scan the stream records"))?;
+        let id = std::str::from_utf8(&key).unwrap_or_default();
+        let expired = match with_status(status, id, &value) {
+            Ok(record) => record.updated_ms + ttl_ms <= now,
+            Err(_) => true,
+        };
+        if expired {
+            gone += 1;
+            let mut prefix = key.to_vec();
+            prefix.push(0);
+            for batch in batches.prefix(&prefix) {
+                ops.push(Op::Remove(
+                    Space::Batches,
+                    batch
+                        .key()
+                        .map_err(engine("cannot scan a stream's event batches"))?
+                        .to_vec(),
+                ));
+            }
+            ops.push(Op::Remove(Space::Streams, key.to_vec()));
+            ops.push(Op::Remove(Space::Status, key.to_vec()));
+        }
+    }
+    for guard in idempotency.iter() {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(engine("cannot scan the idempotency keys"))?;
+        let expired = serde_json::from_slice::<(IdempotencyEntry, u64)>(&value)
+            .map(|(_, at)| at + ttl_ms <= now)
+            .unwrap_or(true);
+        if expired {
+            ops.push(Op::Remove(Space::Idempotency, key.to_vec()));
+        }
+    }
+    Ok((ops, gone))
+}
+
 /// The write of one append: the batch under its last seq.
 fn batch_op(stream_id: &str, events: &[Event]) -> Option<Op> {
     let last = events.last()?;
@@ -283,6 +355,44 @@ fn status_op(
     };
     let value = serde_json::to_vec(&latest).map_err(StoreError::Encode)?;
     Ok(Op::Put(Space::Status, stream_id.as_bytes().to_vec(), value))
+}
+
+/// Take group and other permissions off the store's directory and
+/// everything in it (a store made by an older version, or under a looser
+/// umask, was readable by every local user).
+fn restrict_permissions(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut pending = vec![dir.to_owned()];
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path).map_err(io_at("inspect", &path))?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                    .map_err(io_at("restrict the permissions of", &path))?;
+            }
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(&path).map_err(io_at("list", &path))? {
+                    pending.push(entry.map_err(io_at("list", &path))?.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run a read of the store off the async workers: an LSM read may touch
+/// the disk, and a worker thread blocked on it holds every stream it runs.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(StoreError::FlushTask)?
 }
 
 fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
@@ -348,25 +458,30 @@ impl Store for EmbeddedStore {
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        Ok(self
-            .read_record(stream_id)?
-            .filter(|r| r.updated_ms + self.ttl_ms > now_ms()))
+        let (streams, status, ttl_ms) = (self.streams.clone(), self.status.clone(), self.ttl_ms);
+        let id = stream_id.to_owned();
+        let record = blocking(move || read_record(&streams, &status, &id)).await?;
+        Ok(record.filter(|r| r.updated_ms + ttl_ms > now_ms()))
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
         let start = event_key(stream_id, after.saturating_add(1));
         let end = event_key(stream_id, u64::MAX);
-        let mut out = Vec::new();
-        for guard in self.batches.range(start..=end) {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(engine("cannot read a stream's event batches"))?;
-            let last: [u8; 8] = key[key.len().saturating_sub(8)..]
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
-            out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
-        }
-        Ok(out)
+        let batches = self.batches.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for guard in batches.range(start..=end) {
+                let (key, value) = guard
+                    .into_inner()
+                    .map_err(engine("cannot read a stream's event batches"))?;
+                let last: [u8; 8] = key[key.len().saturating_sub(8)..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
+                out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn claim_idempotency(
@@ -376,10 +491,16 @@ impl Store for EmbeddedStore {
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         let k = pair_key(owner, key);
-        if let Some(bytes) = self
-            .idempotency
-            .get(&k)
-            .map_err(engine("cannot read an idempotency key"))?
+        // From the read to the write: one claim at a time.
+        let _claiming = self.claims.lock().await;
+        let (idempotency, read_key) = (self.idempotency.clone(), k.clone());
+        let stored = blocking(move || {
+            idempotency
+                .get(&read_key)
+                .map_err(engine("cannot read an idempotency key"))
+        })
+        .await?;
+        if let Some(bytes) = stored
             && let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes)
             && at + self.ttl_ms > now_ms()
         {
@@ -410,46 +531,16 @@ impl Store for EmbeddedStore {
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
-        let now = now_ms();
-        let mut ops = Vec::new();
-        let mut gone = 0;
-        for guard in self.streams.iter() {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(engine("cannot scan the stream records"))?;
-            let id = std::str::from_utf8(&key).unwrap_or_default();
-            let expired = match self.with_status(id, &value) {
-                Ok(record) => record.updated_ms + self.ttl_ms <= now,
-                Err(_) => true,
-            };
-            if expired {
-                gone += 1;
-                let mut prefix = key.to_vec();
-                prefix.push(0);
-                for batch in self.batches.prefix(&prefix) {
-                    ops.push(Op::Remove(
-                        Space::Batches,
-                        batch
-                            .key()
-                            .map_err(engine("cannot scan a stream's event batches"))?
-                            .to_vec(),
-                    ));
-                }
-                ops.push(Op::Remove(Space::Streams, key.to_vec()));
-                ops.push(Op::Remove(Space::Status, key.to_vec()));
-            }
-        }
-        for guard in self.idempotency.iter() {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(engine("cannot scan the idempotency keys"))?;
-            let expired = serde_json::from_slice::<(IdempotencyEntry, u64)>(&value)
-                .map(|(_, at)| at + self.ttl_ms <= now)
-                .unwrap_or(true);
-            if expired {
-                ops.push(Op::Remove(Space::Idempotency, key.to_vec()));
-            }
-        }
+        let (streams, status, batches, idempotency) = (
+            self.streams.clone(),
+            self.status.clone(),
+            self.batches.clone(),
+            self.idempotency.clone(),
+        );
+        let ttl_ms = self.ttl_ms;
+        let (ops, gone) =
+            blocking(move || expired_ops(&streams, &status, &batches, &idempotency, ttl_ms))
+                .await?;
         if !ops.is_empty() {
             self.write(ops).await?;
         }
@@ -557,6 +648,82 @@ mod tests {
         assert!(
             store.streams.get("s1").unwrap().is_none() && store.status.get("s1").unwrap().is_none()
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_of_one_key_have_one_winner() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        let store =
+            Arc::new(EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap());
+        for round in 0..5 {
+            let tasks = tokio_util::task::TaskTracker::new();
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let store = store.clone();
+                    tasks.spawn(async move {
+                        let entry = IdempotencyEntry {
+                            stream_id: format!("s{i}"),
+                            body_hash: "h".into(),
+                        };
+                        store
+                            .claim_idempotency("o", &format!("k{round}"), &entry)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut winners = 0;
+            let mut seen = std::collections::HashSet::new();
+            for h in handles {
+                match h.await.unwrap() {
+                    None => winners += 1,
+                    Some(existing) => {
+                        seen.insert(existing.stream_id);
+                    }
+                }
+            }
+            assert_eq!(winners, 1, "round {round}: {winners} claims won");
+            assert_eq!(seen.len(), 1, "every loser sees the one winner");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn files_are_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        // A store left by an older version, readable by everyone.
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("old"), b"x").unwrap();
+        std::fs::set_permissions(dir.join("old"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap();
+        store.create(&record("p1")).await.unwrap();
+        store.append("p1", &[event(1)]).await.unwrap();
+        store.flush().await.unwrap();
+        let mut pending = vec![dir.clone()];
+        let mut checked = 0;
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+            checked += 1;
+            if meta.is_dir() {
+                for e in std::fs::read_dir(&path).unwrap() {
+                    pending.push(e.unwrap().path());
+                }
+            }
+        }
+        assert!(checked > 4, "only {checked} paths");
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

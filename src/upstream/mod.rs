@@ -161,6 +161,9 @@ pub enum UpstreamError {
     },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
     Timeout { upstream: String, after: Duration },
+    /// A non-streaming answer larger than `limits.max_answer_bytes`.
+    #[error("upstream `{upstream}` answered with more than {limit} bytes")]
+    TooLarge { upstream: String, limit: u64 },
     /// The provider answered with an error status; its body and the
     /// headers a client is shown (`retry-after`, request id) are passed on.
     #[error("upstream `{upstream}` answered {status}")]
@@ -326,11 +329,11 @@ impl Upstream {
         if !response.status().is_success() {
             let status = response.status();
             let headers = passed_headers(response.headers());
-            // Read a bounded amount of the error body, within the same budget.
-            let body = tokio::time::timeout(ERROR_BODY_WAIT, response.bytes())
+            // Read a bounded amount of the error body, within the same
+            // budget; the rest is never read (the connection is dropped).
+            let body = read_at_most(response, ERROR_BODY_LIMIT, ERROR_BODY_WAIT)
                 .await
-                .ok()
-                .and_then(Result::ok)
+                .map(|(body, _)| body)
                 .unwrap_or_default();
             return Err(self.status_error(status, body, headers));
         }
@@ -375,12 +378,14 @@ impl Upstream {
             Ok(Ok(r)) => r,
         };
         if !response.status.is_success() {
-            let body =
-                tokio::time::timeout(ERROR_BODY_WAIT, response.body.read_to_end(ERROR_BODY_LIMIT))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+            let body = tokio::time::timeout(
+                ERROR_BODY_WAIT,
+                response.body.read_at_most(ERROR_BODY_LIMIT),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
             return Err(self.status_error(response.status, body, response.headers));
         }
         Ok(StreamResponse {
@@ -389,6 +394,38 @@ impl Upstream {
             body: StreamBody::Direct(response.body),
         })
     }
+}
+
+/// Read `response`'s body up to `limit` bytes, within `wait`; returns the
+/// bytes and whether there was more (which is left unread).
+pub async fn read_at_most(
+    mut response: reqwest::Response,
+    limit: usize,
+    wait: Duration,
+) -> Result<(Bytes, bool), ReadAtMostError> {
+    let read = async {
+        let mut out = bytes::BytesMut::new();
+        while let Some(chunk) = response.chunk().await? {
+            let room = limit - out.len();
+            if chunk.len() > room {
+                out.extend_from_slice(&chunk[..room]);
+                return Ok((out.freeze(), true));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok((out.freeze(), false))
+    };
+    match tokio::time::timeout(wait, read).await {
+        Ok(result) => result.map_err(ReadAtMostError::Transport),
+        Err(_) => Err(ReadAtMostError::Timeout),
+    }
+}
+
+/// Why [`read_at_most`] did not read a body.
+#[derive(Debug)]
+pub enum ReadAtMostError {
+    Transport(reqwest::Error),
+    Timeout,
 }
 
 /// How long, and how much of, a provider's error body is read to pass on.

@@ -27,7 +27,11 @@ impl Drop for Redis {
 
 impl Redis {
     pub async fn start(dir: &Path) -> Redis {
-        let port = free_port();
+        Redis::start_on(dir, free_port()).await
+    }
+
+    /// On `port` (a restart of one that was stopped).
+    pub async fn start_on(dir: &Path, port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -409,7 +413,9 @@ async fn redis_failures_are_loud() {
         .and_then(SseEvent::error)
         .expect("an abort event, not a silent cut");
     assert_eq!(error["type"], "store_failed");
-    assert_eq!(error["resume"], false);
+    // What the client was sent is in the store: once it is back, a resume
+    // can continue from there.
+    assert_eq!(error["resume"], true);
     assert_eq!(
         mock.wait_for("requests_cancelled", 1, Duration::from_secs(3))
             .await,
@@ -425,4 +431,22 @@ async fn redis_failures_are_loud() {
     assert_eq!(r.status().as_u16(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "store_unavailable");
+
+    // Redis back on its port: new streams work again, without restarting
+    // the gateway.
+    let _redis = Redis::start_on(&dir, redis.port).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(5, 0, "back")).await;
+        if sse.status == 200 {
+            let events = sse.rest().await;
+            assert!(events.last().is_some_and(SseEvent::is_done), "{events:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "new streams still fail 10 s after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
