@@ -24,12 +24,13 @@ pub const MAX_CHOICES: usize = 8;
 pub const STYLES: [&str; 3] = ["continue_final_message", "prefix", "assistant_prefix"];
 
 /// Models that refuse assistant prefill, as Claude 4.6 and later do.
-const NO_PREFILL: [&str; 5] = [
+const NO_PREFILL: [&str; 6] = [
     "claude-opus-4-6*",
     "claude-sonnet-4-6*",
     "claude-haiku-4-6*",
     "claude-*-4-7*",
-    "claude-*-5*",
+    "claude-opus-5*",
+    "claude-sonnet-5*",
 ];
 
 const PREFILL_REFUSED: &str = "This model does not support assistant message prefill. The conversation must end with a user message.";
