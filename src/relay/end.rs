@@ -41,15 +41,23 @@ pub fn abort_object(
     last_event_id: u64,
     detail: Option<&str>,
 ) -> serde_json::Value {
+    let resume = kind.resumable() && who.continuable;
+    let base = if kind.resumable() && !resume {
+        // Never "resume this stream" when a resume could only replay.
+        let what = kind.message().split(';').next().unwrap_or_default();
+        format!("{what}; this upstream does not continue interrupted answers (continuation = \"none\")")
+    } else {
+        kind.message().to_owned()
+    };
     let message = match detail {
-        Some(detail) => format!("{}: {detail}", kind.message()),
-        None => kind.message().to_owned(),
+        Some(detail) => format!("{base}: {detail}"),
+        None => base,
     };
     json!({
         "type": kind.as_str(),
         "code": kind.as_str(),
         "message": message,
-        "resume": kind.resumable() && who.continuable,
+        "resume": resume,
         "stream_id": who.id,
         "resume_token": who.resume_token,
         "last_event_id": last_event_id.to_string(),
