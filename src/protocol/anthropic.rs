@@ -260,6 +260,7 @@ impl Wire for AnthropicMessages {
             drop_thinking: has_thinking,
             pending: None,
             started: partial.choices.first().is_some_and(|c| c.started),
+            used: partial.tokens(),
             map: HashMap::new(),
             overlap: None,
             overlap_block: None,
@@ -442,6 +443,8 @@ struct BlockSplice {
     pending: Option<Value>,
     /// The client holds the message's start (`message_start` not sent again).
     started: bool,
+    /// Tokens generated before the cut: the message's usage counts them too.
+    used: u64,
 }
 
 fn with_index(mut v: Value, index: u32) -> Bytes {
@@ -573,7 +576,18 @@ impl Splice for BlockSplice {
             }
             "message_delta" => {
                 self.close_open(out);
-                out.push((name, event.data));
+                // The whole message's output, as an uncut answer reports it.
+                let data = match serde_json::from_slice::<Value>(&event.data) {
+                    Ok(mut v) => match v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                        Some(n) => {
+                            v["usage"]["output_tokens"] = json!(n + self.used);
+                            Bytes::from(v.to_string())
+                        }
+                        None => event.data,
+                    },
+                    Err(_) => event.data,
+                };
+                out.push((name, data));
             }
             _ => out.push((name, event.data)),
         }

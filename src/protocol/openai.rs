@@ -222,6 +222,7 @@ impl Wire for OpenAiChat {
                 reasoning: Reasoning::Drop,
                 overlap: None,
                 keep_usage: false,
+                used: partial.tokens(),
             };
             if c.content.is_empty() {
                 // No answer text yet: ask again; a regenerated reasoning is
@@ -395,6 +396,8 @@ struct ChunkSplice {
     overlap: Option<Overlap>,
     /// Relay the usage chunk (the last request only).
     keep_usage: bool,
+    /// Tokens generated before the cut: the usage chunk counts them too.
+    used: u64,
 }
 
 impl Splice for ChunkSplice {
@@ -411,8 +414,16 @@ impl Splice for ChunkSplice {
             return;
         };
         if choices.is_empty() {
-            // The usage chunk.
+            // The usage chunk: the whole answer's output, as an uncut one
+            // reports it.
             if self.keep_usage {
+                if let Some(usage) = chunk.get_mut("usage").and_then(Value::as_object_mut) {
+                    for key in ["completion_tokens", "total_tokens"] {
+                        if let Some(n) = usage.get(key).and_then(Value::as_u64) {
+                            usage.insert(key.into(), json!(n + self.used));
+                        }
+                    }
+                }
                 out.push((None, Bytes::from(Value::Object(chunk).to_string())));
             }
             return;

@@ -45,7 +45,9 @@ pub fn abort_object(
     let base = if kind.resumable() && !resume {
         // Never "resume this stream" when a resume could only replay.
         let what = kind.message().split(';').next().unwrap_or_default();
-        format!("{what}; this upstream does not continue interrupted answers (continuation = \"none\")")
+        format!(
+            "{what}; this upstream does not continue interrupted answers (continuation = \"none\")"
+        )
     } else {
         kind.message().to_owned()
     };
