@@ -721,6 +721,10 @@ mod tests {
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": 1}),
             ),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 3}}),
+            ),
             ("message_stop", json!({"type": "message_stop"})),
         ] {
             leg.splice.event(sse(name, data), &mut out);
@@ -736,9 +740,13 @@ mod tests {
                 "content_block_stop",
                 "content_block_start",
                 "content_block_stop",
+                "message_delta",
                 "message_stop"
             ]
         );
+        // The message's usage counts what was generated before the cut too.
+        let usage: Value = serde_json::from_slice(&out[4].1).unwrap();
+        assert_eq!(usage["usage"]["output_tokens"], 3 + 2);
         let v: Vec<Value> = out
             .iter()
             .map(|(_, d)| serde_json::from_slice(d).unwrap())
