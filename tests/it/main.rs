@@ -15,6 +15,7 @@ mod auth;
 mod common;
 mod drain;
 mod drain_hard;
+mod faults;
 mod hostile;
 mod limits;
 mod relay;
