@@ -575,6 +575,16 @@ impl Store for EmbeddedStore {
         Ok(gone)
     }
 
+    async fn probe(&self) -> Result<(), StoreError> {
+        // A record no stream id can name (ids start with `tg_`).
+        self.write(vec![Op::Put(
+            Space::Status,
+            b"\0probe".to_vec(),
+            now_ms().to_be_bytes().to_vec(),
+        )])
+        .await
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncAll))

@@ -227,6 +227,11 @@ pub trait Store: Send + Sync {
     async fn sweep(&self) -> Result<usize, StoreError>;
     /// Make everything written so far durable (at exit).
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Whether the store takes a write now (readiness asks): one tiny
+    /// write, of nothing any stream reads.
+    async fn probe(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether other replicas share this store (runs may live elsewhere).
     fn shared(&self) -> bool;
     /// A secret kept with the data (embedded), for resume tokens when none

@@ -405,6 +405,21 @@ impl Store for RedisStore {
         Ok(0) // every key carries its own TTL
     }
 
+    async fn probe(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = self
+            .run(
+                redis::cmd("SET")
+                    .arg("tg:probe")
+                    .arg(now_ms())
+                    .arg("EX")
+                    .arg(60)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(()) // every acknowledged write is already in Redis
     }

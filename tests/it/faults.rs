@@ -74,3 +74,92 @@ async fn sigkill_in_a_loop_under_load_every_stream_resumes_exactly() {
     }
     assert_eq!(resumed, ROUNDS * STREAMS);
 }
+
+/// Unmounts the small filesystem however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
+    let dir = tempdir();
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    // A real full disk: an 8 MiB tmpfs (needs root; CI runs as root).
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
+    let _mount = Mounted(small.clone());
+    let mock = Mock::start(&dir).await;
+    let store = format!(
+        "kind = \"embedded\"\npath = \"{}\"",
+        small.join("data").display()
+    );
+    let gw = Gateway::start(&dir, &config(&mock, "127.0.0.1:0", &store, "")).await;
+    let ready = gw.url("/healthz/ready");
+    assert_eq!(
+        client().get(&ready).send().await.unwrap().status().as_u16(),
+        200
+    );
+    let mut store_failed = None;
+    for i in 0..200 {
+        let mut sse = Sse::post(
+            &gw.url("/v1/chat/completions"),
+            &chat(4000, 0, &format!("fill {i}")),
+        )
+        .await;
+        if sse.status == 503 {
+            break;
+        }
+        assert_eq!(sse.status, 200);
+        let events = sse.rest().await;
+        let last = events.last().expect("an end");
+        if let Some(error) = last.error() {
+            assert_eq!(error["type"], "store_failed", "{error}");
+            store_failed = Some(error);
+            break;
+        }
+        assert!(last.is_done());
+    }
+    let error = store_failed.expect("the disk never filled");
+    assert_eq!(error["resume"], true);
+    let r = client().get(&ready).send().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "readiness while the store takes no write"
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "store_unavailable");
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(5, 0, "after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "store_unavailable");
+    // Liveness stays 200: the process itself is fine.
+    assert_eq!(
+        client()
+            .get(gw.url("/healthz/live"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    drop(gw);
+}
