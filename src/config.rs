@@ -844,6 +844,7 @@ struct RawLimits {
     max_json_depth: Option<u64>,
     max_event_bytes: Option<u64>,
     max_answer_bytes: Option<u64>,
+    live_buffer_bytes: Option<u64>,
 }
 
 /// Validated `[limits]`.
@@ -874,6 +875,9 @@ pub struct LimitsConfig {
     /// A provider's whole answer larger than this ends the stream with
     /// `upstream_failed` (streaming) or a 502 (not streaming).
     pub max_answer_bytes: u64,
+    /// Event bytes of a run kept in memory for its followers; a follower
+    /// that falls further behind (a slow reader) catches up from the store.
+    pub live_buffer_bytes: usize,
 }
 
 const DEFAULT_LIMITS: LimitsConfig = LimitsConfig {
@@ -887,6 +891,7 @@ const DEFAULT_LIMITS: LimitsConfig = LimitsConfig {
     max_json_depth: 64,
     max_event_bytes: 1024 * 1024,
     max_answer_bytes: 64 * 1024 * 1024,
+    live_buffer_bytes: 256 * 1024,
 };
 
 impl Default for LimitsConfig {
@@ -958,6 +963,12 @@ fn limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
             "max_answer_bytes",
             1024,
         )? as u64,
+        live_buffer_bytes: count(
+            raw.live_buffer_bytes,
+            d.live_buffer_bytes,
+            "live_buffer_bytes",
+            1024,
+        )?,
     })
 }
 

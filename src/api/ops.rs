@@ -17,10 +17,21 @@ pub async fn live() -> Response {
 }
 
 /// Readiness: 503 from the first moment of the drain, so load balancers
-/// stop sending new work.
+/// stop sending new work; and 503 while the store takes no write (a full
+/// disk, Redis gone), since every new stream would fail.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.drain.ready() {
-        axum::Json(json!({"status": "ready"})).into_response()
+        match state.relay.store.probe().await {
+            Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness: the store takes no write");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"status": "store_unavailable"})),
+                )
+                    .into_response()
+            }
+        }
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

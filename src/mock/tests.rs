@@ -687,14 +687,17 @@ fn anthropic_prefill_rules() {
     );
     // Claude 4.6+ and named globs refuse prefill; so does a provider without it.
     let prefill = "This model does not support assistant message prefill. The conversation must end with a user message.";
-    // (`claude-*-5*` also catches `claude-sonnet-4-5`.)
+    // Models before 4.6 take prefill.
+    for model in ["claude-sonnet-4-5", "claude-3-5-haiku"] {
+        let mut r = pre.clone();
+        r["model"] = json!(model);
+        assert!(plan::plan(&r, Dialect::Anthropic).is_ok(), "{model}");
+    }
     for model in [
         "claude-opus-4-6",
         "claude-sonnet-4-6-20260101",
         "claude-haiku-4-7",
         "claude-opus-5",
-        "claude-sonnet-4-5",
-        "claude-3-5-haiku",
         "claude-3-7-sonnet",
     ] {
         let mut r = pre.clone();

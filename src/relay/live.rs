@@ -8,6 +8,11 @@
 //!
 //! **Invariant:** an event is pushed here only after the store acknowledged
 //! it, so whatever a subscriber sends is replayable.
+//!
+//! It holds only the newest events, up to `window` bytes: a subscriber
+//! that reads slower than the provider writes falls behind the window and
+//! catches up from the store ([`Behind`]), so memory does not grow with
+//! the answer, and the pump never waits for the slowest reader.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,11 +43,23 @@ pub struct LiveStream {
     subscribers: AtomicUsize,
     policy: DisconnectPolicy,
     tracker: TaskTracker,
+    /// Bytes of events held for subscribers (`limits.live_buffer_bytes`).
+    window: usize,
 }
+
+/// A subscriber's cursor is older than the events held: read the events
+/// after it from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind;
 
 #[derive(Default)]
 struct LiveState {
-    events: Vec<Event>,
+    /// The newest events of this run: `base + dropped + 1` onwards.
+    events: std::collections::VecDeque<Event>,
+    /// Events of this run let go (older than the window).
+    dropped: u64,
+    /// What `events` holds, in data bytes.
+    held: usize,
     end: Option<End>,
     /// Why the token was cancelled, when it was cancelled on purpose.
     cancel_reason: Option<AbortKind>,
@@ -63,8 +80,10 @@ impl LiveStream {
         token: CancellationToken,
         policy: DisconnectPolicy,
         tracker: TaskTracker,
+        window: usize,
     ) -> LiveStream {
         LiveStream {
+            window,
             who,
             owner,
             base,
@@ -85,9 +104,21 @@ impl LiveStream {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The pump publishes durable events.
+    /// The pump publishes durable events; the oldest beyond the window
+    /// are let go (the store has them).
     pub fn push(&self, events: impl IntoIterator<Item = Event>) {
-        self.lock().events.extend(events);
+        let mut state = self.lock();
+        for event in events {
+            state.held += event.data.len();
+            state.events.push_back(event);
+        }
+        while state.held > self.window && state.events.len() > 1 {
+            if let Some(old) = state.events.pop_front() {
+                state.held -= old.data.len();
+                state.dropped += 1;
+            }
+        }
+        drop(state);
         self.changed.send_replace(());
     }
 
@@ -131,7 +162,8 @@ impl LiveStream {
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.base + self.lock().events.len() as u64
+        let state = self.lock();
+        self.base + state.dropped + state.events.len() as u64
     }
 
     pub fn end(&self) -> Option<End> {
@@ -140,20 +172,26 @@ impl LiveStream {
 
     /// Frame the events after `*cursor` (only those of this run) into
     /// `out`, moving the cursor; and say how the stream ended, if it has.
+    /// [`Behind`]: the events after the cursor are no longer all held.
     /// Framing under the lock costs less than copying the events out.
-    pub fn write_after(&self, cursor: &mut u64, out: &mut BytesMut) -> Option<End> {
+    pub fn write_after(&self, cursor: &mut u64, out: &mut BytesMut) -> Result<Option<End>, Behind> {
         let state = self.lock();
-        let skip = cursor.saturating_sub(self.base) as usize;
-        if let Some(events) = state.events.get(skip..)
-            && let Some(last) = events.last()
-        {
-            out.reserve(events.iter().map(frame_size).sum());
+        let first_held = self.base + state.dropped;
+        if *cursor < first_held && *cursor >= self.base {
+            return Err(Behind);
+        }
+        let skip = cursor.saturating_sub(first_held) as usize;
+        if skip < state.events.len() {
+            let events = state.events.range(skip..);
+            out.reserve(events.clone().map(frame_size).sum());
             for event in events {
                 write_frame(out, event);
             }
-            *cursor = last.seq;
+            if let Some(last) = state.events.back() {
+                *cursor = last.seq;
+            }
         }
-        state.end
+        Ok(state.end)
     }
 
     pub fn watch(&self) -> watch::Receiver<()> {
@@ -378,6 +416,7 @@ mod tests {
             CancellationToken::new(),
             policy,
             TaskTracker::new(),
+            1024,
         ))
     }
 
@@ -397,13 +436,40 @@ mod tests {
         assert_eq!(l.last_seq(), 7);
         let after = |mut cursor: u64| {
             let mut out = BytesMut::new();
-            l.write_after(&mut cursor, &mut out);
+            l.write_after(&mut cursor, &mut out).unwrap();
             (cursor, String::from_utf8(out.to_vec()).unwrap())
         };
         assert_eq!(after(0), (7, "id: 6\ndata: x\n\nid: 7\ndata: x\n\n".into()));
         assert_eq!(after(6), (7, "id: 7\ndata: x\n\n".into()));
         assert_eq!(after(7), (7, String::new()));
         assert_eq!(after(99), (99, String::new()));
+    }
+
+    #[test]
+    fn only_the_window_is_held_and_a_lagging_cursor_is_told() {
+        let l = live(DisconnectPolicy::Cancel);
+        // 100 events of 100 bytes through a 1 KiB window.
+        for seq in 6..106 {
+            l.push([Event {
+                seq,
+                name: None,
+                data: Bytes::from(vec![b'x'; 100]),
+            }]);
+        }
+        assert_eq!(l.last_seq(), 105);
+        assert!(l.lock().held <= 1024);
+        let mut out = BytesMut::new();
+        let mut cursor = 5;
+        assert_eq!(l.write_after(&mut cursor, &mut out), Err(Behind));
+        assert!(out.is_empty());
+        let mut cursor = 100;
+        assert_eq!(l.write_after(&mut cursor, &mut out), Ok(None));
+        assert_eq!(cursor, 105);
+        assert!(
+            String::from_utf8(out.to_vec())
+                .unwrap()
+                .starts_with("id: 101\n")
+        );
     }
 
     #[test]

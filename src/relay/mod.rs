@@ -293,6 +293,7 @@ impl Relay {
             self.drain.streams.child_token(),
             self.settings.on_client_disconnect,
             self.drain.tracker.clone(),
+            self.settings.limits.live_buffer_bytes,
         ))
     }
 

@@ -15,10 +15,14 @@ use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
 use super::end::{StreamIdentity, end_frame};
-use super::live::{LiveStream, Subscription};
+use super::live::{Behind, LiveStream, Subscription};
 use crate::protocol::sse::write_frame;
 use crate::store::SharedStore;
 use crate::stream::{AbortKind, End, Event};
+
+/// How many events a client that fell behind the live window reads from
+/// the store at a time (one write to it; the next page once it is taken).
+const CATCH_UP_PAGE: usize = 512;
 
 /// How long a body waits, after the drain deadline, for its pump to record
 /// the stream's end before it says `server_restarting` itself.
@@ -100,7 +104,33 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         let mut first = true;
         loop {
             changes.borrow_and_update();
-            if let Some(end) = live.write_after(&mut cursor, &mut buf) {
+            let written = match live.write_after(&mut cursor, &mut buf) {
+                Ok(end) => end,
+                Err(Behind) => {
+                    // A slow reader: the run went on without it. What it
+                    // missed is in the store (written ahead); a page at a
+                    // time, each taken by the client before the next.
+                    match store.events_page(&who.id, cursor, CATCH_UP_PAGE).await {
+                        Ok(events) if !events.is_empty() => {
+                            for event in &events {
+                                write_frame(&mut buf, event);
+                                cursor = event.seq;
+                            }
+                            yield Ok(buf.split().freeze());
+                            continue;
+                        }
+                        result => {
+                            if let Err(e) = result {
+                                tracing::error!(stream = %who.id, error = %e, "catch-up read failed");
+                            }
+                            end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor, None);
+                            yield Ok(buf.split().freeze());
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Some(end) = written {
                 end_frame(&mut buf, end, &who, cursor, live.detail().as_deref());
                 yield Ok(buf.split().freeze());
                 return;

@@ -484,6 +484,34 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn events_page(
+        &self,
+        stream_id: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let start = event_key(stream_id, after.saturating_add(1));
+        let end = event_key(stream_id, u64::MAX);
+        let batches = self.batches.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for guard in batches.range(start..=end) {
+                let (key, value) = guard
+                    .into_inner()
+                    .map_err(engine("cannot read a stream's event batches"))?;
+                let last: [u8; 8] = key[key.len().saturating_sub(8)..]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
+                out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn claim_idempotency(
         &self,
         owner: &str,
@@ -545,6 +573,16 @@ impl Store for EmbeddedStore {
             self.write(ops).await?;
         }
         Ok(gone)
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        // A record no stream id can name (ids start with `tg_`).
+        self.write(vec![Op::Put(
+            Space::Status,
+            b"\0probe".to_vec(),
+            now_ms().to_be_bytes().to_vec(),
+        )])
+        .await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -172,6 +172,19 @@ pub trait Store: Send + Sync {
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError>;
     /// Events with `seq > after`, in order.
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError>;
+    /// The first events after `after`, about `max` of them (whole appends:
+    /// a few more, never fewer while there are more): a page, so a client
+    /// catching up does not read the rest of a long answer at once.
+    async fn events_page(
+        &self,
+        stream_id: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut events = self.events_after(stream_id, after).await?;
+        events.truncate(max.max(1));
+        Ok(events)
+    }
     /// Record `entry` under (owner, key) unless one is there; return the one
     /// that was there.
     async fn claim_idempotency(
@@ -214,6 +227,11 @@ pub trait Store: Send + Sync {
     async fn sweep(&self) -> Result<usize, StoreError>;
     /// Make everything written so far durable (at exit).
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Whether the store takes a write now (readiness asks): one tiny
+    /// write, of nothing any stream reads.
+    async fn probe(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether other replicas share this store (runs may live elsewhere).
     fn shared(&self) -> bool;
     /// A secret kept with the data (embedded), for resume tokens when none

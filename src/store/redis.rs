@@ -245,6 +245,24 @@ impl Store for RedisStore {
         Self::parse_entries(reply.ids, after)
     }
 
+    async fn events_page(
+        &self,
+        stream_id: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: StreamRangeReply = self
+            .run(conn.xrange_count(
+                events_key(stream_id),
+                format!("{}-0", after.saturating_add(1)),
+                "+",
+                max.max(1),
+            ))
+            .await?;
+        Self::parse_entries(reply.ids, after)
+    }
+
     async fn claim_idempotency(
         &self,
         owner: &str,
@@ -385,6 +403,21 @@ impl Store for RedisStore {
 
     async fn sweep(&self) -> Result<usize, StoreError> {
         Ok(0) // every key carries its own TTL
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = self
+            .run(
+                redis::cmd("SET")
+                    .arg("tg:probe")
+                    .arg(now_ms())
+                    .arg("EX")
+                    .arg(60)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -35,6 +35,9 @@ enum Behaviour {
     EndlessErrorBody,
     /// 200 `application/json` with an endless body (non-streaming).
     EndlessJson,
+    /// A 200 event stream of this many events as fast as it can, then
+    /// `[DONE]`.
+    Finite(usize),
 }
 
 /// A provider on loopback; counts the body bytes it managed to write.
@@ -155,6 +158,20 @@ async fn serve(mut s: TcpStream, behaviour: Behaviour, written: Arc<AtomicU64>) 
                 .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
                 .await;
             write_forever(&mut s, &[b'e'; 64 * 1024], Duration::ZERO).await;
+        }
+        Behaviour::Finite(n) => {
+            let _ = s.write_all(SSE_HEAD).await;
+            let block: Vec<u8> = std::iter::repeat_n(format!("{CHUNK}\n\n"), 500)
+                .collect::<String>()
+                .into_bytes();
+            for _ in 0..n / 500 {
+                if s.write_all(&block).await.is_err() {
+                    return;
+                }
+                written.fetch_add(block.len() as u64, Ordering::SeqCst);
+            }
+            let _ = s.write_all(b"data: [DONE]\n\n").await;
+            written.fetch_add(1, Ordering::SeqCst);
         }
         Behaviour::EndlessJson => {
             let _ = s
@@ -356,4 +373,67 @@ async fn a_non_streaming_answer_past_its_limit_is_a_502() {
         "the gateway read {} bytes",
         provider.written()
     );
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_not_buffered_in_memory() {
+    let dir = tempdir();
+    const EVENTS: usize = 1_200_000;
+    let provider = Provider::start(Behaviour::Finite(EVENTS)).await;
+    let config = format!(
+        r#"listen = "127.0.0.1:0"
+[limits]
+max_answer_bytes = 1073741824
+write_timeout = "120s"
+[store]
+{}
+[[upstreams]]
+name = "fast"
+base_url = "http://{}/v1"
+idle_timeout = "10s"
+"#,
+        embedded(&dir),
+        provider.addr
+    );
+    let gw = Gateway::start(&dir, &config).await;
+    let before = rss_mib(&gw);
+    let response = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&stream_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    // Read nothing until the provider has sent the whole answer.
+    let block = (CHUNK.len() as u64 + 2) * 500;
+    let total = block * (EVENTS as u64 / 500) + 1;
+    let until = Instant::now() + Duration::from_secs(60);
+    while provider.written() < total {
+        assert!(
+            Instant::now() < until,
+            "the provider was held back: {} of {total} bytes",
+            provider.written()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = rss_mib(&gw);
+    eprintln!(
+        "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB",
+        total >> 20
+    );
+    // Now read it all: every event once, in order, then [DONE].
+    let mut sse = Sse::from(response).await;
+    let events = sse.rest().await;
+    assert!(
+        events.last().is_some_and(SseEvent::is_done),
+        "{:?}",
+        events.last()
+    );
+    assert_contiguous(&ids_of(&events));
+    assert_eq!(ids_of(&events).len(), EVENTS);
+    // Before the live window: 8 -> 353 MiB for this answer. What is left
+    // (~130 MiB) is the embedded store's write buffers (fjall memtables
+    // and journal), not the client's stream.
+    assert!(held < before + 200, "RSS grew from {before} to {held} MiB");
 }

@@ -16,6 +16,7 @@ mod common;
 mod continuation;
 mod drain;
 mod drain_hard;
+mod faults;
 mod hostile;
 mod limits;
 mod relay;

@@ -431,6 +431,11 @@ async fn redis_failures_are_loud() {
     assert_eq!(r.status().as_u16(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "store_unavailable");
+    // Readiness says so too, while liveness stays 200.
+    let ready = client().get(gw.url("/healthz/ready")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let live = client().get(gw.url("/healthz/live")).send().await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
 
     // Redis back on its port: new streams work again, without restarting
     // the gateway.
@@ -441,6 +446,8 @@ async fn redis_failures_are_loud() {
         if sse.status == 200 {
             let events = sse.rest().await;
             assert!(events.last().is_some_and(SseEvent::is_done), "{events:?}");
+            let ready = client().get(gw.url("/healthz/ready")).send().await.unwrap();
+            assert_eq!(ready.status().as_u16(), 200, "ready again");
             break;
         }
         assert!(
