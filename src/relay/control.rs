@@ -52,7 +52,11 @@ const CANCEL_SETTLE: Duration = Duration::from_secs(2);
 impl Relay {
     /// The stream's record and what its stored events say so far.
     pub async fn state(&self, id: &str, access: Access<'_>) -> Result<StreamState, RelayError> {
-        let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
+        let record = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| self.unknown(id, access))?;
         self.allows(access, id, &record.owner)?;
         let events = self.store.events_after(id, 0).await?;
         let partial = protocol_of(&record).wire().partial(&events);
@@ -106,7 +110,11 @@ impl Relay {
             })
             .await;
         } else {
-            let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
+            let record = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| self.unknown(id, access))?;
             self.allows(access, id, &record.owner)?;
             if self.store.shared()
                 && record.status == Status::Running

@@ -41,7 +41,11 @@ impl Relay {
             self.count_resume(is_resume);
             return Ok(self.follow_live(live, cursor, None, is_resume));
         }
-        let record = self.store.get(id).await?.ok_or(RelayError::NotFound)?;
+        let record = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| self.unknown(id, access))?;
         self.allows(access, id, &record.owner)?;
         self.count_resume(is_resume);
         let who = self.identity(id, &record.owner, protocol_of(&record), true);
