@@ -184,7 +184,10 @@ impl Mock {
     }
 
     pub async fn stat(&self, name: &str) -> u64 {
-        self.stats().await[name].as_u64().unwrap_or(0)
+        // An unknown name fails the test: a renamed counter must not read 0.
+        self.stats().await[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("the mock has no counter `{name}`"))
     }
 
     /// The exact answer the mock gives `request` (asked directly, not streamed).
