@@ -111,10 +111,10 @@ impl Relay {
             .await;
         } else {
             let record = self
-            .store
-            .get(id)
-            .await?
-            .ok_or_else(|| self.unknown(id, access))?;
+                .store
+                .get(id)
+                .await?
+                .ok_or_else(|| self.unknown(id, access))?;
             self.allows(access, id, &record.owner)?;
             if self.store.shared()
                 && record.status == Status::Running
