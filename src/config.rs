@@ -368,7 +368,15 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    cors: RawCors,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    allow_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -526,6 +534,9 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// What a peer (client or provider) may make the gateway hold or wait for.
     pub limits: LimitsConfig,
+    /// Browser origins allowed to call `/v1/*` (CORS); empty: none (off).
+    /// `"*"` allows any.
+    pub cors_origins: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
     /// Set when no upstream was configured and the built-in mock must be
     /// started in-process (the zero-config demo).
@@ -660,6 +671,7 @@ impl Config {
         let auth_keys = auth(raw.auth, env)?;
         let admin_token = admin(raw.admin, env)?;
         let limits = limits(raw.limits)?;
+        let cors_origins = cors(raw.cors)?;
         let upstreams = upstreams(raw.upstreams, env)?;
         let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Config {
@@ -673,6 +685,7 @@ impl Config {
             auth_keys,
             admin_token,
             limits,
+            cors_origins,
             builtin_mock: upstreams.is_empty(),
             upstreams,
         })
@@ -683,6 +696,36 @@ impl Config {
     pub fn stop_budget(&self) -> Duration {
         self.drain.grace + self.drain.exit_timeout + Duration::from_secs(2)
     }
+}
+
+/// Validates `[cors] allow_origins`: `"*"` alone, or origins such as
+/// `https://chat.example.com` (scheme, host, optional port; no path).
+fn cors(raw: RawCors) -> Result<Vec<String>, ConfigError> {
+    let origins = raw.allow_origins.unwrap_or_default();
+    for origin in &origins {
+        if origin == "*" {
+            if origins.len() > 1 {
+                return Err(ConfigError::invalid(
+                    "cors.allow_origins",
+                    "\"*\" allows every origin: it cannot be listed with others",
+                ));
+            }
+            continue;
+        }
+        let ok = reqwest::Url::parse(origin).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.path() == "/"
+                && !origin.ends_with('/')
+        });
+        if !ok {
+            return Err(ConfigError::invalid(
+                "cors.allow_origins",
+                format!("`{origin}` is not an origin like https://chat.example.com"),
+            ));
+        }
+    }
+    Ok(origins)
 }
 
 /// Turns a deserialization error into a [`ConfigError`] naming the key path.
@@ -1516,6 +1559,29 @@ mod tests {
         let c = Config::from_toml(ONE_UPSTREAM, &env(&[("OPENAI_API_KEY", "sk-test")])).unwrap();
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].name, "a");
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let ok =
+            "[cors]\nallow_origins = [\"https://chat.example.com\", \"http://127.0.0.1:3000\"]\n";
+        let c = Config::from_toml(ok, &env(&[])).unwrap();
+        assert_eq!(c.cors_origins.len(), 2);
+        assert!(
+            Config::from_toml("", &env(&[]))
+                .unwrap()
+                .cors_origins
+                .is_empty()
+        );
+        for bad in [
+            "[\"*\", \"https://a.example\"]",
+            "[\"https://a.example/path\"]",
+            "[\"chat.example.com\"]",
+        ] {
+            let text = format!("[cors]\nallow_origins = {bad}\n");
+            let err = Config::from_toml(&text, &env(&[])).unwrap_err().to_string();
+            assert!(err.contains("cors.allow_origins"), "{bad}: {err}");
+        }
     }
 
     #[test]

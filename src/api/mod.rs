@@ -114,7 +114,12 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/streams/{id}",
             get(streams::resume).delete(streams::cancel),
         )
-        .route("/v1/streams/{id}/state", get(streams::state))
+        .route("/v1/streams/{id}/state", get(streams::state));
+    // CORS for the `/v1` routes only (a layer covers the routes before it).
+    if let Some(cors) = cors(&state.config.cors_origins) {
+        router = router.layer(cors);
+    }
+    router = router
         .route("/healthz/live", get(ops::live))
         .route("/healthz/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
@@ -128,4 +133,53 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(ops::not_found)
         .layer(middleware::from_fn(error::log_errors))
         .with_state(state)
+}
+
+/// CORS for browser clients on other origins (`[cors] allow_origins`); off
+/// when none is configured. A page may send what the clients send (its
+/// key, the resume token, the cursor, an idempotency key, the providers'
+/// version headers) and read the stream id and resume token.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let headers = [
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "x-tidegate-resume-token",
+        "last-event-id",
+        "idempotency-key",
+        "anthropic-version",
+        "anthropic-beta",
+        "openai-organization",
+        "openai-project",
+    ];
+    let exposed = [
+        "x-tidegate-stream-id",
+        "x-tidegate-resume-token",
+        "x-request-id",
+        "request-id",
+        "retry-after",
+    ];
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers(headers.map(HeaderName::from_static))
+            .expose_headers(exposed.map(HeaderName::from_static))
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }

@@ -14,6 +14,7 @@ mod anthropic;
 mod auth;
 mod common;
 mod continuation;
+mod cors;
 mod drain;
 mod drain_hard;
 mod faults;
