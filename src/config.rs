@@ -1848,6 +1848,7 @@ mod tests {
                 "auth",
                 "admin",
                 "limits",
+                "cors",
                 "upstreams",
             ]
         );
