@@ -115,16 +115,6 @@ impl Partial {
     pub fn finish_reason(&self) -> Option<&str> {
         self.choices.first()?.finish_reason.as_deref()
     }
-
-    /// Whether nothing at all was generated yet.
-    pub fn is_empty(&self) -> bool {
-        self.choices.iter().all(|c| {
-            c.content.is_empty()
-                && c.reasoning.is_empty()
-                && c.refusal.is_empty()
-                && c.tool_calls.is_empty()
-        }) && self.blocks.is_empty()
-    }
 }
 
 /// What a resume of an interrupted stream should do.

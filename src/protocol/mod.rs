@@ -102,18 +102,6 @@ impl Continuation {
             Continuation::None => "none",
         }
     }
-
-    /// Whether a continuation in this style gives back exactly the answer
-    /// a deterministic provider would have finished (a prefill); `instruct`
-    /// is best-effort.
-    pub fn exact(self) -> bool {
-        matches!(
-            self,
-            Continuation::ContinueFinalMessage
-                | Continuation::Prefix
-                | Continuation::AssistantPrefix
-        )
-    }
 }
 
 /// Whether a request body declares tools (so its answer may call one).
