@@ -60,7 +60,9 @@ async fn handle(
     let continuable = upstream.continues(&request.model);
     let tools = request.tools;
     if !request.stream {
-        let answer = relay.passthrough(&upstream, bytes, &headers).await?;
+        let answer = relay
+            .passthrough(&upstream, bytes, &headers, &owner)
+            .await?;
         let mut response = (answer.status, answer.body).into_response();
         if let Some(content_type) = answer.content_type {
             response

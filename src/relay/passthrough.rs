@@ -27,8 +27,12 @@ impl Relay {
         upstream: &Arc<Upstream>,
         body: Bytes,
         client_headers: &HeaderMap,
+        owner: &str,
     ) -> Result<Answer, RelayError> {
         self.admit()?;
+        // A whole answer is a generation too: it counts against the
+        // stream limits while it is awaited.
+        let _permit = self.stream_permit(owner)?;
         let _in_flight = self.drain.in_flight();
         self.metrics.non_streaming.inc();
         self.metrics.upstream_requests.inc();

@@ -215,6 +215,10 @@ impl Relay {
                 });
         let first = legs.remove(0);
         let body = serde_json::to_vec(&first.body).map_err(RelayError::Encode)?;
+        // A continuation is a generation: it counts against the stream
+        // limits of the stream's owner like the run it continues (a place
+        // taken by a resume that then joins another's run is given back).
+        let permit = self.stream_permit(&record.owner)?;
         let live = self.new_live(who.clone(), &record.owner, partial.last_seq);
         let (live, created) = self.registry.get_or_insert(id, || live);
         if !created {
@@ -236,6 +240,7 @@ impl Relay {
                 return Err(e.into());
             }
         }
+        live.hold(permit);
         self.metrics.continuations.inc();
         tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, style = style.as_str(), requests = legs.len() + 1, "continuing an interrupted stream");
         let pump = Pump {

@@ -24,6 +24,9 @@ use crate::stream::{AbortKind, End, Event};
 /// the store at a time (one write to it; the next page once it is taken).
 const CATCH_UP_PAGE: usize = 512;
 
+/// A replay hands the client what it has framed once it holds this much.
+const REPLAY_FLUSH_BYTES: usize = 64 * 1024;
+
 /// How long a body waits, after the drain deadline, for its pump to record
 /// the stream's end before it says `server_restarting` itself.
 const DEADLINE_SETTLE: Duration = Duration::from_millis(500);
@@ -60,31 +63,42 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
             buf.put_slice(format!("retry: {}\n\n", hint.as_millis()).as_bytes());
         }
 
-        // Replay what only the store has: events before this run started.
+        // Replay what only the store has: events before this run started. A
+        // page at a time, each taken by the client before the next is read:
+        // a long answer is never held whole, in memory or in one write.
         let replay_to = live.as_ref().map_or(u64::MAX, |(l, _)| l.base);
-        if cursor < replay_to {
-            let covers = |events: &Vec<Event>| {
-                live.is_none() || events.last().map_or(0, |e| e.seq) >= replay_to
+        let covers = |events: &Vec<Event>| {
+            live.is_none() || events.last().map_or(0, |e| e.seq) >= replay_to
+        };
+        // Events the caller read already serve the replay only if they reach
+        // the run it follows.
+        let mut stored = stored.filter(covers).map(Vec::into_iter);
+        while cursor < replay_to {
+            let page = match stored.as_mut() {
+                Some(events) => Ok(events.by_ref().take(CATCH_UP_PAGE).collect::<Vec<_>>()),
+                None => store.events_page(&who.id, cursor, CATCH_UP_PAGE).await,
             };
-            let events = match stored.filter(covers) {
-                Some(events) => Ok(events),
-                None => store.events_after(&who.id, cursor).await,
-            };
-            match events {
-                Ok(events) => {
-                    let after = cursor;
-                    let fresh = events.iter().skip_while(|e| e.seq <= after);
-                    for event in fresh.take_while(|e| e.seq <= replay_to) {
-                        write_frame(&mut buf, event);
-                        cursor = event.seq;
-                    }
-                }
+            let page = match page {
+                Ok(page) => page,
                 Err(e) => {
                     tracing::error!(stream = %who.id, error = %e, "replay failed");
                     end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor, None);
                     yield Ok(buf.split().freeze());
                     return;
                 }
+            };
+            let Some(last) = page.last().map(|e| e.seq) else { break };
+            let after = cursor;
+            let fresh = page.iter().skip_while(|e| e.seq <= after);
+            for event in fresh.take_while(|e| e.seq <= replay_to) {
+                write_frame(&mut buf, event);
+                cursor = event.seq;
+            }
+            if last >= replay_to || (stored.is_none() && page.len() < CATCH_UP_PAGE) {
+                break;
+            }
+            if buf.len() >= REPLAY_FLUSH_BYTES {
+                yield Ok(buf.split().freeze());
             }
         }
         let Some((live, _subscription)) = live else {

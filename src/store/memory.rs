@@ -106,6 +106,24 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
+    async fn events_page(
+        &self,
+        stream_id: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .streams
+            .get(stream_id)
+            .map(|e| {
+                let start = e.events.partition_point(|ev| ev.seq <= after);
+                let end = start.saturating_add(max.max(1)).min(e.events.len());
+                e.events[start..end].to_vec()
+            })
+            .unwrap_or_default())
+    }
+
     async fn claim_idempotency(
         &self,
         owner: &str,

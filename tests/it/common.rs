@@ -258,6 +258,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway's resident memory, in MiB.
+    pub fn rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb / 1024
+    }
+
     pub async fn start(dir: &Path, config: &str) -> Gateway {
         Gateway::start_with(dir, config, &[], &[]).await
     }

@@ -205,6 +205,115 @@ async fn concurrent_streams_are_capped_per_process_and_per_key() {
     drop(b);
 }
 
+/// A whole answer and a continuation are generations too: they take a
+/// place under the stream caps like a new stream does.
+#[tokio::test]
+async fn whole_answers_and_continuations_count_against_the_stream_caps() {
+    let dir = tempdir();
+    let mock = Mock::start(&dir).await;
+    let extra =
+        "[auth]\nkeys_env = \"TG_TEST_KEYS\"\n[limits]\nmax_streams = 10\nmax_streams_per_key = 1";
+    let gw = Gateway::start_with(
+        &dir,
+        &config(&mock, "127.0.0.1:0", "kind = \"memory\"", extra),
+        &[],
+        &[("TG_TEST_KEYS", "key-a,key-b")],
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let post = |body: Value| client().post(&url).bearer_auth("key-a").json(&body).send();
+
+    // A stream the provider cuts: interrupted, to be continued.
+    let mut cut = chat(12, 0, "caps");
+    cut["mock"] = serde_json::json!({"cut_after_events": 4, "fail_id": "caps-cut"});
+    let mut first = Sse::from(post(cut).await.unwrap()).await;
+    assert_eq!(first.status, 200);
+    let (id, token) = (
+        first.header("x-tidegate-stream-id"),
+        first.header("x-tidegate-resume-token"),
+    );
+    let events = first.rest().await;
+    let last = events.last().unwrap();
+    assert_eq!(
+        last.json()["error"]["type"],
+        "upstream_failed",
+        "{events:?}"
+    );
+    let cursor = events
+        .iter()
+        .filter_map(|e| e.id)
+        .max()
+        .unwrap()
+        .to_string();
+
+    // key-a's one place taken by a running stream.
+    let running = Sse::from(post(chat(200, 50, "caps")).await.unwrap()).await;
+    assert_eq!(running.status, 200);
+
+    let mut whole = chat(5, 0, "caps");
+    whole["stream"] = Value::Bool(false);
+    let r = post(whole.clone()).await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        429,
+        "a whole answer past the key's cap"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_streams", "{v}");
+
+    let resume = || {
+        client()
+            .get(gw.url(&format!("/v1/streams/{id}")))
+            .bearer_auth("key-a")
+            .header("x-tidegate-resume-token", &token)
+            .header("last-event-id", &cursor)
+            .send()
+    };
+    let r = resume().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        429,
+        "a continuation past the key's cap"
+    );
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(
+        mock.stat("requests_started").await,
+        2,
+        "nothing more reached the provider"
+    );
+
+    // Another key is not held back by key-a's cap.
+    let r = client()
+        .post(&url)
+        .bearer_auth("key-b")
+        .json(&whole)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // Once the running stream is gone, both go through.
+    drop(running);
+    let until = Instant::now() + Duration::from_secs(5);
+    let resumed = loop {
+        let r = resume().await.unwrap();
+        if r.status().as_u16() == 200 {
+            break Sse::from(r).await;
+        }
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(
+            Instant::now() < until,
+            "the running stream's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut resumed = resumed;
+    let rest = resumed.rest().await;
+    assert_eq!(rest.last().unwrap().data, "[DONE]", "{rest:?}");
+    let r = post(whole).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
 #[tokio::test]
 async fn deep_json_and_invalid_utf8_are_refused_at_the_gateway() {
     let dir = tempdir();

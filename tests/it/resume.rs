@@ -395,3 +395,49 @@ async fn disconnect_grace_keeps_generating_for_a_returning_client() {
         "no continuation call"
     );
 }
+
+/// The replay of a long stream that is over goes a page at a time, each
+/// read from the store once the client took the one before: a client that
+/// reads nothing does not make the gateway hold the answer.
+#[tokio::test]
+async fn a_long_replay_to_a_client_that_does_not_read_is_not_held_in_memory() {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, _mock, gw) = embedded_gateway().await;
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(200_000, 0, "replay")).await;
+    assert_eq!(sse.status, 200);
+    let (id, token) = (
+        sse.header("x-tidegate-stream-id"),
+        sse.header("x-tidegate-resume-token"),
+    );
+    let events = sse.rest().await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let bytes: usize = events.iter().map(|e| e.data.len()).sum();
+    assert!(bytes > 30 << 20, "a long answer: {bytes} bytes");
+    let before = gw.rss_mib();
+    // Three clients replay it from the start and read nothing.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(&gw.proc.addr).await.unwrap();
+        let head = format!(
+            "GET /v1/streams/{id} HTTP/1.1\r\nhost: x\r\nx-tidegate-resume-token: {token}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    // Their replays run until the sockets are full; the gateway's memory
+    // is read while they stand there.
+    let mut peak = before;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(gw.rss_mib());
+    }
+    println!(
+        "RSS {before} MiB before the replays, {peak} MiB at most while 3 clients read nothing ({} MiB answer)",
+        bytes >> 20
+    );
+    assert!(
+        peak < before + 24,
+        "the replays held the answer: RSS {before} -> {peak} MiB"
+    );
+    drop(held);
+}
