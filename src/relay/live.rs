@@ -243,6 +243,7 @@ impl Drop for Subscription {
         match live.policy {
             DisconnectPolicy::Cancel => live.cancel(AbortKind::ClientGone),
             DisconnectPolicy::Grace(wait) => {
+                tracing::info!(stream = %live.who.id, grace = ?wait, "the stream's last client left; generating on for its return");
                 let live = live.clone();
                 live.tracker.clone().spawn(async move {
                     tokio::select! {

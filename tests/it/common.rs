@@ -63,6 +63,34 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Poll the log until it holds `needle`; panics after `limit`.
+    pub async fn wait_log(&self, needle: &str, limit: Duration) {
+        let found = eventually(limit, || async { self.log_text().contains(needle) }).await;
+        assert!(
+            found,
+            "no {needle:?} in the log after {limit:?}:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+/// Poll `check` every 5 ms until it holds or `limit` passes; whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Start the binary with `args`; wait for its `listening on` line.
@@ -288,6 +316,22 @@ impl Gateway {
         Gateway {
             proc: spawn(&all, env, &dir.join(format!("gateway-{n}.log"))).await,
         }
+    }
+
+    /// A sample's value from `/metrics`; panics on a name it does not show
+    /// (a renamed metric must fail the test, not read as 0).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}:\n{text}"))
     }
 
     pub fn url(&self, path: &str) -> String {

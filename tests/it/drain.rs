@@ -32,14 +32,24 @@ async fn sigterm_under_load_ends_every_stream_on_purpose() {
     // Let every stream get going, then SIGTERM.
     mock.wait_for("requests_started", 24, Duration::from_secs(10))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let going = eventually(Duration::from_secs(10), || async {
+        gw.metric("tidegate_events_relayed_total").await >= 24.0 * 3.0
+    })
+    .await;
+    assert!(going, "the streams did not get going");
     let signalled = Instant::now();
     gw.proc.signal("TERM");
 
     // Readiness turns 503 at once; liveness stays 200; new streams are refused.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = client().get(gw.url("/healthz/ready")).send().await.unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    let unready = eventually(Duration::from_secs(1), || async {
+        let ready = client().get(gw.url("/healthz/ready")).send().await.unwrap();
+        ready.status().as_u16() == 503
+    })
+    .await;
+    assert!(unready, "readiness still 200 a second after SIGTERM");
+    gw.proc
+        .wait_log("drain: refusing new streams", Duration::from_secs(1))
+        .await;
     let live = client().get(gw.url("/healthz/live")).send().await.unwrap();
     assert_eq!(live.status().as_u16(), 200);
     let refused = client()
@@ -114,7 +124,9 @@ async fn a_second_signal_skips_to_the_deadline() {
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(400, 50, "second")).await;
     sse.take(3).await;
     gw.proc.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.proc
+        .wait_log("drain requested", Duration::from_secs(5))
+        .await;
     let second = Instant::now();
     gw.proc.signal("INT");
     let events = sse.rest().await;

@@ -135,7 +135,12 @@ async fn the_store_is_flushed_before_exit_even_with_a_stuck_client() {
     stuck.write_all(&body).await.unwrap();
     mock.wait_for("requests_started", 1, Duration::from_secs(5))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream is under way and its client reads nothing.
+    let relaying = eventually(Duration::from_secs(5), || async {
+        gw.metric("tidegate_events_relayed_total").await >= 100.0
+    })
+    .await;
+    assert!(relaying, "the stuck client's stream never got going");
     gw.proc.signal("TERM");
     assert!(gw.proc.exit(Duration::from_secs(10)).await.success());
     let log = gw.proc.log_text();

@@ -234,6 +234,7 @@ async fn expired_streams_are_gone() {
     let mock = Mock::start(&dir).await;
     let store = format!("{}\nttl = \"1s\"", embedded(&dir));
     let gw = Gateway::start(&dir, &config(&mock, "127.0.0.1:0", &store, FAST_DRAIN)).await;
+    let created = std::time::Instant::now();
     let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &chat(3, 0, "expiring")).await;
     let (id, token) = (
         sse.header("x-tidegate-stream-id"),
@@ -246,13 +247,21 @@ async fn expired_streams_are_gone() {
             .status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let r = client()
-        .get(gw.url(&format!("/v1/streams/{id}?token={token}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 404);
+    // Gone once its TTL has passed (polled: the sweep runs on its own time).
+    let gone = eventually(Duration::from_secs(10), || async {
+        let r = client()
+            .get(gw.url(&format!("/v1/streams/{id}?token={token}")))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16() == 404
+    })
+    .await;
+    assert!(gone, "the stream outlived its TTL");
+    assert!(
+        created.elapsed() >= Duration::from_secs(1),
+        "gone before its TTL"
+    );
 }
 
 #[tokio::test]
@@ -378,7 +387,9 @@ async fn disconnect_grace_keeps_generating_for_a_returning_client() {
     );
     let before = sse.take(4).await;
     drop(sse);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.proc
+        .wait_log("the stream's last client left", Duration::from_secs(5))
+        .await;
     let after = resume(&gw, &id, &token, 4).await;
     let mut all = before;
     all.extend(after);
