@@ -425,6 +425,7 @@ struct RawStreams {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     keys_env: Option<String>,
+    resume_token_only: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -530,6 +531,10 @@ pub struct Config {
     pub streams: StreamsConfig,
     /// Client API keys; `None` means the gateway is open.
     pub auth_keys: Option<Vec<Secret>>,
+    /// With client keys: whether a resume token alone opens its stream's
+    /// routes (`[auth] resume_token_only`, for a browser `EventSource`,
+    /// which cannot send a key). By default the owner's key is needed too.
+    pub resume_token_only: bool,
     /// The token guarding `/admin/*`; `None` disables the admin routes.
     pub admin_token: Option<Secret>,
     /// What a peer (client or provider) may make the gateway hold or wait for.
@@ -668,6 +673,7 @@ impl Config {
         let store = store(raw.store)?;
         let resume = resume(raw.resume, &store.kind, env)?;
         let streams = streams(raw.streams)?;
+        let resume_token_only = raw.auth.resume_token_only.unwrap_or(false);
         let auth_keys = auth(raw.auth, env)?;
         let admin_token = admin(raw.admin, env)?;
         let limits = limits(raw.limits)?;
@@ -683,6 +689,7 @@ impl Config {
             resume,
             streams,
             auth_keys,
+            resume_token_only,
             admin_token,
             limits,
             cors_origins,
@@ -1265,7 +1272,14 @@ pub fn describe(config: &Config) -> String {
     out.push_str(&format!(
         "client keys: {}\n",
         match &config.auth_keys {
-            Some(keys) => format!("{} configured", keys.len()),
+            Some(keys) if config.resume_token_only => format!(
+                "{} configured; a resume token alone opens its stream",
+                keys.len()
+            ),
+            Some(keys) => format!(
+                "{} configured; resuming needs the stream's token and its owner's key",
+                keys.len()
+            ),
             None => "none (the gateway is open)".into(),
         }
     ));

@@ -2,11 +2,14 @@
 //! cancel. These handlers read the token and the cursor; the relay does
 //! the rest.
 //!
-//! A resume token is the only credential these routes need: it is bound to
-//! one stream and its owner, so a browser `EventSource` can resume with
-//! `?token=`. A wrong token and an unknown stream get the same 404. A
-//! continuation on an upstream that uses the client's own provider key
-//! needs that key too, beside the token.
+//! A resume token is bound to one stream and its owner. On an open gateway
+//! it is the only credential these routes need, so a browser `EventSource`
+//! can resume with `?token=`. With `[auth]` client keys, the owner's key is
+//! needed beside the token (a leaked token alone opens nothing), unless
+//! `[auth] resume_token_only` says otherwise. A wrong token, another key's
+//! stream and an unknown stream get the same 404. A continuation on an
+//! upstream that uses the client's own provider key needs that key too,
+//! beside the token.
 
 use std::sync::Arc;
 
@@ -29,8 +32,13 @@ pub struct ResumeQuery {
 /// The resume token: our own header first (it leaves a client's
 /// `Authorization` to the client), then `?token=`, then a bearer. No
 /// token is the same 404 as a wrong one.
-fn token<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Result<Access<'a>, ApiError> {
-    Ok(token_and_credential(headers, query)?.0)
+fn token<'a>(
+    state: &AppState,
+    owner: &'a mut String,
+    headers: &'a HeaderMap,
+    query: &'a ResumeQuery,
+) -> Result<Access<'a>, ApiError> {
+    Ok(token_and_credential(state, owner, headers, query)?.0)
 }
 
 /// The resume token, and the client's provider credential: beside a token
@@ -38,10 +46,20 @@ fn token<'a>(headers: &'a HeaderMap, query: &'a ResumeQuery) -> Result<Access<'a
 /// `x-api-key` header is the client's own provider key (a continuation on
 /// an upstream without a key of its own needs it); a bearer is the token
 /// only when no other token is given.
+///
+/// With `[auth]` keys (and not `resume_token_only`), the caller's key is
+/// authenticated first (401 without a valid one) and written to `owner`;
+/// a bearer is then that key, never the token.
 fn token_and_credential<'a>(
+    state: &AppState,
+    owner: &'a mut String,
     headers: &'a HeaderMap,
     query: &'a ResumeQuery,
 ) -> Result<(Access<'a>, HeaderMap), ApiError> {
+    let keyed = state.key_hashes.is_some() && !state.config.resume_token_only;
+    if keyed {
+        *owner = state.owner(headers)?;
+    }
     let given = |t: Option<&'a str>| t.map(str::trim).filter(|t| !t.is_empty());
     let named = given(
         headers
@@ -51,13 +69,22 @@ fn token_and_credential<'a>(
     .or(given(query.token.as_deref()));
     let (token, bearer_is_token) = match named {
         Some(token) => (token, false),
+        None if keyed => return Err(ApiError::Relay(RelayError::NotFound)),
         None => (
             given(super::bearer(headers)).ok_or(ApiError::Relay(RelayError::NotFound))?,
             true,
         ),
     };
+    let access = if keyed {
+        Access::TokenOf {
+            token,
+            owner: owner.as_str(),
+        }
+    } else {
+        Access::Token(token)
+    };
     Ok((
-        Access::Token(token),
+        access,
         crate::upstream::client_credential(headers, bearer_is_token),
     ))
 }
@@ -87,7 +114,8 @@ pub async fn resume(
 ) -> Response {
     let result = async {
         let cursor = cursor(&headers, query.after.as_deref())?;
-        let (access, credential) = token_and_credential(&headers, &query)?;
+        let mut owner = String::new();
+        let (access, credential) = token_and_credential(&state, &mut owner, &headers, &query)?;
         let attached = state
             .relay
             .resume(&id, access, cursor, true, &credential)
@@ -105,7 +133,9 @@ pub async fn state(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        let view = state.relay.state(&id, token(&headers, &query)?).await?;
+        let mut owner = String::new();
+        let access = token(&state, &mut owner, &headers, &query)?;
+        let view = state.relay.state(&id, access).await?;
         Ok::<_, ApiError>(axum::Json(view).into_response())
     }
     .await;
@@ -119,7 +149,9 @@ pub async fn cancel(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        let status = state.relay.cancel(&id, token(&headers, &query)?).await?;
+        let mut owner = String::new();
+        let access = token(&state, &mut owner, &headers, &query)?;
+        let status = state.relay.cancel(&id, access).await?;
         Ok::<_, ApiError>(axum::Json(json!({"id": id, "status": status})).into_response())
     }
     .await;

@@ -146,6 +146,9 @@ pub enum Access<'a> {
     Token(&'a str),
     /// The owner itself (an idempotent retry, authenticated by its key).
     Owner(&'a str),
+    /// A client presenting this resume token and, authenticated by its
+    /// key, being this owner: both must match (`[auth]` keys set).
+    TokenOf { token: &'a str, owner: &'a str },
 }
 
 /// A client attached to a stream: the head its response carries and the
@@ -278,7 +281,7 @@ impl Relay {
     /// token for an existing one costs (its token checked), so the two take
     /// the same time and a caller cannot tell them apart.
     fn unknown(&self, id: &str, access: Access<'_>) -> RelayError {
-        if let Access::Token(token) = access {
+        if let Access::Token(token) | Access::TokenOf { token, .. } = access {
             std::hint::black_box(self.signer.verify(id, "", token));
         }
         RelayError::NotFound
@@ -289,6 +292,10 @@ impl Relay {
         let allowed = match access {
             Access::Token(token) => self.signer.verify(id, owner, token),
             Access::Owner(who) => who == owner,
+            // Both checked, whichever fails: the same work either way.
+            Access::TokenOf { token, owner: who } => {
+                self.signer.verify(id, owner, token) & (who == owner)
+            }
         };
         allowed.then_some(()).ok_or(RelayError::NotFound)
     }
