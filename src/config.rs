@@ -1932,7 +1932,20 @@ mod tests {
         )
         .unwrap();
         let text = describe(&c);
-        assert!(text.contains("\nclient keys: 2 configured\n"), "{text}");
+        assert!(
+            text.contains("\nclient keys: 2 configured; resuming needs the stream's token and its owner's key\n"),
+            "{text}"
+        );
+        let c = Config::from_toml(
+            "[auth]\nkeys_env = \"KEYS\"\nresume_token_only = true",
+            &env(&[("KEYS", "a")]),
+        )
+        .unwrap();
+        assert!(c.resume_token_only);
+        assert!(
+            describe(&c)
+                .contains("\nclient keys: 1 configured; a resume token alone opens its stream\n")
+        );
         assert!(text.contains("-> openai (https://api.openai.com/v1, openai, continuation = instruct, credential from $OPENAI_API_KEY)"), "{text}");
         assert!(!text.contains("sk-o"));
     }
