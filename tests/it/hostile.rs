@@ -33,7 +33,12 @@ idle_timeout = "1s"
 
 /// The gateway's resident memory, in MiB.
 fn rss_mib(gw: &Gateway) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).unwrap();
+    rss_of(&gw.proc)
+}
+
+/// A process's resident memory, in MiB.
+fn rss_of(proc: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).unwrap();
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -93,12 +98,15 @@ async fn a_line_that_never_ends_is_cut_at_the_event_limit() {
     ended_with(&events, "upstream_failed");
     let after = rss_mib(&gw);
     let written = written_when_dropped(&mock).await;
+    let mock_rss = rss_of(&mock.proc);
     eprintln!(
-        "endless line: provider wrote {} MiB; gateway RSS {before} -> {after} MiB; ended after {took:?}",
+        "endless line: provider wrote {} MiB; gateway RSS {before} -> {after} MiB; ended after {took:?}; the mock's RSS {mock_rss} MiB",
         written >> 20
     );
     assert!(written < 64 << 20, "the gateway read {written} bytes");
     assert!(after < before + 32, "RSS grew from {before} to {after} MiB");
+    // The mock writes one fixed block again and again.
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
 }
 
 #[tokio::test]
@@ -111,11 +119,13 @@ async fn an_answer_past_its_size_limit_ends_with_upstream_failed() {
     ended_with(&events, "upstream_failed");
     assert!(events.len() > 100, "{} events", events.len());
     let written = written_when_dropped(&mock).await;
+    let mock_rss = rss_of(&mock.proc);
     eprintln!(
-        "endless stream: provider wrote {} MiB; {} events relayed",
+        "endless stream: provider wrote {} MiB; {} events relayed; the mock's RSS {mock_rss} MiB",
         written >> 20,
         events.len()
     );
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
     assert!(written < 64 << 20, "the gateway read {written} bytes");
 }
 
@@ -265,10 +275,12 @@ idle_timeout = "10s"
     let sent = mock.stat("events_sent").await;
     assert_eq!(sent, EVENTS + 6);
     let held = rss_mib(&gw);
+    let mock_rss = rss_of(&mock.proc);
     eprintln!(
-        "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB",
+        "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB; the mock's RSS {mock_rss} MiB",
         mock.stat("bytes_sent").await >> 20
     );
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
     // Now read it all: every event once, in order, then [DONE].
     let mut sse = Sse::from(response).await;
     let events = sse.rest().await;
