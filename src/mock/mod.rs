@@ -23,12 +23,20 @@
 //! - `styles`: the continuation styles this provider supports (default all
 //!   of `continue_final_message`, `prefix`, `assistant_prefix`);
 //!   `no_prefill`: more model globs that refuse Anthropic prefill;
-//!   `ping_every`: Anthropic pings (every 5 units).
+//!   `ping_every`: Anthropic pings (every 5 units);
+//! - `hostile`: a provider broken at the byte level, whatever `stream`
+//!   says ([`hostile`]): `endless_line`, `endless_stream` (+
+//!   `hostile_events`), `comments_only`, `drip` (one per
+//!   `token_interval_ms`, default 100), `html`, `redirect`,
+//!   `endless_error_body`, `endless_json`; `status` sets its head's status
+//!   (any final one, 200 to 999: hyper writes `HTTP/1.1 999 <none>`).
 //!
 //! A continuation must continue *this* answer (else 400), in a style the
 //! provider supports ([`plan`] has the rules). `GET /mock/stats` counts
-//! requests; `GET /mock/requests` shows the last 256 received (never a key).
+//! requests, and the body bytes and SSE events it wrote; `GET /mock/requests`
+//! shows the last 256 received (never a key).
 
+mod hostile;
 mod plan;
 mod render;
 #[cfg(test)]
@@ -68,6 +76,10 @@ pub struct Stats {
     requests_unauthorized: AtomicU64,
     requests_rejected: AtomicU64,
     tokens_sent: AtomicU64,
+    /// Body bytes handed to the connection, every answer's (errors too).
+    bytes_sent: AtomicU64,
+    /// SSE events written (`[DONE]` included, comments not).
+    events_sent: AtomicU64,
     request_ids: AtomicU64,
     fail_ids: Mutex<(HashSet<String>, VecDeque<String>)>,
     log: Mutex<VecDeque<Value>>,
@@ -166,6 +178,8 @@ async fn stats(State(stats): State<Arc<Stats>>) -> Response {
         "requests_unauthorized": n(&stats.requests_unauthorized),
         "requests_rejected": n(&stats.requests_rejected),
         "tokens_sent": n(&stats.tokens_sent),
+        "bytes_sent": n(&stats.bytes_sent),
+        "events_sent": n(&stats.events_sent),
     }))
     .into_response()
 }
@@ -331,7 +345,42 @@ async fn respond(
         stats.requests_rejected.fetch_add(1, Ordering::Relaxed);
     }
     provider_headers(&mut response, dialect, request);
-    response
+    response.map(|body| Body::new(Counted { inner: body, stats }))
+}
+
+/// A body that counts the bytes it hands to the connection (its size
+/// hint kept, so a whole answer keeps its `content-length`).
+struct Counted {
+    inner: Body,
+    stats: Arc<Stats>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.stats
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn answer(
@@ -392,11 +441,27 @@ async fn answer(
     if let Some(delay) = parsed.pointer("/mock/delay_ms").and_then(Value::as_u64) {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    if let Some(status) = parsed.pointer("/mock/status").and_then(Value::as_u64) {
-        let status = u16::try_from(status)
-            .ok()
+    // A final status HTTP/1.1 can carry: three digits, not informational
+    // (hyper turns a 1xx answer into a 500 of its own).
+    let status = match parsed.pointer("/mock/status") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v
+            .as_u64()
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (200..=999).contains(s))
             .and_then(|s| StatusCode::from_u16(s).ok())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        {
+            Some(status) => Some(status),
+            None => {
+                let message = format!("mock.status: {v} is no final HTTP status (200 to 999)");
+                return error(StatusCode::BAD_REQUEST, dialect, &message, None);
+            }
+        },
+    };
+    let hostile = parsed
+        .pointer("/mock/hostile")
+        .is_some_and(|h| !h.is_null());
+    if let Some(status) = status.filter(|_| !hostile) {
         let message = match status.as_u16() {
             429 => "Rate limit reached for requests (the mock was asked to fail)",
             529 => "Overloaded",
@@ -415,6 +480,9 @@ async fn answer(
             );
         }
     };
+    if let Some(kind) = plan.delivery.hostile {
+        return hostile::answer(kind, plan, dialect, stats.clone(), status);
+    }
     if !plan.stream {
         stats.requests_completed.fetch_add(1, Ordering::Relaxed);
         stats
@@ -506,6 +574,13 @@ enum Renderer {
 }
 
 impl Renderer {
+    fn new(plan: Plan, dialect: Dialect) -> Renderer {
+        match dialect {
+            Dialect::OpenAi => Renderer::OpenAi(render::OpenAiStream::new(plan)),
+            Dialect::Anthropic => Renderer::Anthropic(render::AnthropicStream::new(plan)),
+        }
+    }
+
     fn next(&mut self) -> Option<render::Out> {
         match self {
             Renderer::OpenAi(r) => r.next(),
@@ -530,10 +605,7 @@ fn stream(
         let covered = plan.covered;
         let cut_after = delivery.cut_after_events.filter(|_| armed);
         let error_after = delivery.error_after_events.filter(|_| armed);
-        let mut renderer = match dialect {
-            Dialect::OpenAi => Renderer::OpenAi(render::OpenAiStream::new(plan)),
-            Dialect::Anthropic => Renderer::Anthropic(render::AnthropicStream::new(plan)),
-        };
+        let mut renderer = Renderer::new(plan, dialect);
         let start = tokio::time::Instant::now();
         let mut events = 0usize;
         let mut units = 0usize;
@@ -550,6 +622,7 @@ fn stream(
             }
             if error_after == Some(events) {
                 outcome.ending = Ending::Failed;
+                stats.events_sent.fetch_add(1, Ordering::Relaxed);
                 yield Ok(match dialect {
                     Dialect::OpenAi => sse(None, OPENAI_STREAM_ERROR),
                     Dialect::Anthropic => sse(Some("error"), ANTHROPIC_STREAM_ERROR),
@@ -579,6 +652,7 @@ fn stream(
                 // The last event: a peer leaving now has had it all.
                 outcome.ending = Ending::Finished;
             }
+            stats.events_sent.fetch_add(1, Ordering::Relaxed);
             yield Ok(sse(out.event, &out.data));
         }
     }

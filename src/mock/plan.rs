@@ -142,6 +142,66 @@ pub struct Delivery {
     pub fail_id: Option<String>,
     /// Anthropic: a `ping` after every this many units (0: only the first).
     pub ping_every: usize,
+    /// A provider broken at the byte level (`mock.hostile`).
+    pub hostile: Option<Hostile>,
+    /// `endless_stream` only: end after this many repeats (then the rest of
+    /// the answer), instead of never.
+    pub hostile_events: Option<u64>,
+}
+
+/// `mock.hostile`: what a broken or hostile provider sends instead of its
+/// answer, whatever `stream` asks for. Each is written from a fixed block
+/// or a generator, never a growing buffer, and stops when the peer leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// An event stream whose first line never ends (`data: xxx…`).
+    EndlessLine,
+    /// The answer's opening, then its first unit's event again and again,
+    /// as fast as the peer reads (`hostile_events`: that many, then the
+    /// rest of the answer).
+    EndlessStream,
+    /// The answer's opening and first unit, then only `: keepalive`
+    /// comments, one per interval.
+    CommentsOnly,
+    /// The answer's opening and first unit, then `data: ` and one byte per
+    /// interval of a line that never ends.
+    Drip,
+    /// `text/html` (a proxy's or a captive portal's page).
+    Html,
+    /// A `302` to a login page.
+    Redirect,
+    /// An error status (`status`, default 500) with a body that never ends.
+    EndlessErrorBody,
+    /// `application/json` whose body never ends.
+    EndlessJson,
+}
+
+impl Hostile {
+    pub const NAMES: [&str; 8] = [
+        "endless_line",
+        "endless_stream",
+        "comments_only",
+        "drip",
+        "html",
+        "redirect",
+        "endless_error_body",
+        "endless_json",
+    ];
+
+    fn parse(name: &str) -> Option<Hostile> {
+        let hostile = match name {
+            "endless_line" => Hostile::EndlessLine,
+            "endless_stream" => Hostile::EndlessStream,
+            "comments_only" => Hostile::CommentsOnly,
+            "drip" => Hostile::Drip,
+            "html" => Hostile::Html,
+            "redirect" => Hostile::Redirect,
+            "endless_error_body" => Hostile::EndlessErrorBody,
+            "endless_json" => Hostile::EndlessJson,
+            _ => return None,
+        };
+        Some(hostile)
+    }
 }
 
 /// The whole answer to one request.
@@ -580,6 +640,19 @@ pub fn plan(body: &Value, dialect: Dialect) -> Result<Plan, Refusal> {
             .and_then(Value::as_str)
             .map(str::to_owned),
         ping_every: request.knob("ping_every").map_or(5, |v| v as usize),
+        hostile: match knobs.get("hostile") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_str().and_then(Hostile::parse) {
+                Some(h) => Some(h),
+                None => {
+                    return refuse(format!(
+                        "mock.hostile: {v} is none of {}",
+                        Hostile::NAMES.join(", ")
+                    ));
+                }
+            },
+        },
+        hostile_events: request.knob("hostile_events"),
     };
     Ok(Plan {
         choices,

@@ -1071,3 +1071,247 @@ async fn credentials_headers_cuts_errors_and_the_request_log() {
     tracker.close();
     tracker.wait().await;
 }
+
+#[test]
+fn hostile_knobs_are_checked() {
+    for bad in [
+        json!("nope"),
+        json!(3),
+        json!({"kind": "html"}),
+        json!(["html"]),
+    ] {
+        let req = body(json!({"mock": {"hostile": bad}}));
+        assert!(
+            refused(&req, Dialect::OpenAi).contains("mock.hostile"),
+            "{bad}"
+        );
+    }
+    for (i, name) in plan::Hostile::NAMES.iter().enumerate() {
+        let req = body(json!({"mock": {"hostile": name, "hostile_events": u64::MAX}}));
+        let p = openai(&req);
+        assert!(p.delivery.hostile.is_some(), "{name}");
+        assert_eq!(p.delivery.hostile_events, Some(u64::MAX));
+        // Every name parses to its own variant.
+        for other in &plan::Hostile::NAMES[..i] {
+            let q = openai(&body(json!({"mock": {"hostile": other}})));
+            assert_ne!(q.delivery.hostile, p.delivery.hostile);
+        }
+    }
+    // The request is still checked first: a hostile provider refuses too.
+    let req = body(json!({"max_tokens": u64::MAX, "mock": {"hostile": "html"}}));
+    assert!(refused(&req, Dialect::OpenAi).contains("too large"));
+}
+
+/// Read `response` until `want` shows up or `limit` bytes came; what came.
+async fn read_until(response: &mut reqwest::Response, want: &str, limit: usize) -> String {
+    let mut seen = Vec::new();
+    while seen.len() < limit && !String::from_utf8_lossy(&seen).contains(want) {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(b))) => seen.extend_from_slice(&b),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+async fn stat(http: &reqwest::Client, url: &str, name: &str) -> u64 {
+    let v: Value = http
+        .get(format!("{url}/mock/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v[name].as_u64().unwrap()
+}
+
+/// Poll until `name` reaches `want` (at most 5 s).
+async fn wait_stat(http: &reqwest::Client, url: &str, name: &str, want: u64) -> u64 {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = stat(http, url, name).await;
+        if v >= want || tokio::time::Instant::now() >= until {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn hostile_answers_are_strict_bounded_and_stop_when_the_peer_leaves() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let chat = format!("{url}/v1/chat/completions");
+    let messages = format!("{url}/v1/messages");
+    let post = |mock: Value, stream: bool| {
+        let mut req = body(json!({"mock": mock, "stream": stream}));
+        req["mock"]["words"] = json!(3);
+        http.post(&chat).bearer_auth("k1").json(&req).send()
+    };
+
+    // Strict still: no key, no answer, hostile or not.
+    let req = body(json!({"mock": {"hostile": "endless_line"}}));
+    let r = http.post(&chat).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(&messages)
+        .header("x-api-key", "k1")
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "no anthropic-version");
+
+    // Statuses: any final one hyper can write, else a 400 (never a panic).
+    let r = post(json!({"status": 999}), true).await.unwrap();
+    assert_eq!(r.status().as_u16(), 999);
+    for bad in [
+        json!(0),
+        json!(100),
+        json!(101),
+        json!(199),
+        json!(1000),
+        json!(65535),
+        json!(65536),
+        json!(u64::MAX),
+        json!(-1),
+        json!("500"),
+    ] {
+        let r = post(json!({"status": bad}), false).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+
+    let r = post(json!({"hostile": "html"}), true).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(r.text().await.unwrap().contains("<html>"));
+    let r = post(json!({"hostile": "redirect"}), false).await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "https://login.example/");
+    let r = post(json!({"hostile": "redirect", "status": 308}), false)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+
+    // A flood with an end: every copy, then the rest of the answer.
+    let r = post(
+        json!({"hostile": "endless_stream", "hostile_events": 1000}),
+        true,
+    )
+    .await
+    .unwrap();
+    let (evs, clean) = read_events(r).await;
+    assert!(clean);
+    assert_eq!(
+        evs.len(),
+        1006,
+        "role, word, 1000 copies, 2 words, finish, [DONE]"
+    );
+    assert_eq!(evs[2], evs[1001]);
+    assert_eq!(evs.last().unwrap(), "data: [DONE]");
+    let mut req =
+        body(json!({"mock": {"hostile": "endless_stream", "hostile_events": 7, "words": 2}}));
+    req["stream"] = json!(true);
+    let r = http
+        .post(&messages)
+        .header("x-api-key", "k1")
+        .header("anthropic-version", "2023-06-01")
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    let (evs, clean) = read_events(r).await;
+    assert!(clean);
+    let deltas = evs.iter().filter(|e| e.contains("text_delta")).count();
+    assert_eq!(deltas, 9, "{evs:?}");
+    assert!(evs.last().unwrap().contains("message_stop"));
+
+    // The endless ones: the mock writes on while read, and stops — counted
+    // as cancelled — once the reader leaves.
+    let cases = [
+        (
+            json!({"hostile": "endless_line"}),
+            true,
+            200,
+            "xxxx",
+            1 << 20,
+        ),
+        (
+            json!({"hostile": "endless_stream", "hostile_events": u64::MAX}),
+            true,
+            200,
+            "logprobs",
+            1 << 20,
+        ),
+        (
+            json!({"hostile": "comments_only", "token_interval_ms": 5}),
+            true,
+            200,
+            ": keepalive\n\n: keepalive",
+            1 << 16,
+        ),
+        (
+            json!({"hostile": "drip", "token_interval_ms": 5}),
+            true,
+            200,
+            "data: xxx",
+            1 << 16,
+        ),
+        (
+            json!({"hostile": "endless_error_body", "status": 503}),
+            false,
+            503,
+            "eeee",
+            1 << 20,
+        ),
+        (
+            json!({"hostile": "endless_json"}),
+            false,
+            200,
+            "jjjj",
+            1 << 20,
+        ),
+        // Whatever `stream` says.
+        (
+            json!({"hostile": "endless_line"}),
+            false,
+            200,
+            "data: xxxx",
+            1 << 16,
+        ),
+    ];
+    for (mock, stream, status, want, limit) in cases {
+        let cancelled = stat(&http, &url, "requests_cancelled").await;
+        let mut r = post(mock.clone(), stream).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{mock}");
+        let seen = read_until(&mut r, want, limit).await;
+        assert!(
+            seen.contains(want),
+            "{mock}: {}",
+            &seen[..seen.len().min(300)]
+        );
+        assert!(seen.len() >= want.len(), "{mock}");
+        drop(r);
+        let now = wait_stat(&http, &url, "requests_cancelled", cancelled + 1).await;
+        assert_eq!(
+            now,
+            cancelled + 1,
+            "{mock}: still writing after the peer left"
+        );
+    }
+    let written = stat(&http, &url, "bytes_sent").await;
+    let again = stat(&http, &url, "bytes_sent").await;
+    assert_eq!(written, again, "nothing is written once every reader left");
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}

@@ -1,189 +1,19 @@
 //! Hostile and broken providers: what one can make the gateway hold or
 //! wait for is bounded, and each case ends with a clear error — a status
 //! before the first event, `upstream_failed` in-band after it. The provider
-//! here is a raw socket in the test, so it can send what no real one would.
+//! is the strict mock, told by `mock.hostile` (or `mock.status`) to send
+//! what no real one would; it counts the body bytes it wrote, and stops
+//! (counted as cancelled) when the gateway hangs up.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::common::*;
 
-#[derive(Clone, Copy)]
-enum Behaviour {
-    /// A 200 event stream whose first line never ends (64 KiB writes).
-    EndlessLine,
-    /// A 200 event stream of events, as fast as it can, forever.
-    EndlessEvents,
-    /// A 200 event stream that only sends `: keepalive` comments.
-    OnlyComments,
-    /// A 200 event stream that sends one event, then a byte a second of a
-    /// line that never ends.
-    Drip,
-    /// 200 `text/html`.
-    Html,
-    /// 302 with a `Location`.
-    Redirect,
-    /// Status 999.
-    Status999,
-    /// 500 with an endless body.
-    EndlessErrorBody,
-    /// 200 `application/json` with an endless body (non-streaming).
-    EndlessJson,
-    /// A 200 event stream of this many events as fast as it can, then
-    /// `[DONE]`.
-    Finite(usize),
-}
-
-/// A provider on loopback; counts the body bytes it managed to write.
-struct Provider {
-    addr: String,
-    written: Arc<AtomicU64>,
-}
-
-impl Provider {
-    async fn start(behaviour: Behaviour) -> Provider {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let written = Arc::new(AtomicU64::new(0));
-        let count = written.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let count = count.clone();
-                tokio::spawn(async move { serve(s, behaviour, count).await });
-            }
-        });
-        Provider { addr, written }
-    }
-
-    fn written(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
-    }
-}
-
-async fn read_request(s: &mut TcpStream) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + length {
-                return;
-            }
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-const SSE_HEAD: &[u8] =
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-
-const CHUNK: &str = r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"word "}}]}"#;
-
-/// Write `block` again and again (pausing `pause` between) until the
-/// gateway closes the connection.
-async fn write_forever(s: &mut TcpStream, block: &[u8], pause: Duration, written: &AtomicU64) {
-    loop {
-        if s.write_all(block).await.is_err() {
-            return;
-        }
-        written.fetch_add(block.len() as u64, Ordering::SeqCst);
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-    }
-}
-
-async fn serve(mut s: TcpStream, behaviour: Behaviour, written: Arc<AtomicU64>) {
-    read_request(&mut s).await;
-    let write_forever = async |s: &mut TcpStream, block: &[u8], pause: Duration| {
-        write_forever(s, block, pause, &written).await
-    };
-    match behaviour {
-        Behaviour::EndlessLine => {
-            let _ = s.write_all(SSE_HEAD).await;
-            let _ = s.write_all(b"data: ").await;
-            write_forever(&mut s, &[b'x'; 64 * 1024], Duration::ZERO).await;
-        }
-        Behaviour::EndlessEvents => {
-            let _ = s.write_all(SSE_HEAD).await;
-            let block: Vec<u8> = std::iter::repeat_n(format!("{CHUNK}\n\n"), 200)
-                .collect::<String>()
-                .into_bytes();
-            write_forever(&mut s, &block, Duration::ZERO).await;
-        }
-        Behaviour::OnlyComments => {
-            let _ = s.write_all(SSE_HEAD).await;
-            let _ = s.write_all(format!("{CHUNK}\n\n").as_bytes()).await;
-            write_forever(&mut s, b": keepalive\n\n", Duration::from_millis(100)).await;
-        }
-        Behaviour::Drip => {
-            let _ = s.write_all(SSE_HEAD).await;
-            let _ = s.write_all(format!("{CHUNK}\n\ndata: ").as_bytes()).await;
-            write_forever(&mut s, b"x", Duration::from_millis(100)).await;
-        }
-        Behaviour::Html => {
-            let body = "<html><body>Welcome to nginx!</body></html>";
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes()).await;
-        }
-        Behaviour::Redirect => {
-            let _ = s
-                .write_all(b"HTTP/1.1 302 Found\r\nlocation: https://login.example/\r\ncontent-length: 0\r\n\r\n")
-                .await;
-        }
-        Behaviour::Status999 => {
-            let _ = s
-                .write_all(b"HTTP/1.1 999 Odd\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-                .await;
-        }
-        Behaviour::EndlessErrorBody => {
-            let _ = s
-                .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n")
-                .await;
-            write_forever(&mut s, &[b'e'; 64 * 1024], Duration::ZERO).await;
-        }
-        Behaviour::Finite(n) => {
-            let _ = s.write_all(SSE_HEAD).await;
-            let block: Vec<u8> = std::iter::repeat_n(format!("{CHUNK}\n\n"), 500)
-                .collect::<String>()
-                .into_bytes();
-            for _ in 0..n / 500 {
-                if s.write_all(&block).await.is_err() {
-                    return;
-                }
-                written.fetch_add(block.len() as u64, Ordering::SeqCst);
-            }
-            let _ = s.write_all(b"data: [DONE]\n\n").await;
-            written.fetch_add(1, Ordering::SeqCst);
-        }
-        Behaviour::EndlessJson => {
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"a\":\"")
-                .await;
-            write_forever(&mut s, &[b'j'; 64 * 1024], Duration::ZERO).await;
-        }
-    }
-}
-
-/// A gateway in front of `provider`, with `limits` lines.
-async fn gateway(dir: &std::path::Path, provider: &Provider, limits: &str) -> Gateway {
+/// A gateway in front of `mock`, with `limits` lines.
+async fn gateway(dir: &std::path::Path, mock: &Mock, limits: &str) -> Gateway {
     let config = format!(
         r#"listen = "127.0.0.1:0"
 [limits]
@@ -192,18 +22,23 @@ async fn gateway(dir: &std::path::Path, provider: &Provider, limits: &str) -> Ga
 kind = "memory"
 [[upstreams]]
 name = "hostile"
-base_url = "http://{}/v1"
+base_url = "{}"
 first_byte_timeout = "2s"
 idle_timeout = "1s"
 "#,
-        provider.addr
+        mock.base_url()
     );
     Gateway::start(dir, &config).await
 }
 
 /// The gateway's resident memory, in MiB.
 fn rss_mib(gw: &Gateway) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).unwrap();
+    rss_of(&gw.proc)
+}
+
+/// A process's resident memory, in MiB.
+fn rss_of(proc: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).unwrap();
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -212,14 +47,19 @@ fn rss_mib(gw: &Gateway) -> u64 {
     kb / 1024
 }
 
-fn stream_request() -> Value {
-    json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+fn request(stream: bool, mock: Value) -> Value {
+    json!({
+        "model": "m",
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+        "mock": mock,
+    })
 }
 
 /// Stream a request; the events and how long the stream took.
-async fn stream(gw: &Gateway) -> (u16, Vec<SseEvent>, Duration) {
+async fn stream(gw: &Gateway, mock: Value) -> (u16, Vec<SseEvent>, Duration) {
     let started = Instant::now();
-    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &stream_request()).await;
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request(true, mock)).await;
     let events = sse.rest().await;
     (sse.status, events, started.elapsed())
 }
@@ -232,64 +72,85 @@ fn ended_with(events: &[SseEvent], kind: &str) {
     assert_eq!(error["type"], kind, "{error}");
 }
 
+/// Once the gateway has hung up on every endless answer (the mock then
+/// stops writing it), the body bytes the mock wrote in all.
+async fn written_when_dropped(mock: &Mock) -> u64 {
+    let started = mock.stat("requests_started").await;
+    assert!(started > 0, "the mock was asked nothing");
+    let cancelled = mock
+        .wait_for("requests_cancelled", started, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        cancelled, started,
+        "the gateway still holds a connection to the endless provider"
+    );
+    mock.stat("bytes_sent").await
+}
+
 #[tokio::test]
 async fn a_line_that_never_ends_is_cut_at_the_event_limit() {
     let dir = tempdir();
-    let provider = Provider::start(Behaviour::EndlessLine).await;
-    let gw = gateway(&dir, &provider, "max_event_bytes = 1048576").await;
+    let mock = Mock::start(&dir).await;
+    let gw = gateway(&dir, &mock, "max_event_bytes = 1048576").await;
     let before = rss_mib(&gw);
-    let (status, events, took) = stream(&gw).await;
+    let (status, events, took) = stream(&gw, json!({"hostile": "endless_line"})).await;
     assert_eq!(status, 200);
     ended_with(&events, "upstream_failed");
     let after = rss_mib(&gw);
+    let written = written_when_dropped(&mock).await;
+    let mock_rss = rss_of(&mock.proc);
     eprintln!(
-        "endless line: provider wrote {} MiB; gateway RSS {before} -> {after} MiB; ended after {took:?}",
-        provider.written() >> 20
+        "endless line: provider wrote {} MiB; gateway RSS {before} -> {after} MiB; ended after {took:?}; the mock's RSS {mock_rss} MiB",
+        written >> 20
     );
-    assert!(
-        provider.written() < 64 << 20,
-        "the gateway read {} bytes",
-        provider.written()
-    );
+    assert!(written < 64 << 20, "the gateway read {written} bytes");
     assert!(after < before + 32, "RSS grew from {before} to {after} MiB");
+    // The mock writes one fixed block again and again.
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
 }
 
 #[tokio::test]
 async fn an_answer_past_its_size_limit_ends_with_upstream_failed() {
     let dir = tempdir();
-    let provider = Provider::start(Behaviour::EndlessEvents).await;
-    let gw = gateway(&dir, &provider, "max_answer_bytes = 4194304").await;
-    let (status, events, _) = stream(&gw).await;
+    let mock = Mock::start(&dir).await;
+    let gw = gateway(&dir, &mock, "max_answer_bytes = 4194304").await;
+    let (status, events, _) = stream(&gw, json!({"hostile": "endless_stream"})).await;
     assert_eq!(status, 200);
     ended_with(&events, "upstream_failed");
     assert!(events.len() > 100, "{} events", events.len());
-    assert!(
-        provider.written() < 64 << 20,
-        "the gateway read {} bytes",
-        provider.written()
+    let written = written_when_dropped(&mock).await;
+    let mock_rss = rss_of(&mock.proc);
+    eprintln!(
+        "endless stream: provider wrote {} MiB; {} events relayed; the mock's RSS {mock_rss} MiB",
+        written >> 20,
+        events.len()
     );
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
+    assert!(written < 64 << 20, "the gateway read {written} bytes");
 }
 
 #[tokio::test]
 async fn comments_and_drips_do_not_keep_a_stream_alive() {
-    for behaviour in [Behaviour::OnlyComments, Behaviour::Drip] {
+    for hostile in ["comments_only", "drip"] {
         let dir = tempdir();
-        let provider = Provider::start(behaviour).await;
-        let gw = gateway(&dir, &provider, "").await;
-        let (status, events, took) = stream(&gw).await;
-        assert_eq!(status, 200);
+        let mock = Mock::start(&dir).await;
+        let gw = gateway(&dir, &mock, "").await;
+        let (status, events, took) = stream(&gw, json!({"hostile": hostile})).await;
+        assert_eq!(status, 200, "{hostile}");
         ended_with(&events, "upstream_failed");
         // idle_timeout is 1 s; the provider would go on for ever.
-        assert!(took < Duration::from_secs(4), "held for {took:?}");
+        assert!(
+            took < Duration::from_secs(4),
+            "{hostile}: held for {took:?}"
+        );
+        written_when_dropped(&mock).await;
     }
 }
 
-async fn first_error(gw: &Gateway, stream: bool) -> (u16, Value) {
-    let mut request = stream_request();
-    request["stream"] = json!(stream);
+async fn first_error(gw: &Gateway, stream: bool, mock: Value) -> (u16, Value) {
     let r = client()
         .post(gw.url("/v1/chat/completions"))
-        .json(&request)
+        .json(&request(stream, mock))
         .send()
         .await
         .unwrap();
@@ -300,9 +161,9 @@ async fn first_error(gw: &Gateway, stream: bool) -> (u16, Value) {
 #[tokio::test]
 async fn html_redirects_and_odd_statuses_are_clear_502s() {
     let dir = tempdir();
-    let html = Provider::start(Behaviour::Html).await;
-    let gw = gateway(&dir, &html, "").await;
-    let (status, v) = first_error(&gw, true).await;
+    let mock = Mock::start(&dir).await;
+    let gw = gateway(&dir, &mock, "").await;
+    let (status, v) = first_error(&gw, true, json!({"hostile": "html"})).await;
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["code"], "upstream_failed", "{v}");
     assert!(
@@ -313,15 +174,13 @@ async fn html_redirects_and_odd_statuses_are_clear_502s() {
         "{v}"
     );
 
-    for (behaviour, words) in [
-        (Behaviour::Redirect, "redirect"),
-        (Behaviour::Status999, "999"),
+    for (knob, words) in [
+        (json!({"hostile": "redirect"}), "redirect"),
+        (json!({"status": 999}), "999"),
     ] {
-        let provider = Provider::start(behaviour).await;
-        let gw = gateway(&dir, &provider, "").await;
         for stream in [true, false] {
-            let (status, v) = first_error(&gw, stream).await;
-            assert_eq!(status, 502, "stream {stream}: {v}");
+            let (status, v) = first_error(&gw, stream, knob.clone()).await;
+            assert_eq!(status, 502, "{knob} stream {stream}: {v}");
             assert_eq!(v["error"]["code"], "upstream_bad_status", "{v}");
             assert!(
                 v["error"]["message"].as_str().unwrap().contains(words),
@@ -334,11 +193,11 @@ async fn html_redirects_and_odd_statuses_are_clear_502s() {
 #[tokio::test]
 async fn an_endless_error_body_is_not_read_past_its_limit() {
     let dir = tempdir();
-    let provider = Provider::start(Behaviour::EndlessErrorBody).await;
-    let gw = gateway(&dir, &provider, "").await;
+    let mock = Mock::start(&dir).await;
+    let gw = gateway(&dir, &mock, "").await;
     for stream in [true, false] {
         let started = Instant::now();
-        let (status, _) = first_error(&gw, stream).await;
+        let (status, _) = first_error(&gw, stream, json!({"hostile": "endless_error_body"})).await;
         assert_eq!(status, 500);
         assert!(
             started.elapsed() < Duration::from_secs(3),
@@ -347,39 +206,35 @@ async fn an_endless_error_body_is_not_read_past_its_limit() {
         );
     }
     // Two reads of at most 64 KiB each, plus what sockets buffer.
-    assert!(
-        provider.written() < 32 << 20,
-        "the gateway read {} bytes",
-        provider.written()
-    );
+    let written = written_when_dropped(&mock).await;
+    eprintln!("endless error body: provider wrote {} KiB", written >> 10);
+    assert!(written < 32 << 20, "the gateway read {written} bytes");
 }
 
 #[tokio::test]
 async fn a_non_streaming_answer_past_its_limit_is_a_502() {
     let dir = tempdir();
-    let provider = Provider::start(Behaviour::EndlessJson).await;
-    let gw = gateway(&dir, &provider, "max_answer_bytes = 4194304").await;
+    let mock = Mock::start(&dir).await;
+    let gw = gateway(&dir, &mock, "max_answer_bytes = 4194304").await;
     let before = rss_mib(&gw);
-    let (status, v) = first_error(&gw, false).await;
+    let (status, v) = first_error(&gw, false, json!({"hostile": "endless_json"})).await;
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["code"], "upstream_failed", "{v}");
     let after = rss_mib(&gw);
+    let written = written_when_dropped(&mock).await;
     eprintln!(
         "endless JSON: provider wrote {} MiB; RSS {before} -> {after} MiB",
-        provider.written() >> 20
+        written >> 20
     );
-    assert!(
-        provider.written() < 64 << 20,
-        "the gateway read {} bytes",
-        provider.written()
-    );
+    assert!(written < 64 << 20, "the gateway read {written} bytes");
 }
 
 #[tokio::test]
 async fn a_client_that_does_not_read_is_not_buffered_in_memory() {
     let dir = tempdir();
-    const EVENTS: usize = 1_200_000;
-    let provider = Provider::start(Behaviour::Finite(EVENTS)).await;
+    // ~120 MiB of chunks (the mock's are ~230 bytes each).
+    const EVENTS: u64 = 550_000;
+    let mock = Mock::start(&dir).await;
     let config = format!(
         r#"listen = "127.0.0.1:0"
 [limits]
@@ -389,39 +244,43 @@ write_timeout = "120s"
 {}
 [[upstreams]]
 name = "fast"
-base_url = "http://{}/v1"
+base_url = "{}"
 idle_timeout = "10s"
 "#,
         embedded(&dir),
-        provider.addr
+        mock.base_url()
     );
     let gw = Gateway::start(&dir, &config).await;
     let before = rss_mib(&gw);
+    // The role chunk, the first word and EVENTS copies of it, two more
+    // words, the finish chunk, [DONE]: as fast as the gateway takes them.
+    let flood = json!({"hostile": "endless_stream", "hostile_events": EVENTS, "words": 3});
     let response = client()
         .post(gw.url("/v1/chat/completions"))
-        .json(&stream_request())
+        .json(&request(true, flood))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     // Read nothing until the provider has sent the whole answer.
-    let block = (CHUNK.len() as u64 + 2) * 500;
-    let total = block * (EVENTS as u64 / 500) + 1;
-    let until = Instant::now() + Duration::from_secs(60);
-    while provider.written() < total {
-        assert!(
-            Instant::now() < until,
-            "the provider was held back: {} of {total} bytes",
-            provider.written()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let held = rss_mib(&gw);
-    eprintln!(
-        "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB",
-        total >> 20
+    let completed = mock
+        .wait_for("requests_completed", 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        completed,
+        1,
+        "the provider was held back: {} events sent",
+        mock.stat("events_sent").await
     );
+    let sent = mock.stat("events_sent").await;
+    assert_eq!(sent, EVENTS + 6);
+    let held = rss_mib(&gw);
+    let mock_rss = rss_of(&mock.proc);
+    eprintln!(
+        "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB; the mock's RSS {mock_rss} MiB",
+        mock.stat("bytes_sent").await >> 20
+    );
+    assert!(mock_rss < 32, "the mock holds {mock_rss} MiB");
     // Now read it all: every event once, in order, then [DONE].
     let mut sse = Sse::from(response).await;
     let events = sse.rest().await;
@@ -431,7 +290,7 @@ idle_timeout = "10s"
         events.last()
     );
     assert_contiguous(&ids_of(&events));
-    assert_eq!(ids_of(&events).len(), EVENTS);
+    assert_eq!(ids_of(&events).len() as u64, sent - 1, "all but [DONE]");
     // Before the live window: 8 -> 353 MiB for this answer. What is left
     // (~130 MiB) is the embedded store's write buffers (fjall memtables
     // and journal), not the client's stream.
