@@ -60,6 +60,17 @@ impl Proc {
         self.exit(Duration::from_secs(10)).await;
     }
 
+    /// The process's resident memory, in MiB.
+    pub fn rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb / 1024
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -288,13 +299,7 @@ pub struct Gateway {
 impl Gateway {
     /// The gateway's resident memory, in MiB.
     pub fn rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb / 1024
+        self.proc.rss_mib()
     }
 
     pub async fn start(dir: &Path, config: &str) -> Gateway {

@@ -31,22 +31,6 @@ idle_timeout = "1s"
     Gateway::start(dir, &config).await
 }
 
-/// The gateway's resident memory, in MiB.
-fn rss_mib(gw: &Gateway) -> u64 {
-    rss_of(&gw.proc)
-}
-
-/// A process's resident memory, in MiB.
-fn rss_of(proc: &Proc) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 fn request(stream: bool, mock: Value) -> Value {
     json!({
         "model": "m",
@@ -92,13 +76,13 @@ async fn a_line_that_never_ends_is_cut_at_the_event_limit() {
     let dir = tempdir();
     let mock = Mock::start(&dir).await;
     let gw = gateway(&dir, &mock, "max_event_bytes = 1048576").await;
-    let before = rss_mib(&gw);
+    let before = gw.rss_mib();
     let (status, events, took) = stream(&gw, json!({"hostile": "endless_line"})).await;
     assert_eq!(status, 200);
     ended_with(&events, "upstream_failed");
-    let after = rss_mib(&gw);
+    let after = gw.rss_mib();
     let written = written_when_dropped(&mock).await;
-    let mock_rss = rss_of(&mock.proc);
+    let mock_rss = mock.proc.rss_mib();
     eprintln!(
         "endless line: provider wrote {} MiB; gateway RSS {before} -> {after} MiB; ended after {took:?}; the mock's RSS {mock_rss} MiB",
         written >> 20
@@ -119,7 +103,7 @@ async fn an_answer_past_its_size_limit_ends_with_upstream_failed() {
     ended_with(&events, "upstream_failed");
     assert!(events.len() > 100, "{} events", events.len());
     let written = written_when_dropped(&mock).await;
-    let mock_rss = rss_of(&mock.proc);
+    let mock_rss = mock.proc.rss_mib();
     eprintln!(
         "endless stream: provider wrote {} MiB; {} events relayed; the mock's RSS {mock_rss} MiB",
         written >> 20,
@@ -216,11 +200,11 @@ async fn a_non_streaming_answer_past_its_limit_is_a_502() {
     let dir = tempdir();
     let mock = Mock::start(&dir).await;
     let gw = gateway(&dir, &mock, "max_answer_bytes = 4194304").await;
-    let before = rss_mib(&gw);
+    let before = gw.rss_mib();
     let (status, v) = first_error(&gw, false, json!({"hostile": "endless_json"})).await;
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["code"], "upstream_failed", "{v}");
-    let after = rss_mib(&gw);
+    let after = gw.rss_mib();
     let written = written_when_dropped(&mock).await;
     eprintln!(
         "endless JSON: provider wrote {} MiB; RSS {before} -> {after} MiB",
@@ -251,7 +235,7 @@ idle_timeout = "10s"
         mock.base_url()
     );
     let gw = Gateway::start(&dir, &config).await;
-    let before = rss_mib(&gw);
+    let before = gw.rss_mib();
     // The role chunk, the first word and EVENTS copies of it, two more
     // words, the finish chunk, [DONE]: as fast as the gateway takes them.
     let flood = json!({"hostile": "endless_stream", "hostile_events": EVENTS, "words": 3});
@@ -274,8 +258,8 @@ idle_timeout = "10s"
     );
     let sent = mock.stat("events_sent").await;
     assert_eq!(sent, EVENTS + 6);
-    let held = rss_mib(&gw);
-    let mock_rss = rss_of(&mock.proc);
+    let held = gw.rss_mib();
+    let mock_rss = mock.proc.rss_mib();
     eprintln!(
         "slow reader: provider sent {} MiB while the client read nothing; gateway RSS {before} -> {held} MiB; the mock's RSS {mock_rss} MiB",
         mock.stat("bytes_sent").await >> 20
