@@ -146,11 +146,7 @@ fn stored_well_formed(events: &[Event]) -> bool {
                 last = Some(i);
                 open = true;
             }
-            Some("content_block_delta") => {
-                if !open || index != last {
-                    return false;
-                }
-            }
+            Some("content_block_delta") if !open || index != last => return false,
             Some("content_block_stop") => {
                 if !open || index != last {
                     return false;

@@ -16,10 +16,7 @@ fn reference(input: &[u8]) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
     let mut out = Vec::new();
     let mut name: Option<Vec<u8>> = None;
     let mut data: Option<Vec<u8>> = None;
-    loop {
-        let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
-            break;
-        };
+    while let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
         let line = &rest[..end];
         let skip = if rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n') {
             2

@@ -18,7 +18,7 @@ impl Rng {
         Rng(h | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn step(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -30,7 +30,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.step() % n as u64) as usize
         }
     }
 }
