@@ -254,7 +254,8 @@ impl Wire for AnthropicMessages {
             next: partial
                 .blocks
                 .iter()
-                .map(|b| b.index + 1)
+                // A provider's index is any number: no overflow.
+                .map(|b| b.index.saturating_add(1))
                 .max()
                 .unwrap_or(0),
             drop_thinking: has_thinking,
@@ -463,7 +464,7 @@ impl BlockSplice {
     /// A new client block for continuation block `j`.
     fn open_new(&mut self, j: u32) -> u32 {
         let c = self.next;
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         self.map.insert(j, Some(c));
         c
     }
@@ -660,6 +661,38 @@ mod tests {
 
     fn original() -> Value {
         json!({"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "q"}], "stream": true})
+    }
+
+    #[test]
+    fn a_block_index_at_the_limit_does_not_overflow() {
+        // Found by fuzz/fuzz_targets/continuation.rs: `index + 1` overflowed
+        // (a panic with overflow checks, a wrap to block 0 without).
+        let p = AnthropicMessages.partial(&[
+            event(
+                1,
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "m"}}),
+            ),
+            start(2, u32::MAX, json!({"type": "text", "text": "a"})),
+            stop(3, u32::MAX),
+        ]);
+        let Plan::Continue(mut legs) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        let mut out = Vec::new();
+        for i in 0..2 {
+            legs[0].splice.event(
+                sse(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": i, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+                ),
+                &mut out,
+            );
+        }
+        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(v["index"], u32::MAX);
     }
 
     #[test]

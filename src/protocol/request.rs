@@ -401,7 +401,8 @@ mod tests {
         }
     }
 
-    // Fuzz smoke (proptest; no `cargo fuzz` on the stable toolchain).
+    // Quick properties inside `cargo test`; the coverage-guided targets
+    // (cargo-fuzz, time-boxed by scripts/fuzz) are in fuzz/.
     mod fuzz {
         use super::super::*;
         use proptest::prelude::*;

@@ -119,6 +119,17 @@ impl SseDecoder {
         }
     }
 
+    /// Bytes held now, undecoded (for the fuzz targets' memory bound).
+    #[doc(hidden)]
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+            + match &self.data {
+                Data::None => 0,
+                Data::One(d) => d.len(),
+                Data::Many(d) => d.len(),
+            }
+    }
+
     /// Why the decoder stopped taking bytes, once it has.
     pub fn overflow(&self) -> Option<Overflow> {
         self.overflow
@@ -461,8 +472,9 @@ mod tests {
         assert_eq!(&out[..], b"id: 4\nevent: ping\ndata: a\ndata: b\n\n");
     }
 
-    // Fuzz smoke (proptest: only the stable toolchain is available, so no
-    // `cargo fuzz`): bounded cases, seconds in CI.
+    // Quick properties inside `cargo test` (bounded cases); the
+    // coverage-guided target (cargo-fuzz, time-boxed by scripts/fuzz) is
+    // fuzz/fuzz_targets/sse_decoder.rs.
     mod fuzz {
         use super::super::*;
         use proptest::prelude::*;
