@@ -96,6 +96,8 @@ async fn replica(dir: &Path, config: &str) -> Gateway {
 struct Balancer {
     child: Child,
     port: u16,
+    /// haproxy's own stats page (CSV at `/stats;csv`).
+    stats_port: u16,
 }
 
 impl Drop for Balancer {
@@ -107,6 +109,7 @@ impl Drop for Balancer {
 impl Balancer {
     async fn start(dir: &Path, backends: &[u16]) -> Balancer {
         let port = free_port();
+        let stats_port = free_port();
         let servers: String = backends
             .iter()
             .enumerate()
@@ -117,6 +120,7 @@ impl Balancer {
         let cfg = format!(
             "global\n    maxconn 4096\n\
              defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n    retries 3\n    option redispatch\n\
+             frontend stats\n    bind 127.0.0.1:{stats_port}\n    stats enable\n    stats uri /stats\n\
              frontend front\n    bind 127.0.0.1:{port}\n    default_backend gateways\n\
              backend gateways\n    balance roundrobin\n    option httpchk GET /healthz/ready\n{servers}"
         );
@@ -130,7 +134,28 @@ impl Balancer {
             .spawn()
             .expect("haproxy is installed (scripts/test installs it)");
         wait_for_port(port).await;
-        Balancer { child, port }
+        Balancer {
+            child,
+            port,
+            stats_port,
+        }
+    }
+
+    /// Poll haproxy's stats until `n` gateways pass its health check.
+    async fn wait_up(&self, n: usize) {
+        let url = format!("http://127.0.0.1:{}/stats;csv", self.stats_port);
+        let up = eventually(Duration::from_secs(10), || async {
+            let Ok(r) = client().get(&url).send().await else {
+                return false;
+            };
+            let csv = r.text().await.unwrap_or_default();
+            let servers = csv
+                .lines()
+                .filter(|l| l.starts_with("gateways,r") && l.split(',').nth(17) == Some("UP"));
+            servers.count() >= n
+        })
+        .await;
+        assert!(up, "haproxy never saw {n} gateways up");
     }
 
     fn url(&self, path: &str) -> String {
@@ -211,8 +236,7 @@ async fn rolling_restart_through_a_load_balancer_loses_nothing() {
     let mut a = replica(&dir, &ca).await;
     let mut b = replica(&dir, &cb).await;
     let lb = Balancer::start(&dir, &[pa, pb]).await;
-    // Wait until haproxy sees both replicas ready.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    lb.wait_up(2).await;
 
     const STREAMS: usize = 24;
     let mut clients = Vec::new();
@@ -224,13 +248,20 @@ async fn rolling_restart_through_a_load_balancer_loses_nothing() {
     }
     mock.wait_for("requests_started", STREAMS as u64, Duration::from_secs(10))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every stream is relaying before the first restart.
+    let going = eventually(Duration::from_secs(10), || async {
+        a.metric("tidegate_events_relayed_total").await
+            + b.metric("tidegate_events_relayed_total").await
+            >= (STREAMS * 3) as f64
+    })
+    .await;
+    assert!(going, "the streams did not get going");
 
     // Drain and restart A, then B.
     a.proc.signal("TERM");
     assert!(a.proc.exit(Duration::from_secs(10)).await.success());
     a = replica(&dir, &ca).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    lb.wait_up(2).await;
     b.proc.signal("TERM");
     assert!(b.proc.exit(Duration::from_secs(10)).await.success());
     b = replica(&dir, &cb).await;
