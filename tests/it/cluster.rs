@@ -330,13 +330,13 @@ async fn streams_live_across_slots_and_a_master_failover() {
     let a = replica(&dir, &cluster_config(&mock, &store)).await;
     let b = replica(&dir, &cluster_config(&mock, &store)).await;
 
-    // Streams on A until they span two masters, each followed live from B;
-    // they outlive the lease, so its renewal (one script per slot) must
-    // work, and a DELETE on B must reach A (the cancel check, per slot).
+    // Streams on A until they span two masters (3 s each, twice the
+    // lease), and one more that a DELETE on B cancels: the cancel check
+    // (one EXISTS per slot) must reach A while the others still run.
     let mut running: Vec<Started> = Vec::new();
     let mut masters = std::collections::BTreeSet::new();
     for i in 0..12 {
-        let s = start(&a, chat(80, 25, &format!("slot {i}")), 2).await;
+        let s = start(&a, chat(120, 25, &format!("slot {i}")), 2).await;
         masters.insert(cluster.shard_of(&s.id).await.master);
         running.push(s);
         if masters.len() >= 2 && running.len() >= 3 {
@@ -344,7 +344,7 @@ async fn streams_live_across_slots_and_a_master_failover() {
         }
     }
     assert!(masters.len() >= 2, "12 streams on one master");
-    let doomed = start(&a, chat(400, 30, "cancel me from b"), 2).await;
+    let mut doomed = start(&a, chat(400, 30, "cancel me from b"), 2).await;
     let r = client()
         .delete(b.url(&format!("/v1/streams/{}", doomed.id)))
         .header("x-tidegate-resume-token", &doomed.token)
@@ -352,6 +352,34 @@ async fn streams_live_across_slots_and_a_master_failover() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    let doomed_rest = doomed.sse.rest().await;
+    assert_eq!(
+        doomed_rest
+            .last()
+            .and_then(SseEvent::error)
+            .expect("cancelled")["type"],
+        "cancelled"
+    );
+    for s in &running {
+        let record = cli(
+            cluster.shard_of(&s.id).await.master,
+            &["GET", &format!("tg:{{{}}}:rec", s.id)],
+        )
+        .await;
+        assert!(
+            record.contains("\"status\":\"running\""),
+            "the cancel landed only after stream {} ended: {record}",
+            s.id
+        );
+    }
+    // Past the lease's TTL (A's client reads on to event 80, 2 s in), B
+    // must still see A's leases alive (renewed, one script per slot) and
+    // follow rather than continue.
+    let first = &mut running[0];
+    while first.events.last().and_then(|e| e.id).unwrap_or(0) < 80 {
+        let event = first.sse.next().await.expect("the stream runs on");
+        first.events.push(event);
+    }
     let mut followers = Vec::new();
     for s in &running {
         let sse = Sse::get(
@@ -365,18 +393,14 @@ async fn streams_live_across_slots_and_a_master_failover() {
         assert_eq!(sse.status, 200);
         followers.push(sse);
     }
-    let mut doomed_sse = doomed.sse;
-    let (ends, follows, doomed_rest) = tokio::join!(
+    let (ends, follows) = tokio::join!(
         futures_util::future::join_all(running.iter_mut().map(|s| s.sse.rest())),
         futures_util::future::join_all(followers.iter_mut().map(Sse::rest)),
-        doomed_sse.rest(),
     );
     assert_eq!(
-        doomed_rest
-            .last()
-            .and_then(SseEvent::error)
-            .expect("cancelled")["type"],
-        "cancelled"
+        mock.stat("requests_started").await,
+        running.len() as u64 + 1,
+        "B followed A's streams and started no continuation"
     );
     for ((s, rest), from_b) in running.iter().zip(ends).zip(follows) {
         assert!(rest.last().is_some_and(SseEvent::is_done), "{rest:?}");
@@ -386,7 +410,7 @@ async fn streams_live_across_slots_and_a_master_failover() {
         assert_contiguous(&ids_of(&on_a[..on_a.len() - 1]));
         let answer = mock.answer(&s.request).await;
         assert_eq!(text_of(&on_a), answer);
-        assert_eq!(ids_of(&from_b), (3..=82).collect::<Vec<_>>());
+        assert_eq!(ids_of(&from_b), (3..=122).collect::<Vec<_>>());
         assert_eq!(text_of(&from_b), text_of(&on_a[2..]), "B followed live");
         assert_eq!(text_of(&replay(&b, &s.id, &s.token).await), answer);
     }
