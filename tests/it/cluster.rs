@@ -140,6 +140,14 @@ impl Cluster {
         cluster
     }
 
+    /// SIGKILL the node on `port`; it leaves the cluster's process list.
+    async fn kill(&mut self, port: u16) {
+        let at = self.nodes.iter().position(|(_, p)| *p == port).unwrap();
+        let (mut child, _) = self.nodes.remove(at);
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+
     fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.nodes.iter().map(|(_, p)| *p)
     }
@@ -320,7 +328,7 @@ async fn replay(gw: &Gateway, id: &str, token: &str) -> Vec<SseEvent> {
 async fn streams_live_across_slots_and_a_master_failover() {
     let began = Instant::now();
     let dir = tempdir();
-    let cluster = Cluster::start(&dir).await;
+    let mut cluster = Cluster::start(&dir).await;
     println!("cluster up in {:?}", began.elapsed());
     let mock = Mock::start(&dir).await;
     let store = format!(
@@ -461,7 +469,7 @@ async fn streams_live_across_slots_and_a_master_failover() {
     let readers = running.into_iter().map(|s| async move {
         let (a, b, mock) = (a_ref, b_ref, mock_ref);
         let answer = mock.answer(&s.request).await;
-        let (events, resumes) = read_to_done([&a, &b], &s.id, &s.token, 0, s.sse, s.events).await;
+        let (events, resumes) = read_to_done([a, b], &s.id, &s.token, 0, s.sse, s.events).await;
         assert_contiguous(&ids_of(&events));
         assert_eq!(
             text_of(&events),
@@ -484,6 +492,77 @@ async fn streams_live_across_slots_and_a_master_failover() {
     assert!(first_answer.ends_with(&text_of(&from_b)));
     println!(
         "across the failover: resumes per stream {resumes:?}, follower {follow_resumes}, at {:?}",
+        began.elapsed()
+    );
+
+    // A master killed while streams run on A, one followed from B: its
+    // replica takes over after the node timeout (1 s); writes to its
+    // slots fail meanwhile, so a stream there ends with `store_failed`,
+    // `resume: true`, and resumes to the exact text once it is promoted.
+    let mut running = Vec::new();
+    for i in 0..4 {
+        running.push(start(&a, chat(100, 25, &format!("killed master {i}")), 3).await);
+    }
+    let victim = cluster.shard_of(&running[0].id).await;
+    let heir = victim.replica;
+    until(
+        "the heir is in sync",
+        Duration::from_secs(10),
+        || async move {
+            field(
+                &cli(heir, &["INFO", "replication"]).await,
+                "master_link_status",
+            )
+            .as_deref()
+                == Some("up")
+        },
+    )
+    .await;
+    let followed = Sse::get(
+        &b.url(&format!("/v1/streams/{}", running[0].id)),
+        &[
+            ("x-tidegate-resume-token", &running[0].token),
+            ("last-event-id", "3"),
+        ],
+    )
+    .await;
+    assert_eq!(followed.status, 200);
+    let killed_at = Instant::now();
+    cluster.kill(victim.master).await;
+    until(
+        "the heir is promoted",
+        Duration::from_secs(15),
+        || async move {
+            field(&cli(heir, &["INFO", "replication"]).await, "role").as_deref() == Some("master")
+        },
+    )
+    .await;
+    println!(
+        "killed master {}; {} promoted after {:?}",
+        victim.master,
+        heir,
+        killed_at.elapsed()
+    );
+    let (first_id, first_token) = (running[0].id.clone(), running[0].token.clone());
+    let readers = running.into_iter().map(|s| async move {
+        let (a, b, mock) = (a_ref, b_ref, mock_ref);
+        let answer = mock.answer(&s.request).await;
+        let (events, resumes) = read_to_done([a, b], &s.id, &s.token, 0, s.sse, s.events).await;
+        assert_contiguous(&ids_of(&events));
+        assert_eq!(text_of(&events), answer, "stream {} across the kill", s.id);
+        resumes
+    });
+    let (resumes, (from_b, follow_resumes)) = tokio::join!(
+        futures_util::future::join_all(readers),
+        read_to_done([&b, &a], &first_id, &first_token, 3, followed, Vec::new()),
+    );
+    assert_eq!(ids_of(&from_b).first(), Some(&4));
+    assert_eq!(ids_of(&from_b).last(), Some(&102));
+    assert_contiguous(&ids_of(&from_b).iter().map(|i| i - 3).collect::<Vec<_>>());
+    let first_answer = text_of(&replay(&a, &first_id, &first_token).await);
+    assert!(first_answer.ends_with(&text_of(&from_b)));
+    println!(
+        "across the kill: resumes per stream {resumes:?}, follower {follow_resumes}, at {:?}",
         began.elapsed()
     );
 
