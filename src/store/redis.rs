@@ -613,6 +613,30 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn cluster_errors_never_show_the_password() {
+        let config = StoreConfig {
+            kind: crate::config::StoreKind::Memory,
+            ttl: Duration::from_secs(60),
+            commit_interval: Duration::ZERO,
+            lease_ttl: Duration::from_secs(5),
+        };
+        let nodes = [
+            "redis://:hunter2@host:notaport".to_owned(),
+            "redis://other:7000".to_owned(),
+        ];
+        let Err(e) = connect_cluster(&nodes, &config).await else {
+            panic!("an invalid seed connected");
+        };
+        let shown = e.to_string();
+        assert!(matches!(e, StoreError::Redis { .. }), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis at cluster (redis://***@host:notaport, redis://other:7000)"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn urls_are_redacted() {
         assert_eq!(
