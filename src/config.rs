@@ -402,6 +402,7 @@ struct RawStore {
     kind: Option<RawStoreKind>,
     path: Option<String>,
     url: Option<String>,
+    cluster: Option<Vec<String>>,
     ttl: Option<HumanDuration>,
     commit_interval: Option<HumanDuration>,
     lease_ttl: Option<HumanDuration>,
@@ -560,8 +561,16 @@ pub struct DrainConfig {
 #[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
-    Embedded { path: PathBuf },
-    Redis { url: String },
+    Embedded {
+        path: PathBuf,
+    },
+    Redis {
+        url: String,
+    },
+    /// Redis Cluster, found from these seed nodes.
+    RedisCluster {
+        nodes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -777,25 +786,61 @@ fn drain(raw: RawDrain) -> Result<DrainConfig, ConfigError> {
     Ok(drain)
 }
 
+/// A Redis URL of the config, at `key`.
+fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            "must start with redis:// or rediss://",
+        ))
+    }
+}
+
 /// Validates the `[store]` section.
 fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
+    if raw.cluster.is_some() && !matches!(raw.kind, Some(RawStoreKind::Redis)) {
+        return Err(ConfigError::invalid(
+            "store.cluster",
+            "only with store.kind = \"redis\"",
+        ));
+    }
     let kind = match raw.kind.unwrap_or(DEFAULT_STORE_KIND) {
         RawStoreKind::Memory => StoreKind::Memory,
         RawStoreKind::Embedded => StoreKind::Embedded {
             path: PathBuf::from(raw.path.unwrap_or_else(|| DEFAULT_DATA_DIR.to_owned())),
         },
-        RawStoreKind::Redis => {
-            let url = raw.url.ok_or_else(|| {
-                ConfigError::invalid("store.url", "required with store.kind = \"redis\"")
-            })?;
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        RawStoreKind::Redis => match (raw.url, raw.cluster) {
+            (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
-                    "store.url",
-                    "must start with redis:// or rediss://",
+                    "store.cluster",
+                    "give either store.url (one Redis) or store.cluster (the seed nodes of a Redis Cluster), not both",
                 ));
             }
-            StoreKind::Redis { url }
-        }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "store.url",
+                    "required with store.kind = \"redis\" (or store.cluster for a Redis Cluster)",
+                ));
+            }
+            (Some(url), None) => {
+                redis_url("store.url", &url)?;
+                StoreKind::Redis { url }
+            }
+            (None, Some(nodes)) => {
+                if nodes.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "store.cluster",
+                        "must list at least one seed node",
+                    ));
+                }
+                for (i, node) in nodes.iter().enumerate() {
+                    redis_url(&format!("store.cluster[{i}]"), node)?;
+                }
+                StoreKind::RedisCluster { nodes }
+            }
+        },
     };
     let store = StoreConfig {
         kind,
@@ -821,7 +866,11 @@ fn resume(raw: RawResume, store: &StoreKind, env: &dyn Env) -> Result<ResumeConf
         Some(var) => Some(Secret(secret(env, var, "resume.secret_env")?)),
         None => None,
     };
-    if matches!(store, StoreKind::Redis { .. }) && secret.is_none() {
+    if matches!(
+        store,
+        StoreKind::Redis { .. } | StoreKind::RedisCluster { .. }
+    ) && secret.is_none()
+    {
         return Err(ConfigError::invalid(
             "resume.secret_env",
             "a shared store needs a shared resume secret: set resume.secret_env to the name of an environment variable holding it",
@@ -1406,6 +1455,16 @@ impl fmt::Display for StoreKind {
             StoreKind::Memory => f.write_str("memory"),
             StoreKind::Embedded { path } => write!(f, "embedded ({})", path.display()),
             StoreKind::Redis { url } => write!(f, "redis ({})", redact_url(url)),
+            StoreKind::RedisCluster { nodes } => {
+                f.write_str("redis cluster (")?;
+                for (i, node) in nodes.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(&redact_url(node))?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
@@ -1418,6 +1477,13 @@ impl fmt::Debug for StoreKind {
             StoreKind::Redis { url } => f
                 .debug_struct("Redis")
                 .field("url", &redact_url(url))
+                .finish(),
+            StoreKind::RedisCluster { nodes } => f
+                .debug_struct("RedisCluster")
+                .field(
+                    "nodes",
+                    &nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+                )
                 .finish(),
         }
     }
@@ -1771,6 +1837,16 @@ mod tests {
             ("[store]\nkind = \"redis\"", "store.url"),
             ("[store]\nkind = \"redis\"\nurl = \"http://x\"", "store.url"),
             (
+                "[store]\nkind = \"redis\"\nurl = \"redis://a\"\ncluster = [\"redis://b\"]",
+                "store.cluster",
+            ),
+            ("[store]\nkind = \"redis\"\ncluster = []", "store.cluster"),
+            (
+                "[store]\nkind = \"redis\"\ncluster = [\"redis://a:7000\", \"a:7001\"]",
+                "store.cluster[1]",
+            ),
+            ("[store]\ncluster = [\"redis://a:7000\"]", "store.cluster"),
+            (
                 "[[upstreams]]\nname = \"\"\nbase_url = \"http://x/v1\"",
                 "upstreams[0].name",
             ),
@@ -1968,6 +2044,37 @@ mod tests {
             StoreKind::Redis {
                 url: "redis://user:hunter2@cache.internal:6379/0".into()
             }
+        );
+    }
+
+    #[test]
+    fn a_redis_cluster_is_its_seed_nodes_and_hides_passwords() {
+        let file = "[store]\nkind = \"redis\"\ncluster = [\"redis://:hunter2@10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\n[resume]\nsecret_env = \"RS\"\n";
+        let c = Config::from_toml(file, &env(&[("RS", "resume-secret")])).unwrap();
+        let text = describe(&c);
+        assert!(
+            text.contains(
+                "\nstore: redis cluster (redis://***@10.0.0.1:7000, redis://10.0.0.2:7000) (ttl 15m)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!format!("{:?}", c.store).contains("hunter2"));
+        assert_eq!(
+            c.store.kind,
+            StoreKind::RedisCluster {
+                nodes: vec![
+                    "redis://:hunter2@10.0.0.1:7000".into(),
+                    "redis://10.0.0.2:7000".into()
+                ]
+            }
+        );
+        // Shared like a single Redis: it needs a shared resume secret.
+        let bare = "[store]\nkind = \"redis\"\ncluster = [\"redis://a:7000\"]";
+        assert!(
+            error_of(bare).contains("resume.secret_env"),
+            "{}",
+            error_of(bare)
         );
     }
 

@@ -4,7 +4,7 @@
 //!
 //! Three backends share one trait: [`memory`] for tests, [`embedded`] (the
 //! default, on local disk, survives a SIGKILL) and [`redis`] for many
-//! replicas. The relay never knows which one it talks to.
+//! replicas (one Redis or a Redis Cluster). The relay never knows which one it talks to.
 //!
 //! **Invariant:** when [`Store::append`] returns `Ok`, the event is durable
 //! enough to be replayed by the next process on the same store; the relay
@@ -248,7 +248,8 @@ pub async fn open(config: &StoreConfig) -> Result<SharedStore, StoreError> {
     Ok(match &config.kind {
         StoreKind::Memory => Arc::new(memory::MemoryStore::new(config.ttl)),
         StoreKind::Embedded { path } => Arc::new(embedded::EmbeddedStore::open(path, config)?),
-        StoreKind::Redis { url } => Arc::new(redis::RedisStore::connect(url, config).await?),
+        StoreKind::Redis { url } => redis::connect(url, config).await?,
+        StoreKind::RedisCluster { nodes } => redis::connect_cluster(nodes, config).await?,
     })
 }
 

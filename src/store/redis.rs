@@ -1,28 +1,39 @@
-//! The `redis` store: shared by every replica.
+//! The `redis` store: shared by every replica, on one Redis or a Redis
+//! Cluster.
 //!
 //! Per stream, under one hash tag so Redis Cluster keeps them on one slot:
 //! - `tg:{id}:ev`: a Redis Stream, one entry per append (the batch of
 //!   consecutive events the pump wrote together, field `b`) with the
 //!   explicit id `<last seq>-0`: XRANGE from `<n+1>-0` and XREAD after
 //!   `<n>-0` both return exactly the entries holding events after `n`
-//!   (XADD to append, XRANGE to replay, XREAD BLOCK to follow live from
-//!   another replica);
+//!   (XADD to append, XRANGE to replay, XREAD to follow live from another
+//!   replica);
 //! - `tg:{id}:rec`: the record as JSON;
 //! - `tg:{id}:lease`: the replica running it, with a TTL it renews;
 //! - `tg:{id}:cancel`: a `DELETE` that arrived at another replica.
 //!
 //! Idempotency keys live under `tg:idem:{<owner>:<key>}`. Every key has a
-//! TTL. Appends from all streams share one multiplexed connection, which
-//! pipelines whatever is in flight: that is the group commit.
+//! TTL. Appends from all streams share one multiplexed connection (on a
+//! cluster, one per master), which pipelines whatever is in flight: that
+//! is the group commit.
+//!
+//! **Slots:** a pipeline or a script only ever touches the keys of one
+//! stream (one hash tag, one slot). Calls about many streams at once
+//! (lease renewal, the cancel check) send one command per stream,
+//! concurrently: the multiplexed connection pipelines them anyway, and a
+//! cluster routes each to its own master, where one pipeline across
+//! streams would fail with CROSSSLOT.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::try_join_all;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
-use super::{Corruption, Store, StoreError, decode_batch, encode_batch};
+use super::{Corruption, SharedStore, Store, StoreError, decode_batch, encode_batch};
 use crate::config::StoreConfig;
 use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
@@ -33,9 +44,17 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting at startup (with its retries) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+/// A follower's first pause between reads of a stream that has nothing
+/// new, and the longest one (the pause doubles up to it while nothing
+/// comes; see [`Store::follow`] below).
+const FOLLOW_POLL_FIRST: Duration = Duration::from_millis(10);
+const FOLLOW_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The store on one Redis (`C` = [`redis::aio::ConnectionManager`]) or a
+/// Redis Cluster (`C` = [`redis::cluster_async::ClusterConnection`]): the
+/// same commands on either.
+pub struct RedisStore<C> {
+    conn: C,
     ttl_ms: u64,
     lease_ms: u64,
     url_for_errors: String,
@@ -58,35 +77,85 @@ fn cancel_key(id: &str) -> String {
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
-impl RedisStore {
-    pub async fn connect(url: &str, config: &StoreConfig) -> Result<RedisStore, StoreError> {
-        // Never echo credentials from the URL.
-        let shown = redact_url(url);
-        let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
+/// Connect to one Redis at `url`.
+pub async fn connect(url: &str, config: &StoreConfig) -> Result<SharedStore, StoreError> {
+    // Never echo credentials from the URL.
+    let shown = redact_url(url);
+    let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
+        url: shown.clone(),
+        what: "invalid url",
+        source,
+    })?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let conn = connected(
+        &shown,
+        client.get_connection_manager_with_config(manager_config),
+    )
+    .await?;
+    Ok(std::sync::Arc::new(
+        RedisStore::ready(conn, config, shown).await?,
+    ))
+}
+
+/// Connect to the Redis Cluster that these seed nodes belong to (the
+/// client learns the others, and follows failovers, from them).
+pub async fn connect_cluster(
+    nodes: &[String],
+    config: &StoreConfig,
+) -> Result<SharedStore, StoreError> {
+    let shown = format!(
+        "cluster ({})",
+        nodes
+            .iter()
+            .map(|n| redact_url(n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let client = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(COMMAND_TIMEOUT)
+        .build()
+        .map_err(|source| StoreError::Redis {
             url: shown.clone(),
-            what: "invalid url",
+            what: "invalid cluster seed nodes",
             source,
         })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let mut conn = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            client.get_connection_manager_with_config(manager_config),
-        )
+    let conn = connected(&shown, client.get_async_connection()).await?;
+    Ok(std::sync::Arc::new(
+        RedisStore::ready(conn, config, shown).await?,
+    ))
+}
+
+/// The connection `connecting` makes, within [`CONNECT_TIMEOUT`].
+async fn connected<C>(
+    shown: &str,
+    connecting: impl std::future::Future<Output = redis::RedisResult<C>>,
+) -> Result<C, StoreError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| StoreError::Timeout {
-            url: shown.clone(),
+            url: shown.to_owned(),
             what: "connecting",
             after: CONNECT_TIMEOUT,
         })?
         .map_err(|source| StoreError::Redis {
-            url: shown.clone(),
+            url: shown.to_owned(),
             what: "cannot connect",
             source,
-        })?;
+        })
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
+    /// The store on `conn`, once it answers PING.
+    async fn ready(
+        mut conn: C,
+        config: &StoreConfig,
+        shown: String,
+    ) -> Result<RedisStore<C>, StoreError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
@@ -96,7 +165,6 @@ impl RedisStore {
                 source,
             })?;
         Ok(RedisStore {
-            client,
             conn,
             ttl_ms: config.ttl.as_millis() as u64,
             lease_ms: config.lease_ttl.as_millis() as u64,
@@ -132,27 +200,24 @@ impl RedisStore {
             after,
         }
     }
+}
 
-    /// The events after `after` in these entries, each of which must hold
-    /// a batch (field `b`).
-    fn parse_entries(
-        ids: Vec<redis::streams::StreamId>,
-        after: u64,
-    ) -> Result<Vec<Event>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for entry in ids {
-            let seq: u64 = entry
-                .id
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse().ok())
-                .ok_or_else(|| StoreError::Corrupt(Corruption::BadEntryId(entry.id.clone())))?;
-            let batch: Vec<u8> = entry
-                .get("b")
-                .ok_or_else(|| StoreError::Corrupt(Corruption::NoBatch(entry.id.clone())))?;
-            out.extend(decode_batch(seq, &batch, after)?);
-        }
-        Ok(out)
+/// The events after `after` in these entries, each of which must hold
+/// a batch (field `b`).
+fn parse_entries(ids: Vec<redis::streams::StreamId>, after: u64) -> Result<Vec<Event>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for entry in ids {
+        let seq: u64 = entry
+            .id
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt(Corruption::BadEntryId(entry.id.clone())))?;
+        let batch: Vec<u8> = entry
+            .get("b")
+            .ok_or_else(|| StoreError::Corrupt(Corruption::NoBatch(entry.id.clone())))?;
+        out.extend(decode_batch(seq, &batch, after)?);
     }
+    Ok(out)
 }
 
 fn redact_url(url: &str) -> String {
@@ -165,7 +230,10 @@ fn redact_url(url: &str) -> String {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_string(record).map_err(StoreError::Encode)?;
         let mut conn = self.conn.clone();
@@ -242,7 +310,7 @@ impl Store for RedisStore {
                 "+",
             ))
             .await?;
-        Self::parse_entries(reply.ids, after)
+        parse_entries(reply.ids, after)
     }
 
     async fn events_page(
@@ -260,7 +328,7 @@ impl Store for RedisStore {
                 max.max(1),
             ))
             .await?;
-        Self::parse_entries(reply.ids, after)
+        parse_entries(reply.ids, after)
     }
 
     async fn claim_idempotency(
@@ -319,18 +387,22 @@ impl Store for RedisStore {
         if stream_ids.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for id in stream_ids {
-            pipe.cmd("EVAL")
-                .arg(RENEW)
-                .arg(1)
-                .arg(lease_key(id))
-                .arg(instance)
-                .arg(self.lease_ms)
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        self.run(pipe.query_async::<()>(&mut conn)).await
+        // One script per stream, each on its stream's slot (see the
+        // module's note on slots).
+        let renewals = stream_ids.iter().map(|id| {
+            let mut conn = self.conn.clone();
+            async move {
+                redis::cmd("EVAL")
+                    .arg(RENEW)
+                    .arg(1)
+                    .arg(lease_key(id))
+                    .arg(instance)
+                    .arg(self.lease_ms)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+        self.run(try_join_all(renewals)).await.map(|_| ())
     }
 
     async fn release_lease(&self, stream_id: &str, instance: &str) -> Result<(), StoreError> {
@@ -353,28 +425,37 @@ impl Store for RedisStore {
         after: u64,
         wait: Duration,
     ) -> Result<Vec<Event>, StoreError> {
-        // XREAD BLOCK holds its connection: followers get one of their own
-        // so the shared connection never waits behind them.
-        let mut conn = self
-            .run(self.client.get_multiplexed_async_connection())
-            .await?;
-        let options = StreamReadOptions::default()
-            .block(wait.as_millis() as usize)
-            .count(512);
-        let deadline = wait + COMMAND_TIMEOUT;
-        let reply: Option<StreamReadReply> = match tokio::time::timeout(
-            deadline,
-            conn.xread_options(&[events_key(stream_id)], &[format!("{after}-0")], &options),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(|source| self.failed("XREAD failed", source))?,
-            Err(_) => return Err(self.timed_out("XREAD", deadline)),
-        };
-        let ids = reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default();
-        Self::parse_entries(ids, after)
+        // Non-blocking XREADs on the shared multiplexed connection, with
+        // the wait done here in tokio. XREAD BLOCK would hold a connection
+        // for the whole wait (Redis answers a connection's commands in
+        // order, so nothing else could use it): every follower would need
+        // a connection of its own (one per master on a cluster), opened
+        // per call as before or kept per follower (unbounded), or a pool
+        // that makes followers queue behind each other's blocks. A plain
+        // XREAD is one small pipelined command: no connection is opened,
+        // it routes like any other command on a cluster, an idle follower
+        // costs at most one read per FOLLOW_POLL_MAX (20 a second), and
+        // new events reach it at most one pause late (10 ms right after
+        // events, 50 ms at most).
+        let options = StreamReadOptions::default().count(512);
+        let key = [events_key(stream_id)];
+        let from = [format!("{after}-0")];
+        let until = tokio::time::Instant::now() + wait;
+        let mut pause = FOLLOW_POLL_FIRST;
+        loop {
+            let mut conn = self.conn.clone();
+            let reply: Option<StreamReadReply> =
+                self.run(conn.xread_options(&key, &from, &options)).await?;
+            let ids: Vec<_> = reply
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                .unwrap_or_default();
+            let now = tokio::time::Instant::now();
+            if !ids.is_empty() || now >= until {
+                return parse_entries(ids, after);
+            }
+            tokio::time::sleep_until(until.min(now + pause)).await;
+            pause = (pause * 2).min(FOLLOW_POLL_MAX);
+        }
     }
 
     async fn request_cancel(&self, stream_id: &str) -> Result<(), StoreError> {
@@ -387,12 +468,12 @@ impl Store for RedisStore {
         if stream_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in stream_ids {
-            pipe.exists(cancel_key(id));
-        }
-        let mut conn = self.conn.clone();
-        let flags: Vec<bool> = self.run(pipe.query_async(&mut conn)).await?;
+        // One EXISTS per stream, each on its stream's slot.
+        let checks = stream_ids.iter().map(|id| {
+            let mut conn = self.conn.clone();
+            async move { conn.exists::<_, bool>(cancel_key(id)).await }
+        });
+        let flags: Vec<bool> = self.run(try_join_all(checks)).await?;
         Ok(stream_ids
             .iter()
             .zip(flags)
@@ -476,7 +557,7 @@ mod tests {
             ]
         };
         for after in 0..=5 {
-            let got = RedisStore::parse_entries(entries(), after).unwrap();
+            let got = parse_entries(entries(), after).unwrap();
             let want: Vec<Event> = (after + 1..=5).map(event).collect();
             assert_eq!(got, want, "after {after}");
         }
@@ -485,19 +566,19 @@ mod tests {
             vec![("b", encode_batch(&[event(1), event(2)]))],
         )];
         assert!(matches!(
-            RedisStore::parse_entries(short, 0),
+            parse_entries(short, 0),
             Err(StoreError::Corrupt(Corruption::BatchTooLong { last: 1 }))
         ));
         // An entry without a batch (such as the one-event entries of early
         // versions, fields `n` and `d`) is corrupt.
         let unbatched = vec![entry("1-0", vec![("n", vec![]), ("d", b"e1".to_vec())])];
         assert!(matches!(
-            RedisStore::parse_entries(unbatched, 0),
+            parse_entries(unbatched, 0),
             Err(StoreError::Corrupt(Corruption::NoBatch(id))) if id == "1-0"
         ));
         let bad_id = vec![entry("x-0", vec![("b", encode_batch(&[event(1)]))])];
         assert!(matches!(
-            RedisStore::parse_entries(bad_id, 0),
+            parse_entries(bad_id, 0),
             Err(StoreError::Corrupt(Corruption::BadEntryId(_)))
         ));
     }
@@ -511,8 +592,7 @@ mod tests {
             lease_ttl: Duration::from_secs(5),
         };
         // An invalid port fails before any connection is tried.
-        let Err(e) = RedisStore::connect("redis://user:hunter2@host:notaport/0", &config).await
-        else {
+        let Err(e) = connect("redis://user:hunter2@host:notaport/0", &config).await else {
             panic!("an invalid URL connected");
         };
         let shown = e.to_string();
@@ -530,6 +610,30 @@ mod tests {
         assert_eq!(
             timeout.to_string(),
             "store is unavailable: redis at redis://***@host:6379: a command timed out after 2s"
+        );
+    }
+
+    #[tokio::test]
+    async fn cluster_errors_never_show_the_password() {
+        let config = StoreConfig {
+            kind: crate::config::StoreKind::Memory,
+            ttl: Duration::from_secs(60),
+            commit_interval: Duration::ZERO,
+            lease_ttl: Duration::from_secs(5),
+        };
+        let nodes = [
+            "redis://:hunter2@host:notaport".to_owned(),
+            "redis://other:7000".to_owned(),
+        ];
+        let Err(e) = connect_cluster(&nodes, &config).await else {
+            panic!("an invalid seed connected");
+        };
+        let shown = e.to_string();
+        assert!(matches!(e, StoreError::Redis { .. }), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis at cluster (redis://***@host:notaport, redis://other:7000)"),
+            "{shown}"
         );
     }
 
