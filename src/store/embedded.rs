@@ -1045,6 +1045,167 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Whether `e` is what a call may meet while the store is reopened.
+    fn unavailable(e: &StoreError) -> bool {
+        matches!(
+            e,
+            StoreError::Reopening | StoreError::WriterStopped | StoreError::Engine { .. }
+        )
+    }
+
+    async fn wait_until_back(store: &EmbeddedStore) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match store.probe().await {
+                Ok(()) => return,
+                Err(e) => assert!(unavailable(&e), "{e}"),
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Reopens forced while writers and readers run: every call either
+    /// works or fails as unavailable (no panic, no hang), and every
+    /// acknowledged append reads back exactly afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopening_under_load_keeps_every_acknowledged_append() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        let store =
+            Arc::new(EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let id = format!("w{w}");
+                    while store.create(&record(&id)).await.is_err() {
+                        tokio::task::yield_now().await;
+                    }
+                    let mut acked = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match store.append(&id, &[event(acked + 1)]).await {
+                            Ok(()) => acked += 1,
+                            Err(e) => assert!(unavailable(&e), "{e}"),
+                        }
+                        match store.events_after(&id, acked.saturating_sub(1)).await {
+                            Ok(got) => assert!(got.len() <= 1, "{got:?}"),
+                            Err(e) => assert!(unavailable(&e), "{e}"),
+                        }
+                        // A failed call returns at once: let the other
+                        // tasks (and the timers) run.
+                        tokio::task::yield_now().await;
+                    }
+                    (id, acked)
+                })
+            })
+            .collect();
+        let mut reopens = 0;
+        while reopens < 5 {
+            if let Ok(db) = store.engine() {
+                store.shared.failed(&db);
+                drop(db);
+                reopens += 1;
+            }
+            wait_until_back(&store).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            let (id, acked) = w.await.unwrap();
+            assert!(acked > 0, "{id} never wrote");
+            let got = store.events_after(&id, 0).await.unwrap();
+            let want: Vec<Event> = (1..=acked).map(event).collect();
+            assert_eq!(got, want, "{id}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A real full disk (a 4 MiB tmpfs, mounting needs root): appends fail,
+    /// the store stays out of service while the disk is full, and comes
+    /// back when the filesystem is grown, with every acknowledged append.
+    #[tokio::test]
+    async fn a_full_disk_comes_back_when_the_filesystem_grows() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let at = dir.display().to_string();
+        assert!(
+            mount(&["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", &at]),
+            "cannot mount a tmpfs (this test needs root)"
+        );
+        struct Unmount(String);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", &self.0])
+                    .status();
+            }
+        }
+        let _unmount = Unmount(at.clone());
+        let path = dir.join("data");
+        let store = EmbeddedStore::open(&path, &config(&path, Duration::from_secs(60))).unwrap();
+        store.create(&record("f1")).await.unwrap();
+        let big = |seq: u64| Event {
+            seq,
+            name: None,
+            data: Bytes::from(format!("{seq:08}").repeat(4096)),
+        };
+        let mut acked = 0;
+        let failure = loop {
+            match store.append("f1", &[big(acked + 1)]).await {
+                Ok(()) => acked += 1,
+                Err(e) => break e,
+            }
+            assert!(acked < 1000, "4 MiB never filled");
+        };
+        assert!(matches!(failure, StoreError::Engine { .. }), "{failure}");
+        // While the disk stays full, the store takes no stream's append.
+        let mut outcomes = (0, 0, 0);
+        for _ in 0..50 {
+            match store.append("f1", &[big(acked + 1)]).await {
+                Ok(()) => {
+                    acked += 1;
+                    outcomes.0 += 1
+                }
+                Err(StoreError::Reopening) => outcomes.1 += 1,
+                Err(e) => {
+                    assert!(unavailable(&e), "{e}");
+                    outcomes.2 += 1
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("while full (ok, reopening, failed): {outcomes:?}");
+        assert!(
+            mount(&["-o", "remount,size=32m", &at]),
+            "cannot grow the tmpfs"
+        );
+        wait_until_back(&store).await;
+        for _ in 0..3 {
+            store.append("f1", &[big(acked + 1)]).await.unwrap();
+            acked += 1;
+        }
+        let got = store.events_after("f1", 0).await.unwrap();
+        let want: Vec<Event> = (1..=acked).map(big).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the events read back differ");
+        drop(store);
+    }
+
     #[test]
     fn engine_and_decode_errors_keep_their_sources() {
         use std::error::Error;
