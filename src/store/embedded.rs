@@ -14,6 +14,16 @@
 //! crash may lose the last few hundred milliseconds, which the OS flushes on
 //! its own schedule. fjall locks the directory: one process at a time.
 //!
+//! A failed commit or journal persist (a full disk) poisons a fjall
+//! database for good: every later write fails. So the store reopens it in
+//! the process: the first failed write takes the database out of service
+//! (every call then fails with [`StoreError::Reopening`], a 503, until it is
+//! back), a thread waits for the calls still using it, stops its writer,
+//! drops it, and opens the directory again, with backoff, until a test
+//! write commits. Opening replays the journal, which keeps every
+//! acknowledged batch and drops a torn last one (fjall checks each batch's
+//! checksum), so what was acknowledged is what is read after.
+//!
 //! Keys: `streams`: id → JSON record, written once; `status`: id → the
 //! record's changing part (status, reason, updated, instance), so a status
 //! change is one small write with no read and the request is not rewritten;
@@ -26,9 +36,10 @@
 //! together, so a 50-chunk answer is a handful of keys, and the memtable
 //! inserts, flushes and compactions scale with appends, not events.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -72,15 +83,54 @@ pub struct EmbeddedStore {
     /// concurrent claims of one key exactly one wins (claims are rare:
     /// one lock for all keys is enough).
     claims: tokio::sync::Mutex<()>,
+    shared: Arc<Shared>,
+    ttl_ms: u64,
+    secret: Vec<u8>,
+}
+
+/// One open database: its keyspaces and the writer thread that commits
+/// to it. Replaced as a whole when a failed write poisons it.
+struct Engine {
     db: Database,
     streams: Keyspace,
     status: Keyspace,
     batches: Keyspace,
     idempotency: Keyspace,
     writer: mpsc::UnboundedSender<Write>,
-    ttl_ms: u64,
-    secret: Vec<u8>,
+    writer_thread: std::thread::JoinHandle<()>,
 }
+
+/// What the store and its reopening thread share.
+struct Shared {
+    /// fjall's directory.
+    path: PathBuf,
+    commit_interval: Duration,
+    state: Mutex<State>,
+    /// Set when the store is dropped: a reopening thread gives up.
+    closed: AtomicBool,
+}
+
+struct State {
+    /// The database in service; `None` while it is being reopened.
+    engine: Option<Arc<Engine>>,
+    /// Whether a thread is reopening it.
+    reopening: bool,
+    /// The wait before the next open attempt. It doubles while attempts
+    /// fail, and is kept when a reopened database fails again soon after,
+    /// so a disk that stays nearly full is not replayed in a tight loop.
+    backoff: Duration,
+    /// When the database was last reopened.
+    reopened: Option<Instant>,
+}
+
+/// The first wait before reopening, and the longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A reopened database that fails again within this keeps its backoff.
+const BACKOFF_MEMORY: Duration = Duration::from_secs(30);
+/// How long a reopen waits for the calls still using the old database
+/// before it drops its own handle and lets the directory lock tell.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// Turns a fjall error into a [`StoreError::Engine`] that says what failed.
 fn engine(context: &'static str) -> impl FnOnce(fjall::Error) -> StoreError {
@@ -115,6 +165,224 @@ fn pair_key(a: &str, b: &str) -> Vec<u8> {
     key
 }
 
+fn open_error(path: &Path) -> impl FnOnce(fjall::Error) -> StoreError {
+    move |e| match e {
+        fjall::Error::Locked => StoreError::Locked {
+            path: path.to_owned(),
+        },
+        source => StoreError::Open {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+impl Engine {
+    /// Open fjall's directory `path` and start its writer. When `check`,
+    /// first commit one tiny write, so a database reopened on a disk that is
+    /// still full is not put back in service.
+    fn open(path: &Path, interval: Duration, check: bool) -> Result<Engine, StoreError> {
+        let db = Database::builder(path)
+            // One background thread for flushes and compactions: with two,
+            // fjall 3.1 spins a core handing compactions back and forth
+            // (benches/OPTIMISATIONS.md, "embedded store").
+            .worker_threads(1)
+            // No journal compression: batches are small and short-lived.
+            .journal_compression(fjall::CompressionType::None)
+            .open()
+            .map_err(open_error(path))?;
+        let open = |name: &str, context: &'static str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(engine(context))
+        };
+        let streams = open("streams", "cannot open the streams keyspace")?;
+        let batches = open("batches", "cannot open the batches keyspace")?;
+        let idempotency = open("idempotency", "cannot open the idempotency keyspace")?;
+        let status = open("status", "cannot open the status keyspace")?;
+        if check {
+            let mut batch = db.batch().durability(Some(PersistMode::Buffer));
+            let (key, value) = probe_entry();
+            batch.insert(&status, key, value);
+            batch
+                .commit()
+                .map_err(engine("cannot commit a test write"))?;
+        }
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let spaces = [
+            streams.clone(),
+            batches.clone(),
+            idempotency.clone(),
+            status.clone(),
+        ];
+        let writer_db = db.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("tidegate-store-writer".into())
+            .spawn(move || writer_loop(writer_db, spaces, rx, interval))
+            .map_err(|source| StoreError::Io {
+                context: "cannot start the store writer thread".into(),
+                source,
+            })?;
+        Ok(Engine {
+            db,
+            streams,
+            status,
+            batches,
+            idempotency,
+            writer: tx,
+            writer_thread,
+        })
+    }
+
+    /// Stop the writer (it commits what it holds, and answers every write
+    /// still queued) and drop the database, which stops fjall's workers.
+    fn close(self) {
+        let Engine {
+            db,
+            streams,
+            status,
+            batches,
+            idempotency,
+            writer,
+            writer_thread,
+        } = self;
+        drop(writer);
+        if writer_thread.join().is_err() {
+            tracing::error!("the store writer thread panicked");
+        }
+        drop((streams, status, batches, idempotency, db));
+    }
+}
+
+/// The record readiness writes: a key no stream id can name (ids start
+/// with `tg_`), and the time.
+fn probe_entry() -> (Vec<u8>, Vec<u8>) {
+    (b"\0probe".to_vec(), now_ms().to_be_bytes().to_vec())
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The database in service, or [`StoreError::Reopening`].
+    fn engine(self: &Arc<Self>) -> Result<Arc<Engine>, StoreError> {
+        let mut state = self.lock();
+        match &state.engine {
+            Some(engine) => Ok(engine.clone()),
+            None => {
+                if !state.reopening {
+                    // The last reopening thread could not be started.
+                    self.start_reopen(&mut state, None);
+                }
+                Err(StoreError::Reopening)
+            }
+        }
+    }
+
+    /// A write to `failed` failed: fjall has poisoned it (a full disk, a
+    /// failed persist), so take it out of service and reopen the directory.
+    /// Only the first failure of a database does anything.
+    fn failed(self: &Arc<Self>, failed: &Arc<Engine>) {
+        let mut state = self.lock();
+        let current = state
+            .engine
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, failed));
+        if !current {
+            return;
+        }
+        let old = state.engine.take();
+        let soon = state
+            .reopened
+            .is_some_and(|at| at.elapsed() < BACKOFF_MEMORY);
+        if !soon {
+            state.backoff = BACKOFF_MIN;
+        }
+        tracing::warn!(
+            path = %self.path.display(),
+            "a write to the embedded store failed; reopening it (calls fail with store_unavailable until it is back)"
+        );
+        self.start_reopen(&mut state, old);
+    }
+
+    fn start_reopen(self: &Arc<Self>, state: &mut State, old: Option<Arc<Engine>>) {
+        let shared = self.clone();
+        let delay = state.backoff;
+        state.reopening = std::thread::Builder::new()
+            .name("tidegate-store-reopen".into())
+            .spawn(move || shared.reopen(old, delay))
+            .inspect_err(|e| tracing::error!(error = %e, "cannot start the store reopening thread"))
+            .is_ok();
+    }
+
+    /// The reopening thread: close `old` once nothing uses it, then open
+    /// the directory until a database takes a test write.
+    fn reopen(self: Arc<Self>, old: Option<Arc<Engine>>, mut delay: Duration) {
+        if let Some(old) = old {
+            let deadline = Instant::now() + DRAIN_WAIT;
+            let mut old = old;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(engine) => {
+                        engine.close();
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "calls still hold the failed embedded store; reopening when they let go"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        let mut attempts = 0u32;
+        loop {
+            std::thread::sleep(delay);
+            if self.closed.load(Ordering::Acquire) {
+                self.lock().reopening = false;
+                return;
+            }
+            attempts += 1;
+            delay = (delay * 2).min(BACKOFF_MAX);
+            match Engine::open(&self.path, self.commit_interval, true) {
+                Ok(engine) => {
+                    let mut state = self.lock();
+                    state.reopening = false;
+                    state.backoff = delay;
+                    state.reopened = Some(Instant::now());
+                    if self.closed.load(Ordering::Acquire) {
+                        drop(state);
+                        engine.close();
+                        return;
+                    }
+                    state.engine = Some(Arc::new(engine));
+                    tracing::info!(attempts, "the embedded store is back in service");
+                    return;
+                }
+                Err(e) => {
+                    // The first failure, then one in 30 (a minute at the
+                    // longest backoff).
+                    if attempts % 30 == 1 {
+                        tracing::warn!(error = %e, attempts, "cannot reopen the embedded store yet");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
+}
+
 impl EmbeddedStore {
     pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
         // The store holds every prompt and answer: what this process
@@ -126,74 +394,60 @@ impl EmbeddedStore {
             libc::umask(0o077);
         }
         std::fs::create_dir_all(path).map_err(io_at("create", path))?;
-        let db = Database::builder(path.join("db"))
-            // One background thread for flushes and compactions: with two,
-            // fjall 3.1 spins a core handing compactions back and forth
-            // (benches/OPTIMISATIONS.md, "embedded store").
-            .worker_threads(1)
-            // No journal compression: batches are small and short-lived.
-            .journal_compression(fjall::CompressionType::None)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => StoreError::Locked {
+        let db_path = path.join("db");
+        let engine =
+            Engine::open(&db_path, config.commit_interval, false).map_err(|e| match e {
+                // Name the directory the operator configured.
+                StoreError::Locked { .. } => StoreError::Locked {
                     path: path.to_owned(),
                 },
-                source => StoreError::Open {
+                StoreError::Open { source, .. } => StoreError::Open {
                     path: path.to_owned(),
                     source,
                 },
+                e => e,
             })?;
-        let open = |name: &str, context: &'static str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(engine(context))
-        };
-        let streams = open("streams", "cannot open the streams keyspace")?;
-        let batches = open("batches", "cannot open the batches keyspace")?;
-        let idempotency = open("idempotency", "cannot open the idempotency keyspace")?;
-        let status = open("status", "cannot open the status keyspace")?;
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
-
-        let (tx, rx) = mpsc::unbounded_channel();
-        let spaces = [
-            streams.clone(),
-            batches.clone(),
-            idempotency.clone(),
-            status.clone(),
-        ];
-        let writer_db = db.clone();
-        let interval = config.commit_interval;
-        std::thread::Builder::new()
-            .name("tidegate-store-writer".into())
-            .spawn(move || writer_loop(writer_db, spaces, rx, interval))
-            .map_err(|source| StoreError::Io {
-                context: "cannot start the store writer thread".into(),
-                source,
-            })?;
         restrict_permissions(path)?;
         Ok(EmbeddedStore {
             claims: tokio::sync::Mutex::new(()),
-            db,
-            streams,
-            status,
-            batches,
-            idempotency,
-            writer: tx,
+            shared: Arc::new(Shared {
+                path: db_path,
+                commit_interval: config.commit_interval,
+                state: Mutex::new(State {
+                    engine: Some(Arc::new(engine)),
+                    reopening: false,
+                    backoff: BACKOFF_MIN,
+                    reopened: None,
+                }),
+                closed: AtomicBool::new(false),
+            }),
             ttl_ms: config.ttl.as_millis() as u64,
             secret,
         })
     }
 
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.shared.engine()
+    }
+
     async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let engine = self.engine()?;
         let (done, wait) = oneshot::channel();
-        self.writer
-            .send(Write { ops, done })
-            .map_err(|_| StoreError::WriterStopped)?;
-        wait.await
-            .map_err(|_| StoreError::WriterStopped)?
-            .map_err(|source| StoreError::Engine {
-                context: "cannot commit a write batch",
-                source,
-            })
+        let result = match engine.writer.send(Write { ops, done }) {
+            Ok(()) => match wait.await {
+                Ok(committed) => committed.map_err(|source| StoreError::Engine {
+                    context: "cannot commit a write batch",
+                    source,
+                }),
+                Err(_) => Err(StoreError::WriterStopped),
+            },
+            Err(_) => Err(StoreError::WriterStopped),
+        };
+        if result.is_err() {
+            self.shared.failed(&engine);
+        }
+        result
     }
 }
 
@@ -458,19 +712,19 @@ impl Store for EmbeddedStore {
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        let (streams, status, ttl_ms) = (self.streams.clone(), self.status.clone(), self.ttl_ms);
+        let (db, ttl_ms) = (self.engine()?, self.ttl_ms);
         let id = stream_id.to_owned();
-        let record = blocking(move || read_record(&streams, &status, &id)).await?;
+        let record = blocking(move || read_record(&db.streams, &db.status, &id)).await?;
         Ok(record.filter(|r| r.updated_ms + ttl_ms > now_ms()))
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
         let start = event_key(stream_id, after.saturating_add(1));
         let end = event_key(stream_id, u64::MAX);
-        let batches = self.batches.clone();
+        let db = self.engine()?;
         blocking(move || {
             let mut out = Vec::new();
-            for guard in batches.range(start..=end) {
+            for guard in db.batches.range(start..=end) {
                 let (key, value) = guard
                     .into_inner()
                     .map_err(engine("cannot read a stream's event batches"))?;
@@ -492,10 +746,10 @@ impl Store for EmbeddedStore {
     ) -> Result<Vec<Event>, StoreError> {
         let start = event_key(stream_id, after.saturating_add(1));
         let end = event_key(stream_id, u64::MAX);
-        let batches = self.batches.clone();
+        let db = self.engine()?;
         blocking(move || {
             let mut out = Vec::new();
-            for guard in batches.range(start..=end) {
+            for guard in db.batches.range(start..=end) {
                 let (key, value) = guard
                     .into_inner()
                     .map_err(engine("cannot read a stream's event batches"))?;
@@ -521,9 +775,9 @@ impl Store for EmbeddedStore {
         let k = pair_key(owner, key);
         // From the read to the write: one claim at a time.
         let _claiming = self.claims.lock().await;
-        let (idempotency, read_key) = (self.idempotency.clone(), k.clone());
+        let (db, read_key) = (self.engine()?, k.clone());
         let stored = blocking(move || {
-            idempotency
+            db.idempotency
                 .get(&read_key)
                 .map_err(engine("cannot read an idempotency key"))
         })
@@ -559,16 +813,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
-        let (streams, status, batches, idempotency) = (
-            self.streams.clone(),
-            self.status.clone(),
-            self.batches.clone(),
-            self.idempotency.clone(),
-        );
-        let ttl_ms = self.ttl_ms;
-        let (ops, gone) =
-            blocking(move || expired_ops(&streams, &status, &batches, &idempotency, ttl_ms))
-                .await?;
+        let (db, ttl_ms) = (self.engine()?, self.ttl_ms);
+        let (ops, gone) = blocking(move || {
+            expired_ops(
+                &db.streams,
+                &db.status,
+                &db.batches,
+                &db.idempotency,
+                ttl_ms,
+            )
+        })
+        .await?;
         if !ops.is_empty() {
             self.write(ops).await?;
         }
@@ -576,21 +831,23 @@ impl Store for EmbeddedStore {
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        // A record no stream id can name (ids start with `tg_`).
-        self.write(vec![Op::Put(
-            Space::Status,
-            b"\0probe".to_vec(),
-            now_ms().to_be_bytes().to_vec(),
-        )])
-        .await
+        let (key, value) = probe_entry();
+        self.write(vec![Op::Put(Space::Status, key, value)]).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncAll))
-            .await
-            .map_err(StoreError::FlushTask)?
-            .map_err(engine("cannot persist the journal"))
+        let db = self.engine()?;
+        let persisted = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || db.db.persist(PersistMode::SyncAll))
+                .await
+                .map_err(StoreError::FlushTask)?
+        };
+        if persisted.is_err() {
+            // A failed persist poisons the database as a failed commit does.
+            self.shared.failed(&db);
+        }
+        persisted.map_err(engine("cannot persist the journal"))
     }
 
     fn shared(&self) -> bool {
@@ -684,7 +941,10 @@ mod tests {
         assert_eq!(store.sweep().await.unwrap(), 1);
         assert!(store.events_after("s1", 0).await.unwrap().is_empty());
         assert!(
-            store.streams.get("s1").unwrap().is_none() && store.status.get("s1").unwrap().is_none()
+            store
+                .engine()
+                .is_ok_and(|db| db.streams.get("s1").unwrap().is_none()
+                    && db.status.get("s1").unwrap().is_none())
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -783,6 +1043,167 @@ mod tests {
         );
         drop(first);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whether `e` is what a call may meet while the store is reopened.
+    fn unavailable(e: &StoreError) -> bool {
+        matches!(
+            e,
+            StoreError::Reopening | StoreError::WriterStopped | StoreError::Engine { .. }
+        )
+    }
+
+    async fn wait_until_back(store: &EmbeddedStore) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match store.probe().await {
+                Ok(()) => return,
+                Err(e) => assert!(unavailable(&e), "{e}"),
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Reopens forced while writers and readers run: every call either
+    /// works or fails as unavailable (no panic, no hang), and every
+    /// acknowledged append reads back exactly afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopening_under_load_keeps_every_acknowledged_append() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        let store =
+            Arc::new(EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let id = format!("w{w}");
+                    while store.create(&record(&id)).await.is_err() {
+                        tokio::task::yield_now().await;
+                    }
+                    let mut acked = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match store.append(&id, &[event(acked + 1)]).await {
+                            Ok(()) => acked += 1,
+                            Err(e) => assert!(unavailable(&e), "{e}"),
+                        }
+                        match store.events_after(&id, acked.saturating_sub(1)).await {
+                            Ok(got) => assert!(got.len() <= 1, "{got:?}"),
+                            Err(e) => assert!(unavailable(&e), "{e}"),
+                        }
+                        // A failed call returns at once: let the other
+                        // tasks (and the timers) run.
+                        tokio::task::yield_now().await;
+                    }
+                    (id, acked)
+                })
+            })
+            .collect();
+        let mut reopens = 0;
+        while reopens < 5 {
+            if let Ok(db) = store.engine() {
+                store.shared.failed(&db);
+                drop(db);
+                reopens += 1;
+            }
+            wait_until_back(&store).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            let (id, acked) = w.await.unwrap();
+            assert!(acked > 0, "{id} never wrote");
+            let got = store.events_after(&id, 0).await.unwrap();
+            let want: Vec<Event> = (1..=acked).map(event).collect();
+            assert_eq!(got, want, "{id}");
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A real full disk (a 4 MiB tmpfs, mounting needs root): appends fail,
+    /// the store stays out of service while the disk is full, and comes
+    /// back when the filesystem is grown, with every acknowledged append.
+    #[tokio::test]
+    async fn a_full_disk_comes_back_when_the_filesystem_grows() {
+        let dir = std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let at = dir.display().to_string();
+        assert!(
+            mount(&["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", &at]),
+            "cannot mount a tmpfs (this test needs root)"
+        );
+        struct Unmount(String);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", &self.0])
+                    .status();
+            }
+        }
+        let _unmount = Unmount(at.clone());
+        let path = dir.join("data");
+        let store = EmbeddedStore::open(&path, &config(&path, Duration::from_secs(60))).unwrap();
+        store.create(&record("f1")).await.unwrap();
+        let big = |seq: u64| Event {
+            seq,
+            name: None,
+            data: Bytes::from(format!("{seq:08}").repeat(4096)),
+        };
+        let mut acked = 0;
+        let failure = loop {
+            match store.append("f1", &[big(acked + 1)]).await {
+                Ok(()) => acked += 1,
+                Err(e) => break e,
+            }
+            assert!(acked < 1000, "4 MiB never filled");
+        };
+        assert!(matches!(failure, StoreError::Engine { .. }), "{failure}");
+        // While the disk stays full, the store takes no stream's append.
+        let mut outcomes = (0, 0, 0);
+        for _ in 0..50 {
+            match store.append("f1", &[big(acked + 1)]).await {
+                Ok(()) => {
+                    acked += 1;
+                    outcomes.0 += 1
+                }
+                Err(StoreError::Reopening) => outcomes.1 += 1,
+                Err(e) => {
+                    assert!(unavailable(&e), "{e}");
+                    outcomes.2 += 1
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("while full (ok, reopening, failed): {outcomes:?}");
+        assert!(
+            mount(&["-o", "remount,size=32m", &at]),
+            "cannot grow the tmpfs"
+        );
+        wait_until_back(&store).await;
+        for _ in 0..3 {
+            store.append("f1", &[big(acked + 1)]).await.unwrap();
+            acked += 1;
+        }
+        let got = store.events_after("f1", 0).await.unwrap();
+        let want: Vec<Event> = (1..=acked).map(big).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the events read back differ");
+        drop(store);
     }
 
     #[test]

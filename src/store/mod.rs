@@ -66,6 +66,12 @@ pub enum StoreError {
     /// written.
     #[error("store is unavailable: the store writer has stopped")]
     WriterStopped,
+    /// A write failed (a full disk, say), so the embedded store is being
+    /// reopened; every call fails with this until it is back.
+    #[error(
+        "store is unavailable: the embedded store is reopening after a failed write (is its disk full?)"
+    )]
+    Reopening,
     /// The blocking task that persists the embedded store's journal did not
     /// finish (it panicked or was cancelled).
     #[error("store i/o: the journal flush task did not finish: {0}")]

@@ -101,13 +101,11 @@ impl Drop for Mounted {
     }
 }
 
-#[tokio::test]
-async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
-    let dir = tempdir();
+/// A real small disk: a tmpfs of `size` mounted at `dir/small`, owned by
+/// us (mounting needs root or sudo, as the suite's package installs do).
+fn small_disk(dir: &std::path::Path, size: &str) -> (std::path::PathBuf, Mounted) {
     let small = dir.join("small");
     std::fs::create_dir_all(&small).unwrap();
-    // A real full disk: an 8 MiB tmpfs, owned by us (mounting needs root
-    // or sudo, as the suite's package installs do).
     let ids = |flag: &str| {
         std::process::Command::new("id")
             .arg(flag)
@@ -115,7 +113,7 @@ async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default()
     };
-    let options = format!("size=8m,mode=0700,uid={},gid={}", ids("-u"), ids("-g"));
+    let options = format!("size={size},mode=0700,uid={},gid={}", ids("-u"), ids("-g"));
     let mounted = as_root("mount")
         .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
         .arg(&small)
@@ -125,7 +123,14 @@ async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
         mounted,
         "cannot mount a tmpfs (this test needs root or sudo)"
     );
-    let _mount = Mounted(small.clone());
+    (small.clone(), Mounted(small))
+}
+
+#[tokio::test]
+async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
+    let dir = tempdir();
+    // A real full disk: an 8 MiB tmpfs.
+    let (small, _mount) = small_disk(&dir, "8m");
     let mock = Mock::start(&dir).await;
     let store = format!(
         "kind = \"embedded\"\npath = \"{}\"",
@@ -187,5 +192,138 @@ async fn a_full_disk_ends_streams_with_store_failed_and_readiness_turns_503() {
             .as_u16(),
         200
     );
+    drop(gw);
+}
+
+/// A stream relayed while the disk filled: what it asked, its id and
+/// resume token, and the events its client got.
+struct Relayed {
+    request: serde_json::Value,
+    id: String,
+    token: String,
+    events: Vec<SseEvent>,
+}
+
+#[tokio::test]
+async fn a_full_disk_recovers_without_a_restart_once_space_is_freed() {
+    let dir = tempdir();
+    // 32 MiB, half of it held by a file the "operator" deletes later.
+    let (small, _mount) = small_disk(&dir, "32m");
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![0x5a_u8; 16 << 20]).unwrap();
+    let mock = Mock::start(&dir).await;
+    let store = format!(
+        "kind = \"embedded\"\npath = \"{}\"",
+        small.join("data").display()
+    );
+    let gw = Gateway::start(&dir, &config(&mock, "127.0.0.1:0", &store, "")).await;
+    let ready = gw.url("/healthz/ready");
+    let readiness = || async { client().get(&ready).send().await.unwrap().status().as_u16() };
+    assert_eq!(readiness().await, 200);
+
+    // Fill the disk until a stream ends with store_failed.
+    let mut completed = Vec::new();
+    let mut failed = None;
+    for i in 0..400 {
+        let request = chat(4000, 0, &format!("fill {i}"));
+        let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
+        assert_eq!(
+            sse.status,
+            200,
+            "stream {i} after {} completed",
+            completed.len()
+        );
+        let (id, token) = (
+            sse.header("x-tidegate-stream-id"),
+            sse.header("x-tidegate-resume-token"),
+        );
+        let events = sse.rest().await;
+        let last = events.last().expect("an end").clone();
+        let relayed = Relayed {
+            request,
+            id,
+            token,
+            events,
+        };
+        if let Some(error) = last.error() {
+            assert_eq!(error["type"], "store_failed", "{error}");
+            assert_eq!(error["resume"], true, "{error}");
+            failed = Some(relayed);
+            break;
+        }
+        assert!(last.is_done());
+        completed.push(relayed);
+    }
+    let failed = failed.expect("the disk never filled");
+    assert!(!completed.is_empty(), "the first stream already failed");
+    assert_eq!(readiness().await, 503, "readiness while the disk is full");
+
+    // The operator frees space; the gateway is not restarted.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = readiness().await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness still {status} 30 s after the disk got room again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A new stream runs to its end.
+    let request = chat(300, 0, "after the disk got room");
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
+    assert_eq!(sse.status, 200);
+    let events = sse.rest().await;
+    assert!(
+        events.last().is_some_and(SseEvent::is_done),
+        "{:?}",
+        events.last()
+    );
+    assert_eq!(text_of(&events), mock.answer(&request).await);
+
+    // The stream the full disk cut resumes to the exact text.
+    let seen = ids_of(&failed.events).last().copied().unwrap_or(0);
+    let mut resume = Sse::get(
+        &gw.url(&format!("/v1/streams/{}", failed.id)),
+        &[
+            ("x-tidegate-resume-token", &failed.token),
+            ("last-event-id", &seen.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(resume.status, 200, "resume of {}", failed.id);
+    // The abort frame is not part of the answer.
+    let mut all: Vec<SseEvent> = failed
+        .events
+        .iter()
+        .filter(|e| e.error().is_none())
+        .cloned()
+        .collect();
+    all.extend(resume.rest().await);
+    assert!(
+        all.last().is_some_and(SseEvent::is_done),
+        "{:?}",
+        all.last()
+    );
+    assert_contiguous(&ids_of(&all));
+    assert_eq!(text_of(&all), mock.answer(&failed.request).await);
+
+    // What was acknowledged before the disk filled is still there: the
+    // first and the last completed streams replay in full.
+    for done in [&completed[0], &completed[completed.len() - 1]] {
+        let mut replay = Sse::get(
+            &gw.url(&format!("/v1/streams/{}", done.id)),
+            &[("x-tidegate-resume-token", &done.token)],
+        )
+        .await;
+        assert_eq!(replay.status, 200, "replay of {}", done.id);
+        let events = replay.rest().await;
+        assert_eq!(ids_of(&events), ids_of(&done.events), "{}", done.id);
+        assert_eq!(text_of(&events), text_of(&done.events), "{}", done.id);
+    }
     drop(gw);
 }
