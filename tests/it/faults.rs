@@ -327,3 +327,72 @@ async fn a_full_disk_recovers_without_a_restart_once_space_is_freed() {
     }
     drop(gw);
 }
+
+/// A store on a disk that is read-only (remounted so after a fault, or
+/// mounted so by mistake): the gateway says so and names the path, instead
+/// of serving streams it cannot write ahead; what was written before is
+/// intact once the disk is writable again.
+#[tokio::test]
+async fn a_read_only_disk_is_refused_clearly_and_its_data_kept() {
+    let dir = tempdir();
+    let (small, _mount) = small_disk(&dir, "32m");
+    let mock = Mock::start(&dir).await;
+    let data = small.join("data");
+    let store = format!("kind = \"embedded\"\npath = \"{}\"", data.display());
+    let cfg = config(&mock, "127.0.0.1:0", &store, "[drain]\ngrace = \"1s\"\n");
+    let mut gw = Gateway::start(&dir, &cfg).await;
+    let before = chat(200, 0, "before read-only");
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &before).await;
+    let (id, token) = (
+        sse.header("x-tidegate-stream-id"),
+        sse.header("x-tidegate-resume-token"),
+    );
+    let first = sse.rest().await;
+    assert!(first.last().is_some_and(SseEvent::is_done));
+    gw.proc.signal("TERM");
+    assert!(
+        gw.proc
+            .exit(std::time::Duration::from_secs(10))
+            .await
+            .success()
+    );
+
+    let remount = |mode: &str| {
+        let ok = as_root("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&small)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot remount {mode}");
+    };
+    remount("ro");
+    let log = dir.join("read-only.log");
+    let config_path = dir.join("read-only.toml");
+    std::fs::write(&config_path, &cfg).unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::process::Command::new(BIN)
+            .args(["serve", "--config", config_path.to_str().unwrap()])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::piped())
+            .output(),
+    )
+    .await
+    .expect("a gateway on a read-only store exits")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("on a read-only disk: {:?}; {}", out.status, stderr.trim());
+    assert!(!out.status.success(), "started on a read-only store");
+    assert!(
+        stderr.contains(data.to_str().unwrap()) && stderr.to_lowercase().contains("read-only"),
+        "the error names the path and says why: {stderr}"
+    );
+
+    remount("rw");
+    let gw = Gateway::start(&dir, &cfg).await;
+    let mut replay = Sse::get(&gw.url(&format!("/v1/streams/{id}?token={token}")), &[]).await;
+    assert_eq!(replay.status, 200);
+    let events = replay.rest().await;
+    assert_eq!(ids_of(&events), ids_of(&first));
+    assert_eq!(text_of(&events), mock.answer(&before).await);
+}
