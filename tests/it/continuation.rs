@@ -315,17 +315,9 @@ async fn a_refused_prefill_falls_back_to_a_re_ask_once() {
         "user"
     );
     assert_eq!(reask["headers"]["anthropic-version"], "2023-06-01");
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tidegate_continuation_fallbacks_total 1"),
-        "{metrics}"
+    assert_eq!(
+        gw.metric("tidegate_continuation_fallbacks_total").await,
+        1.0
     );
     assert!(
         gw.proc

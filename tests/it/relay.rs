@@ -445,25 +445,12 @@ async fn idle_streams_get_heartbeats_and_metrics_count_them() {
         "{raw}"
     );
     assert!(raw.trim_end().ends_with("data: [DONE]"));
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tidegate_streams_started_total 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tidegate_streams_completed_total 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tidegate_events_relayed_total 5"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("tidegate_streams_active 0"), "{metrics}");
+    for (name, want) in [
+        ("tidegate_streams_started_total", 1.0),
+        ("tidegate_streams_completed_total", 1.0),
+        ("tidegate_events_relayed_total", 5.0),
+        ("tidegate_streams_active", 0.0),
+    ] {
+        assert_eq!(gw.metric(name).await, want, "{name}");
+    }
 }
