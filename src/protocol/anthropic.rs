@@ -448,8 +448,12 @@ struct BlockSplice {
     used: u64,
 }
 
+/// `v` numbered `index`; anything but an object (a provider's garbage)
+/// goes on as it came.
 fn with_index(mut v: Value, index: u32) -> Bytes {
-    v["index"] = json!(index);
+    if let Some(object) = v.as_object_mut() {
+        object.insert("index".into(), json!(index));
+    }
     Bytes::from(v.to_string())
 }
 
@@ -693,6 +697,37 @@ mod tests {
         }
         let v: Value = serde_json::from_slice(&out[0].1).unwrap();
         assert_eq!(v["index"], u32::MAX);
+    }
+
+    #[test]
+    fn events_that_are_not_objects_pass_through_the_splice() {
+        // Found by the continuation fuzz target in CI: a `content_block_*`
+        // event whose data is a number panicked numbering it.
+        let p = AnthropicMessages.partial(&[
+            event(
+                1,
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "m"}}),
+            ),
+            start(2, 0, json!({"type": "text", "text": "a"})),
+        ]);
+        let Plan::Continue(mut legs) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        let mut out = Vec::new();
+        for name in [
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+        ] {
+            legs[0].splice.event(sse(name, json!(999)), &mut out);
+            legs[0].splice.event(sse(name, json!([1, 2])), &mut out);
+        }
+        for (_, data) in &out {
+            assert!(serde_json::from_slice::<Value>(data).is_ok());
+        }
     }
 
     #[test]

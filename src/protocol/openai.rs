@@ -439,8 +439,10 @@ impl Splice for ChunkSplice {
 impl ChunkSplice {
     /// Rewrite one choice of a chunk; `false` when nothing of it is left.
     fn choice(&mut self, choice: &mut Value) -> bool {
-        if let Some(index) = self.index {
-            choice["index"] = json!(index);
+        if let Some(index) = self.index
+            && let Some(choice) = choice.as_object_mut()
+        {
+            choice.insert("index".into(), json!(index));
         }
         let finished = choice.get("finish_reason").is_some_and(|r| !r.is_null());
         let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) else {
