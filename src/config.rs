@@ -98,6 +98,8 @@ const DEFAULT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_STORE_KIND: RawStoreKind = RawStoreKind::Embedded;
 /// How long stored streams are kept, by default.
 const DEFAULT_STORE_TTL: Duration = Duration::from_secs(15 * 60);
+/// `store.max_bytes`: 1 GiB.
+const DEFAULT_STORE_MAX_BYTES: u64 = 1 << 30;
 /// The embedded store's group-commit wait by default: none.
 const DEFAULT_COMMIT_INTERVAL: Duration = Duration::ZERO;
 /// How long a replica's claim on a stream lives without renewal, by default.
@@ -406,6 +408,7 @@ struct RawStore {
     ttl: Option<HumanDuration>,
     commit_interval: Option<HumanDuration>,
     lease_ttl: Option<HumanDuration>,
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -582,6 +585,10 @@ pub struct StoreConfig {
     pub commit_interval: Duration,
     /// How long a replica's claim on a stream lives without renewal (redis).
     pub lease_ttl: Duration,
+    /// The most the memory and embedded stores hold: past it, finished
+    /// streams go, oldest first, and a new stream is refused (503
+    /// `store_full`) only when running streams alone fill it.
+    pub max_bytes: u64,
 }
 
 /// How resume tokens are signed and how soon clients retry.
@@ -847,6 +854,7 @@ fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
         ttl: duration_or(raw.ttl, DEFAULT_STORE_TTL),
         commit_interval: duration_or(raw.commit_interval, DEFAULT_COMMIT_INTERVAL),
         lease_ttl: duration_or(raw.lease_ttl, DEFAULT_LEASE_TTL),
+        max_bytes: raw.max_bytes.unwrap_or(DEFAULT_STORE_MAX_BYTES),
     };
     if store.ttl.is_zero() {
         return Err(ConfigError::invalid("store.ttl", "must be more than 0s"));

@@ -877,6 +877,7 @@ mod tests {
             ttl,
             commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
+            max_bytes: 1 << 30,
         }
     }
 

@@ -92,6 +92,12 @@ pub enum StoreError {
         what: &'static str,
         after: Duration,
     },
+    /// A new stream does not fit under `store.max_bytes`: running streams
+    /// alone fill it (finished ones were evicted to make room).
+    #[error(
+        "store is full: running streams hold {held} of its {max} bytes (store.max_bytes)"
+    )]
+    Full { held: u64, max: u64 },
     /// The memory store's lock was poisoned by a panic while it was held.
     #[error("store is unavailable: memory store lock poisoned")]
     Poisoned,
@@ -148,6 +154,13 @@ pub enum Corruption {
 
 #[async_trait]
 pub trait Store: Send + Sync {
+    /// Whether a new stream fits under `store.max_bytes`, asked before its
+    /// provider is: makes room by evicting finished streams, oldest first,
+    /// and fails with [`StoreError::Full`] only when running streams alone
+    /// fill the store.
+    async fn admit(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Store a new record, replacing none.
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError>;
     /// Append events (in order, one stream); durable when this returns.

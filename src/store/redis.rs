@@ -590,6 +590,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
+            max_bytes: 1 << 30,
         };
         // An invalid port fails before any connection is tried.
         let Err(e) = connect("redis://user:hunter2@host:notaport/0", &config).await else {
@@ -620,6 +621,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
+            max_bytes: 1 << 30,
         };
         let nodes = [
             "redis://:hunter2@host:notaport".to_owned(),
