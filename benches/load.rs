@@ -43,6 +43,9 @@ struct Args {
     pid: Option<u32>,
     hold: bool,
     label: String,
+    /// Where to write every TTFC and gap sample (µs) as JSON, so that runs
+    /// can be pooled.
+    samples: Option<String>,
 }
 
 fn parse() -> Args {
@@ -57,6 +60,7 @@ fn parse() -> Args {
         pid: None,
         hold: false,
         label: String::new(),
+        samples: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +76,7 @@ fn parse() -> Args {
             "--pid" => a.pid = value().parse().ok(),
             "--label" => a.label = value(),
             "--hold" => a.hold = true,
+            "--samples" => a.samples = Some(value()),
             "--bench" => {} // added by `cargo bench`
             other => eprintln!("load: ignoring unknown argument {other}"),
         }
@@ -93,6 +98,8 @@ struct Totals {
 struct Hists {
     ttfc: Histogram<u64>,
     gap: Histogram<u64>,
+    /// Every sample, when `--samples` asks for them.
+    raw: Option<(Vec<u64>, Vec<u64>)>,
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -169,12 +176,19 @@ async fn one(
             totals.chunks.fetch_add(1, Ordering::Relaxed);
             match last {
                 None => {
-                    let _ = local.ttfc.record(started.elapsed().as_micros() as u64);
+                    let us = started.elapsed().as_micros() as u64;
+                    let _ = local.ttfc.record(us);
+                    if let Some((ttfc, _)) = &mut local.raw {
+                        ttfc.push(us);
+                    }
                     totals.first_chunk.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(prev) => {
                     let gap = at - prev;
                     let _ = local.gap.record(gap.as_micros() as u64);
+                    if let Some((_, gaps)) = &mut local.raw {
+                        gaps.push(gap.as_micros() as u64);
+                    }
                     if gap > stall {
                         totals.stalls.fetch_add(1, Ordering::Relaxed);
                     }
@@ -185,10 +199,11 @@ async fn one(
     }
 }
 
-fn new_hists() -> Hists {
+fn new_hists(raw: bool) -> Hists {
     Hists {
         ttfc: Histogram::new(3).unwrap_or_else(|_| unreachable!()),
         gap: Histogram::new(3).unwrap_or_else(|_| unreachable!()),
+        raw: raw.then(Default::default),
     }
 }
 
@@ -202,7 +217,7 @@ async fn main() {
         .build()
         .unwrap_or_else(|e| panic!("client: {e}"));
     let totals = Arc::new(Totals::default());
-    let merged = Arc::new(Mutex::new(new_hists()));
+    let merged = Arc::new(Mutex::new(new_hists(args.samples.is_some())));
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
     let rss_before = args.pid.and_then(rss_kib);
@@ -218,7 +233,7 @@ async fn main() {
             issued.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut local = new_hists();
+            let mut local = new_hists(args.samples.is_some());
             loop {
                 if stop.load(Ordering::Relaxed) {
                     break;
@@ -239,6 +254,10 @@ async fn main() {
             let mut m = merged.lock().await;
             let _ = m.ttfc.add(&local.ttfc);
             let _ = m.gap.add(&local.gap);
+            if let (Some((all_ttfc, all_gap)), Some((ttfc, gap))) = (&mut m.raw, local.raw) {
+                all_ttfc.extend(ttfc);
+                all_gap.extend(gap);
+            }
         }));
     }
     let mut rss_peak = None;
@@ -288,5 +307,9 @@ async fn main() {
         "rss_before_kib": rss_before,
         "rss_peak_kib": rss_peak,
     });
+    if let (Some(path), Some((ttfc, gap))) = (&args.samples, &m.raw) {
+        let raw = serde_json::json!({"ttfc_us": ttfc, "gap_us": gap});
+        std::fs::write(path, raw.to_string()).expect("write the samples");
+    }
     println!("{json}");
 }

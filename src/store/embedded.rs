@@ -1,64 +1,63 @@
-//! The `embedded` store (the default): fjall, an LSM-tree key-value engine,
-//! in a directory on local disk.
+//! The `embedded` store (the default): an append-only log of segment
+//! files in a directory on local disk, with its index in memory — the
+//! layout of Kafka's and NATS JetStream's file stores.
 //!
-//! Why an LSM tree: the workload is many small appends per second from many
-//! streams, per-stream range reads on resume, and whole-stream deletes at
-//! expiry. An LSM engine turns the appends into sequential journal writes
-//! and serves prefix ranges from sorted runs; a copy-on-write B-tree
-//! (redb) would rewrite pages on every commit.
+//! Why a log and not a key-value engine: every byte the store holds is
+//! written once, read rarely (a resume) and dropped whole at expiry. An
+//! LSM tree (the first version used fjall) adds memtable inserts, flushes
+//! and compactions that rewrite the same short-lived bytes, checksums at
+//! every level, and a writer thread the relay hands every append to; here
+//! an append is one `pwrite` of the bytes relayed, made by the task that
+//! relays them (benches/OPTIMISATIONS.md, "embedded store").
 //!
-//! Durability: all writes go through one writer thread that group-commits
-//! whatever every stream has pending into one batch and pushes the journal
-//! into the OS (`PersistMode::Buffer`) before acknowledging. That survives a
-//! SIGKILL of the gateway (the page cache outlives the process); a machine
-//! crash may lose the last few hundred milliseconds, which the OS flushes on
-//! its own schedule. fjall locks the directory: one process at a time.
+//! Durability: [`Store::append`] returns once its entry is in the OS (one
+//! `pwrite`), which survives a SIGKILL of the gateway (the page cache
+//! outlives the process); a machine crash may lose what the OS had not
+//! flushed yet, as before. [`Store::flush`] (at exit) syncs the files.
+//! Every entry carries its length and a CRC-32 of its body, so reopening
+//! keeps every acknowledged entry and cuts a torn last one. A lock file
+//! keeps a second process out.
 //!
-//! A failed commit or journal persist (a full disk) poisons a fjall
-//! database for good: every later write fails. So the store reopens it in
-//! the process: the first failed write takes the database out of service
-//! (every call then fails with [`StoreError::Reopening`], a 503, until it is
-//! back), a thread waits for the calls still using it, stops its writer,
-//! drops it, and opens the directory again, with backoff, until a test
-//! write commits. Opening replays the journal, which keeps every
-//! acknowledged batch and drops a torn last one (fjall checks each batch's
-//! checksum), so what was acknowledged is what is read after.
+//! Entries: `[u32 body length][u32 crc32 of the body][body]`, the body a
+//! kind byte and its fields (little endian): a stream's record (JSON,
+//! written once), a status change (JSON), an append's events (the batch
+//! encoding of [`super::encode_batch`] under the batch's last seq), an
+//! idempotency key, a readiness probe, and a stream copied forward whole
+//! (below).
 //!
-//! Keys: `streams`: id → JSON record, written once; `status`: id → the
-//! record's changing part (status, reason, updated, instance), so a status
-//! change is one small write with no read and the request is not rewritten;
-//! `batches`: id ‖ 0x00 ‖ last seq (big endian) → the events of one
-//! append (consecutive seqs), each as a little-endian u32 length and the
-//! encoded event, so the batches holding events after `n` are the keys
-//! from seq `n + 1` on; `idempotency`: owner ‖ 0x00 ‖ key → JSON entry.
+//! Space: segments are deleted oldest first, once nothing live is in them.
+//! All of a stream's entries are in the segment holding its record or
+//! later ones, so a segment holds something live exactly while a stream
+//! created in it, or an idempotency key written in it, is live. To free a
+//! segment that is old (past the TTL) or needed for room (past
+//! `store.max_bytes`), what is still live in it is copied forward into the
+//! newest segment, each stream as one entry (so a crash mid-copy leaves
+//! the original in force), and the segment is deleted. Past
+//! `store.max_bytes`, streams no run of this process is writing go first,
+//! oldest first; a new stream is refused only when running streams alone
+//! fill the store.
 //!
-//! One key per append, not per event: the pump appends what arrived
-//! together, so a 50-chunk answer is a handful of keys, and the memtable
-//! inserts, flushes and compactions scale with appends, not events.
+//! A failed write (a full disk) is cut back off its segment, the call
+//! fails, and the store is *impaired*: readiness and new streams fail
+//! (503) until a test write as large as the one that failed (at least
+//! [`SPACE_CHECK`] bytes) fits again, which they try at most every
+//! [`SPACE_RETRY`].
 
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use tokio::sync::{mpsc, oneshot};
 
-use super::{Corruption, Store, StoreError, decode_batch, encode_batch};
+use super::{Corruption, Store, StoreError, decode_batch, encode_event};
 use crate::config::StoreConfig;
 use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
-#[derive(Clone, Copy)]
-enum Space {
-    Streams,
-    Batches,
-    Idempotency,
-    Status,
-}
-
 /// The part of a record that changes after creation.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct StatusRecord {
     status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,81 +66,99 @@ struct StatusRecord {
     instance: String,
 }
 
-enum Op {
-    Put(Space, Vec<u8>, Vec<u8>),
-    Remove(Space, Vec<u8>),
-}
+const RECORD: u8 = 1;
+const STATUS: u8 = 2;
+const BATCH: u8 = 3;
+const IDEMPOTENCY: u8 = 4;
+const PROBE: u8 = 5;
+const COPY: u8 = 6;
 
-struct Write {
-    ops: Vec<Op>,
-    /// The group commit's result, shared by every write it held.
-    done: oneshot::Sender<Result<(), Arc<fjall::Error>>>,
-}
+/// An entry's header: body length and CRC-32.
+const HEADER: usize = 8;
+/// The largest segment; smaller when `store.max_bytes` is small, so that
+/// room is freed in steps of a sixteenth of it.
+const SEGMENT_MAX: u64 = 64 << 20;
+const SEGMENT_MIN: u64 = 64 << 10;
+/// The test write an impaired store must fit before it takes new streams.
+const SPACE_CHECK: usize = 256 << 10;
+/// ... or as large as the write that failed, up to this.
+const SPACE_CHECK_MAX: usize = 16 << 20;
+const SPACE_RETRY: Duration = Duration::from_millis(100);
 
 pub struct EmbeddedStore {
-    /// Held from an idempotency key's read to its write, so that of many
-    /// concurrent claims of one key exactly one wins (claims are rare:
-    /// one lock for all keys is enough).
-    claims: tokio::sync::Mutex<()>,
     shared: Arc<Shared>,
-    ttl_ms: u64,
+    /// Held from an idempotency key's read to its write, so that of many
+    /// concurrent claims of one key exactly one wins.
+    claims: tokio::sync::Mutex<()>,
     secret: Vec<u8>,
 }
 
-/// One open database: its keyspaces and the writer thread that commits
-/// to it. Replaced as a whole when a failed write poisons it.
-struct Engine {
-    db: Database,
-    streams: Keyspace,
-    status: Keyspace,
-    batches: Keyspace,
-    idempotency: Keyspace,
-    writer: mpsc::UnboundedSender<Write>,
-    writer_thread: std::thread::JoinHandle<()>,
-}
-
-/// What the store and its reopening thread share.
 struct Shared {
-    /// fjall's directory.
+    dir: PathBuf,
+    ttl_ms: u64,
+    max_bytes: u64,
+    segment_bytes: u64,
+    log: Mutex<Log>,
+    /// The lock file, locked while the store is open.
+    _lock: File,
+}
+
+/// Where an entry's payload is.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+struct Segment {
+    file: Arc<File>,
     path: PathBuf,
-    commit_interval: Duration,
-    state: Mutex<State>,
-    /// Set when the store is dropped: a reopening thread gives up.
-    closed: AtomicBool,
+    len: u64,
+    /// Live streams whose record is in this segment.
+    streams: usize,
+    /// Live idempotency keys written in it.
+    keys: usize,
+    /// When it was last written.
+    written_ms: u64,
 }
 
-struct State {
-    /// The database in service; `None` while it is being reopened.
-    engine: Option<Arc<Engine>>,
-    /// Whether a thread is reopening it.
-    reopening: bool,
-    /// The wait before the next open attempt. It doubles while attempts
-    /// fail, and is kept when a reopened database fails again soon after,
-    /// so a disk that stays nearly full is not replayed in a tight loop.
-    backoff: Duration,
-    /// When the database was last reopened.
-    reopened: Option<Instant>,
+struct StreamIndex {
+    record: Loc,
+    status: Option<StatusRecord>,
+    /// Each append's last seq and where its batch is, in seq order.
+    batches: Vec<(u64, Loc)>,
+    segment: u64,
+    updated_ms: u64,
+    /// Bytes of its entries.
+    bytes: u64,
+    /// A run of this process writes it (never evicted, never expired).
+    running: bool,
 }
 
-/// The first wait before reopening, and the longest.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// A reopened database that fails again within this keeps its backoff.
-const BACKOFF_MEMORY: Duration = Duration::from_secs(30);
-/// How long a reopen waits for the calls still using the old database
-/// before it drops its own handle and lets the directory lock tell.
-const DRAIN_WAIT: Duration = Duration::from_secs(10);
-
-/// Turns a fjall error into a [`StoreError::Engine`] that says what failed.
-fn engine(context: &'static str) -> impl FnOnce(fjall::Error) -> StoreError {
-    move |e| StoreError::Engine {
-        context,
-        source: Arc::new(e),
-    }
+struct KeyIndex {
+    entry: IdempotencyEntry,
+    at_ms: u64,
+    segment: u64,
 }
 
-/// Turns an I/O error on `path` into a [`StoreError::Io`] that says what
-/// failed and where.
+struct Log {
+    segments: BTreeMap<u64, Segment>,
+    active: u64,
+    streams: HashMap<Box<str>, StreamIndex>,
+    keys: HashMap<Vec<u8>, KeyIndex>,
+    /// The sum of the segments' lengths.
+    bytes: u64,
+    /// The bytes of running streams.
+    running_bytes: u64,
+    /// Set by a failed write (when, and how large a test write must fit);
+    /// cleared by a space check that fits.
+    impaired: Option<(Instant, usize)>,
+    /// The active segment's end is unknown (a failed write could not be
+    /// cut back): the next write starts a new segment.
+    damaged: bool,
+}
+
 fn io_at(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     move |source| StoreError::Io {
         context: format!("cannot {action} {}", path.display()),
@@ -149,507 +166,823 @@ fn io_at(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> St
     }
 }
 
-fn event_key(stream_id: &str, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(stream_id.len() + 9);
-    key.extend_from_slice(stream_id.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
+fn segment_name(n: u64) -> String {
+    format!("{n:016}.log")
 }
 
-fn pair_key(a: &str, b: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(a.len() + b.len() + 1);
-    key.extend_from_slice(a.as_bytes());
-    key.push(0);
-    key.extend_from_slice(b.as_bytes());
-    key
+fn key_of(owner: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + key.len() + 1);
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
 }
 
-fn open_error(path: &Path) -> impl FnOnce(fjall::Error) -> StoreError {
-    move |e| match e {
-        fjall::Error::Locked => StoreError::Locked {
-            path: path.to_owned(),
-        },
-        source => StoreError::Open {
-            path: path.to_owned(),
-            source,
-        },
+/// An entry under construction: the header's room, then the body.
+struct Entry(Vec<u8>);
+
+impl Entry {
+    fn new(kind: u8, size: usize) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER + 1 + size);
+        buf.extend_from_slice(&[0; HEADER]);
+        buf.push(kind);
+        Entry(buf)
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+    /// A length-prefixed (u16) string: stream ids and idempotency keys.
+    fn name(&mut self, v: &[u8]) -> Result<&mut Self, StoreError> {
+        let len = u16::try_from(v.len())
+            .map_err(|_| StoreError::Corrupt(Corruption::KeyTooLong(v.len())))?;
+        Ok(self.u16(len).bytes(v))
+    }
+    /// Where the next byte goes, from the entry's start.
+    fn here(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let body = (self.0.len() - HEADER) as u32;
+        let crc = crc32fast::hash(&self.0[HEADER..]);
+        self.0[..4].copy_from_slice(&body.to_le_bytes());
+        self.0[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.0
     }
 }
 
-impl Engine {
-    /// Open fjall's directory `path` and start its writer. When `check`,
-    /// first commit one tiny write, so a database reopened on a disk that is
-    /// still full is not put back in service.
-    fn open(path: &Path, interval: Duration, check: bool) -> Result<Engine, StoreError> {
-        let db = Database::builder(path)
-            // One background thread for flushes and compactions: with two,
-            // fjall 3.1 spins a core handing compactions back and forth
-            // (benches/OPTIMISATIONS.md, "embedded store").
-            .worker_threads(1)
-            // No journal compression: batches are small and short-lived.
-            .journal_compression(fjall::CompressionType::None)
-            .open()
-            .map_err(open_error(path))?;
-        let open = |name: &str, context: &'static str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(engine(context))
+/// The encoding of one append's events, as [`super::encode_batch`] does,
+/// written straight into the entry.
+fn put_batch(entry: &mut Entry, events: &[Event]) {
+    for event in events {
+        let encoded = encode_event(event);
+        entry.u32(encoded.len() as u32).bytes(&encoded);
+    }
+}
+
+fn batch_size(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| e.data.len() + e.name.as_deref().map_or(0, str::len) + 5)
+        .sum()
+}
+
+/// A reader over one entry's body.
+struct Body<'a> {
+    rest: &'a [u8],
+    /// The offset of `rest` in its segment.
+    at: u64,
+}
+
+impl<'a> Body<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.rest.len() < n {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        self.at += n as u64;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn name(&mut self) -> Option<&'a str> {
+        let len = self.u16()? as usize;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+    /// The rest of the body, and where it is.
+    fn tail(&mut self, segment: u64) -> Option<Loc> {
+        let len = u32::try_from(self.rest.len()).ok()?;
+        let loc = Loc {
+            segment,
+            offset: self.at,
+            len,
         };
-        let streams = open("streams", "cannot open the streams keyspace")?;
-        let batches = open("batches", "cannot open the batches keyspace")?;
-        let idempotency = open("idempotency", "cannot open the idempotency keyspace")?;
-        let status = open("status", "cannot open the status keyspace")?;
-        if check {
-            let mut batch = db.batch().durability(Some(PersistMode::Buffer));
-            let (key, value) = probe_entry();
-            batch.insert(&status, key, value);
-            batch
-                .commit()
-                .map_err(engine("cannot commit a test write"))?;
-        }
-
-        let (tx, rx) = mpsc::unbounded_channel();
-        let spaces = [
-            streams.clone(),
-            batches.clone(),
-            idempotency.clone(),
-            status.clone(),
-        ];
-        let writer_db = db.clone();
-        let writer_thread = std::thread::Builder::new()
-            .name("tidegate-store-writer".into())
-            .spawn(move || writer_loop(writer_db, spaces, rx, interval))
-            .map_err(|source| StoreError::Io {
-                context: "cannot start the store writer thread".into(),
-                source,
-            })?;
-        Ok(Engine {
-            db,
-            streams,
-            status,
-            batches,
-            idempotency,
-            writer: tx,
-            writer_thread,
-        })
+        self.rest = &[];
+        Some(loc)
     }
-
-    /// Stop the writer (it commits what it holds, and answers every write
-    /// still queued) and drop the database, which stops fjall's workers.
-    fn close(self) {
-        let Engine {
-            db,
-            streams,
-            status,
-            batches,
-            idempotency,
-            writer,
-            writer_thread,
-        } = self;
-        drop(writer);
-        if writer_thread.join().is_err() {
-            tracing::error!("the store writer thread panicked");
-        }
-        drop((streams, status, batches, idempotency, db));
+    /// `n` bytes, and where they are.
+    fn span(&mut self, segment: u64, n: usize) -> Option<Loc> {
+        let loc = Loc {
+            segment,
+            offset: self.at,
+            len: u32::try_from(n).ok()?,
+        };
+        self.take(n)?;
+        Some(loc)
     }
 }
 
-/// The record readiness writes: a key no stream id can name (ids start
-/// with `tg_`), and the time.
-fn probe_entry() -> (Vec<u8>, Vec<u8>) {
-    (b"\0probe".to_vec(), now_ms().to_be_bytes().to_vec())
+impl Log {
+    fn segment(&self, n: u64) -> Result<&Segment, StoreError> {
+        self.segments
+            .get(&n)
+            .ok_or(StoreError::Corrupt(Corruption::MissingSegment(n)))
+    }
+
+    fn read(&self, loc: Loc) -> Result<(Arc<File>, Loc), StoreError> {
+        Ok((self.segment(loc.segment)?.file.clone(), loc))
+    }
+
+    fn forget_stream(&mut self, id: &str) -> Option<StreamIndex> {
+        let gone = self.streams.remove(id)?;
+        if gone.running {
+            self.running_bytes -= gone.bytes;
+        }
+        if let Some(segment) = self.segments.get_mut(&gone.segment) {
+            segment.streams -= 1;
+        }
+        Some(gone)
+    }
+
+    fn forget_key(&mut self, key: &[u8]) {
+        if let Some(gone) = self.keys.remove(key)
+            && let Some(segment) = self.segments.get_mut(&gone.segment)
+        {
+            segment.keys -= 1;
+        }
+    }
+
+    /// Add `bytes` to a stream's size (and the running total).
+    fn grow(&mut self, id: &str, bytes: u64) {
+        if let Some(stream) = self.streams.get_mut(id) {
+            stream.bytes += bytes;
+            if stream.running {
+                self.running_bytes += bytes;
+            }
+        }
+    }
+
+    fn set_running(&mut self, id: &str, running: bool) {
+        if let Some(stream) = self.streams.get_mut(id)
+            && stream.running != running
+        {
+            stream.running = running;
+            if running {
+                self.running_bytes += stream.bytes;
+            } else {
+                self.running_bytes -= stream.bytes;
+            }
+        }
+    }
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The database in service, or [`StoreError::Reopening`].
-    fn engine(self: &Arc<Self>) -> Result<Arc<Engine>, StoreError> {
-        let mut state = self.lock();
-        match &state.engine {
-            Some(engine) => Ok(engine.clone()),
-            None => {
-                if !state.reopening {
-                    // The last reopening thread could not be started.
-                    self.start_reopen(&mut state, None);
-                }
-                Err(StoreError::Reopening)
-            }
-        }
-    }
-
-    /// A write to `failed` failed: fjall has poisoned it (a full disk, a
-    /// failed persist), so take it out of service and reopen the directory.
-    /// Only the first failure of a database does anything.
-    fn failed(self: &Arc<Self>, failed: &Arc<Engine>) {
-        let mut state = self.lock();
-        let current = state
-            .engine
-            .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, failed));
-        if !current {
-            return;
-        }
-        let old = state.engine.take();
-        let soon = state
-            .reopened
-            .is_some_and(|at| at.elapsed() < BACKOFF_MEMORY);
-        if !soon {
-            state.backoff = BACKOFF_MIN;
-        }
-        tracing::warn!(
-            path = %self.path.display(),
-            "a write to the embedded store failed; reopening it (calls fail with store_unavailable until it is back)"
+    /// Start segment `n` (and make it the active one).
+    fn start_segment(&self, log: &mut Log, n: u64) -> Result<(), StoreError> {
+        let path = self.dir.join(segment_name(n));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_at("create", &path))?;
+        log.segments.insert(
+            n,
+            Segment {
+                file: Arc::new(file),
+                path,
+                len: 0,
+                streams: 0,
+                keys: 0,
+                written_ms: now_ms(),
+            },
         );
-        self.start_reopen(&mut state, old);
+        log.active = n;
+        log.damaged = false;
+        Ok(())
     }
 
-    fn start_reopen(self: &Arc<Self>, state: &mut State, old: Option<Arc<Engine>>) {
-        let shared = self.clone();
-        let delay = state.backoff;
-        state.reopening = std::thread::Builder::new()
-            .name("tidegate-store-reopen".into())
-            .spawn(move || shared.reopen(old, delay))
-            .inspect_err(|e| tracing::error!(error = %e, "cannot start the store reopening thread"))
-            .is_ok();
-    }
-
-    /// The reopening thread: close `old` once nothing uses it, then open
-    /// the directory until a database takes a test write.
-    fn reopen(self: Arc<Self>, old: Option<Arc<Engine>>, mut delay: Duration) {
-        if let Some(old) = old {
-            let deadline = Instant::now() + DRAIN_WAIT;
-            let mut old = old;
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(engine) => {
-                        engine.close();
-                        break;
-                    }
-                    Err(shared) if Instant::now() < deadline => {
-                        old = shared;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            "calls still hold the failed embedded store; reopening when they let go"
-                        );
-                        break;
-                    }
-                }
-            }
+    /// Write one entry at the end of the active segment; the offset of its
+    /// start. A failed write is cut back off the segment.
+    fn write(&self, log: &mut Log, entry: Vec<u8>) -> Result<Loc, StoreError> {
+        let needs_new = log.damaged
+            || log
+                .segments
+                .get(&log.active)
+                .is_none_or(|s| s.len > 0 && s.len + entry.len() as u64 > self.segment_bytes);
+        if needs_new {
+            let next = log.active + 1;
+            self.start_segment(log, next)?;
         }
-        let mut attempts = 0u32;
-        loop {
-            std::thread::sleep(delay);
-            if self.closed.load(Ordering::Acquire) {
-                self.lock().reopening = false;
+        let active = log.active;
+        let segment = log
+            .segments
+            .get_mut(&active)
+            .ok_or(StoreError::Corrupt(Corruption::MissingSegment(active)))?;
+        let offset = segment.len;
+        if let Err(source) = segment.file.write_all_at(&entry, offset) {
+            if segment.file.set_len(offset).is_err() {
+                log.damaged = true;
+            }
+            if log.impaired.is_none() {
+                tracing::warn!(
+                    path = %segment.path.display(),
+                    error = %source,
+                    "a write to the embedded store failed; new streams get store_unavailable until it has room again"
+                );
+            }
+            let need = entry.len().clamp(SPACE_CHECK, SPACE_CHECK_MAX);
+            log.impaired = Some((Instant::now(), need));
+            return Err(StoreError::Io {
+                context: format!("cannot write to {}", segment.path.display()),
+                source,
+            });
+        }
+        segment.len += entry.len() as u64;
+        segment.written_ms = now_ms();
+        log.bytes += entry.len() as u64;
+        Ok(Loc {
+            segment: active,
+            offset,
+            len: entry.len() as u32,
+        })
+    }
+
+    /// Whether an impaired store has room again: a test write, cut back.
+    fn check_space(&self, log: &mut Log) -> Result<(), StoreError> {
+        let Some((since, need)) = log.impaired else {
+            return Ok(());
+        };
+        if since.elapsed() < SPACE_RETRY {
+            return Err(StoreError::Impaired);
+        }
+        let mut test = Entry::new(PROBE, need);
+        test.bytes(&vec![0; need]);
+        match self.write(log, test.finish()) {
+            Ok(loc) => {
+                // The test bytes are not kept: cut them back off.
+                let segment = log
+                    .segments
+                    .get_mut(&loc.segment)
+                    .ok_or(StoreError::Corrupt(Corruption::MissingSegment(loc.segment)))?;
+                if segment.file.set_len(loc.offset).is_ok() {
+                    segment.len = loc.offset;
+                    log.bytes -= u64::from(loc.len);
+                }
+                log.impaired = None;
+                tracing::info!("the embedded store has room again");
+                Ok(())
+            }
+            Err(_) => Err(StoreError::Impaired),
+        }
+    }
+
+    /// Delete segments from the oldest while nothing live is in them.
+    fn drop_empty(&self, log: &mut Log) {
+        while let Some((&n, segment)) = log.segments.first_key_value() {
+            if n == log.active || segment.streams > 0 || segment.keys > 0 {
                 return;
             }
-            attempts += 1;
-            delay = (delay * 2).min(BACKOFF_MAX);
-            match Engine::open(&self.path, self.commit_interval, true) {
-                Ok(engine) => {
-                    let mut state = self.lock();
-                    state.reopening = false;
-                    state.backoff = delay;
-                    state.reopened = Some(Instant::now());
-                    if self.closed.load(Ordering::Acquire) {
-                        drop(state);
-                        engine.close();
-                        return;
-                    }
-                    state.engine = Some(Arc::new(engine));
-                    tracing::info!(attempts, "the embedded store is back in service");
-                    return;
-                }
-                Err(e) => {
-                    // The first failure, then one in 30 (a minute at the
-                    // longest backoff).
-                    if attempts % 30 == 1 {
-                        tracing::warn!(error = %e, attempts, "cannot reopen the embedded store yet");
-                    }
-                }
+            let Some(segment) = log.segments.remove(&n) else {
+                return;
+            };
+            log.bytes -= segment.len;
+            if let Err(e) = std::fs::remove_file(&segment.path) {
+                tracing::warn!(path = %segment.path.display(), error = %e, "cannot delete an embedded store segment");
             }
         }
+    }
+
+    /// Free the oldest segment: evict what no run of this process writes
+    /// (when `evict`) or copy it forward, copy forward its running streams
+    /// and live keys, delete it.
+    fn free_oldest(&self, log: &mut Log, evict: bool) -> Result<(), StoreError> {
+        let Some(&oldest) = log.segments.keys().next() else {
+            return Ok(());
+        };
+        if oldest == log.active {
+            let next = log.active + 1;
+            self.start_segment(log, next)?;
+        }
+        let ids: Vec<Box<str>> = log
+            .streams
+            .iter()
+            .filter(|(_, s)| s.segment == oldest)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let running = log.streams.get(&id).is_some_and(|s| s.running);
+            if evict && !running {
+                log.forget_stream(&id);
+                tracing::debug!(stream = %id, "evicted to stay under store.max_bytes");
+            } else {
+                self.copy_forward(log, &id)?;
+            }
+        }
+        let keys: Vec<Vec<u8>> = log
+            .keys
+            .iter()
+            .filter(|(_, k)| k.segment == oldest)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            let (entry, at) = match log.keys.get(&key) {
+                Some(k) => (k.entry.clone(), k.at_ms),
+                None => continue,
+            };
+            self.write_key(log, key, entry, at)?;
+        }
+        self.drop_empty(log);
+        Ok(())
+    }
+
+    /// Rewrite a stream whole as one entry in the active segment.
+    fn copy_forward(&self, log: &mut Log, id: &str) -> Result<(), StoreError> {
+        let Some(stream) = log.streams.get(id) else {
+            return Ok(());
+        };
+        let record = read_at(&log.read(stream.record)?.0, stream.record)?;
+        let status = match &stream.status {
+            Some(s) => serde_json::to_vec(s).map_err(StoreError::Encode)?,
+            None => Vec::new(),
+        };
+        let mut batches = Vec::with_capacity(stream.batches.len());
+        for (last, loc) in &stream.batches {
+            batches.push((*last, read_at(&log.read(*loc)?.0, *loc)?));
+        }
+        let size =
+            record.len() + status.len() + batches.iter().map(|(_, b)| b.len() + 12).sum::<usize>();
+        let mut entry = Entry::new(COPY, size + id.len() + 10);
+        entry.name(id.as_bytes())?;
+        entry.u32(record.len() as u32);
+        let record_at = entry.here();
+        entry.bytes(&record).u32(status.len() as u32).bytes(&status);
+        let mut spans = Vec::with_capacity(batches.len());
+        for (last, bytes) in &batches {
+            entry.u64(*last).u32(bytes.len() as u32);
+            spans.push((*last, entry.here(), bytes.len() as u32));
+            entry.bytes(bytes);
+        }
+        let at = self.write(log, entry.finish())?;
+        let loc = |offset: u64, len: u32| Loc {
+            segment: at.segment,
+            offset: at.offset + offset,
+            len,
+        };
+        let moved_from = log.streams.get(id).map(|s| s.segment);
+        if let Some(from) = moved_from
+            && let Some(segment) = log.segments.get_mut(&from)
+        {
+            segment.streams -= 1;
+        }
+        if let Some(segment) = log.segments.get_mut(&at.segment) {
+            segment.streams += 1;
+        }
+        let grown = u64::from(at.len);
+        if let Some(stream) = log.streams.get_mut(id) {
+            stream.record = loc(record_at, record.len() as u32);
+            stream.batches = spans
+                .into_iter()
+                .map(|(last, offset, len)| (last, loc(offset, len)))
+                .collect();
+            stream.segment = at.segment;
+            let old = std::mem::replace(&mut stream.bytes, grown);
+            if stream.running {
+                log.running_bytes = log.running_bytes - old + grown;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_key(
+        &self,
+        log: &mut Log,
+        key: Vec<u8>,
+        entry: IdempotencyEntry,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(&(&entry, at_ms)).map_err(StoreError::Encode)?;
+        let mut e = Entry::new(IDEMPOTENCY, key.len() + value.len() + 2);
+        e.name(&key)?.bytes(&value);
+        let at = self.write(log, e.finish())?;
+        log.forget_key(&key);
+        if let Some(segment) = log.segments.get_mut(&at.segment) {
+            segment.keys += 1;
+        }
+        log.keys.insert(
+            key,
+            KeyIndex {
+                entry,
+                at_ms,
+                segment: at.segment,
+            },
+        );
+        Ok(())
+    }
+
+    fn expired(&self, updated_ms: u64, now: u64) -> bool {
+        updated_ms + self.ttl_ms <= now
+    }
+
+    /// The sweep: forget what expired, copy forward what is still live in
+    /// a segment older than the TTL, delete what is empty.
+    fn sweep(&self) -> Result<usize, StoreError> {
+        let mut log = self.lock();
+        let now = now_ms();
+        let expired: Vec<Box<str>> = log
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.running && self.expired(s.updated_ms, now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            log.forget_stream(id);
+        }
+        let keys: Vec<Vec<u8>> = log
+            .keys
+            .iter()
+            .filter(|(_, k)| self.expired(k.at_ms, now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            log.forget_key(&key);
+        }
+        self.drop_empty(&mut log);
+        let old = log
+            .segments
+            .first_key_value()
+            .filter(|(n, s)| **n != log.active && self.expired(s.written_ms, now))
+            .is_some();
+        if old {
+            self.free_oldest(&mut log, false)?;
+        }
+        Ok(expired.len())
+    }
+
+    /// Make room for a new stream under `store.max_bytes`.
+    fn admit(&self) -> Result<(), StoreError> {
+        let mut log = self.lock();
+        self.check_space(&mut log)?;
+        let mut rounds = log.segments.len() + 1;
+        while log.bytes > self.max_bytes {
+            if log.running_bytes >= self.max_bytes {
+                return Err(StoreError::Full {
+                    held: log.running_bytes,
+                    max: self.max_bytes,
+                });
+            }
+            if rounds == 0 {
+                // Running streams are copied forward as segments are
+                // freed; what is left over is theirs.
+                break;
+            }
+            rounds -= 1;
+            self.free_oldest(&mut log, true)?;
+        }
+        Ok(())
     }
 }
 
-impl Drop for EmbeddedStore {
-    fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
+/// Read an entry's payload.
+fn read_at(file: &File, loc: Loc) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0; loc.len as usize];
+    file.read_exact_at(&mut buf, loc.offset)
+        .map_err(|source| StoreError::Io {
+            context: "cannot read the embedded store".into(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// Read each batch and decode the events after `after`, up to about `max`.
+fn read_batches(
+    batches: Vec<(u64, Arc<File>, Loc)>,
+    after: u64,
+    max: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let mut out = Vec::new();
+    for (last, file, loc) in batches {
+        let bytes = read_at(&file, loc)?;
+        out.extend(decode_batch(last, &bytes, after)?);
+        if out.len() >= max {
+            break;
+        }
     }
+    Ok(out)
+}
+
+/// What opening found in one segment.
+struct Scanned {
+    /// Where its last whole entry ends.
+    end: u64,
+    torn: bool,
+}
+
+/// Apply every whole entry of `bytes` (segment `n`) to the index.
+fn scan(log: &mut Log, n: u64, bytes: &[u8]) -> Scanned {
+    let mut at = 0usize;
+    while bytes.len() - at >= HEADER {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
+        let start = at + HEADER;
+        let Some(body) = bytes.get(start..start + len) else {
+            break;
+        };
+        if len == 0 || crc32fast::hash(body) != crc {
+            break;
+        }
+        apply(log, n, body, start as u64, (HEADER + len) as u64);
+        at = start + len;
+    }
+    Scanned {
+        end: at as u64,
+        torn: at != bytes.len(),
+    }
+}
+
+/// A stored record's `updated_ms` (its only field opening needs).
+fn record_updated(json: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Times {
+        updated_ms: u64,
+    }
+    serde_json::from_slice::<Times>(json)
+        .ok()
+        .map(|t| t.updated_ms)
+}
+
+/// Index one entry read back at open. An entry that does not parse is
+/// skipped (its checksum held, so it is a kind this version does not know).
+fn apply(log: &mut Log, n: u64, body: &[u8], offset: u64, size: u64) {
+    let kind = body[0];
+    let mut b = Body {
+        rest: &body[1..],
+        at: offset + 1,
+    };
+    let _ = (|| -> Option<()> {
+        match kind {
+            RECORD => {
+                let id = b.name()?;
+                let updated_ms = record_updated(b.rest)?;
+                let record = b.tail(n)?;
+                log.forget_stream(id);
+                log.segments.get_mut(&n)?.streams += 1;
+                log.streams.insert(
+                    id.into(),
+                    StreamIndex {
+                        record,
+                        status: None,
+                        batches: Vec::new(),
+                        segment: n,
+                        updated_ms,
+                        bytes: size,
+                        running: false,
+                    },
+                );
+            }
+            STATUS => {
+                let id = b.name()?;
+                let status: StatusRecord = serde_json::from_slice(b.rest).ok()?;
+                let stream = log.streams.get_mut(id)?;
+                stream.updated_ms = status.updated_ms;
+                stream.status = Some(status);
+                stream.bytes += size;
+            }
+            BATCH => {
+                let id = b.name()?;
+                let last = b.u64()?;
+                let loc = b.tail(n)?;
+                let stream = log.streams.get_mut(id)?;
+                stream.batches.push((last, loc));
+                stream.bytes += size;
+            }
+            IDEMPOTENCY => {
+                let len = b.u16()? as usize;
+                let key = b.take(len)?.to_vec();
+                let (entry, at_ms): (IdempotencyEntry, u64) =
+                    serde_json::from_slice(b.rest).ok()?;
+                log.forget_key(&key);
+                log.segments.get_mut(&n)?.keys += 1;
+                log.keys.insert(
+                    key,
+                    KeyIndex {
+                        entry,
+                        at_ms,
+                        segment: n,
+                    },
+                );
+            }
+            COPY => {
+                let id = b.name()?;
+                let record_len = b.u32()? as usize;
+                let updated_ms = record_updated(b.rest.get(..record_len)?)?;
+                let record = b.span(n, record_len)?;
+                let status_len = b.u32()? as usize;
+                let status = match status_len {
+                    0 => None,
+                    len => Some(serde_json::from_slice::<StatusRecord>(b.take(len)?).ok()?),
+                };
+                let mut batches = Vec::new();
+                while !b.rest.is_empty() {
+                    let last = b.u64()?;
+                    let len = b.u32()? as usize;
+                    batches.push((last, b.span(n, len)?));
+                }
+                log.forget_stream(id);
+                log.segments.get_mut(&n)?.streams += 1;
+                log.streams.insert(
+                    id.into(),
+                    StreamIndex {
+                        record,
+                        updated_ms: status.as_ref().map_or(updated_ms, |s| s.updated_ms),
+                        status,
+                        batches,
+                        segment: n,
+                        bytes: size,
+                        running: false,
+                    },
+                );
+            }
+            _ => {}
+        }
+        Some(())
+    })();
 }
 
 impl EmbeddedStore {
     pub fn open(path: &Path, config: &StoreConfig) -> Result<EmbeddedStore, StoreError> {
         // The store holds every prompt and answer: what this process
         // creates is for its own user only (files 0600, directories 0700).
-        #[cfg(unix)]
         // SAFETY: umask only sets the process's file-creation mask; it
         // cannot fail and touches no memory.
         unsafe {
             libc::umask(0o077);
         }
-        std::fs::create_dir_all(path).map_err(io_at("create", path))?;
-        let db_path = path.join("db");
-        let engine =
-            Engine::open(&db_path, config.commit_interval, false).map_err(|e| match e {
-                // Name the directory the operator configured.
-                StoreError::Locked { .. } => StoreError::Locked {
+        let dir = path.join("log");
+        std::fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_at("open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
                     path: path.to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_at("lock", &lock_path)(e)),
+        }
+        let old = path.join("db");
+        if old.is_dir() {
+            tracing::warn!(path = %old.display(), "removing the store of an earlier tidegate version (fjall); its streams are not carried over");
+            std::fs::remove_dir_all(&old).map_err(io_at("remove", &old))?;
+        }
+        let mut log = Log {
+            segments: BTreeMap::new(),
+            active: 0,
+            streams: HashMap::new(),
+            keys: HashMap::new(),
+            bytes: 0,
+            running_bytes: 0,
+            impaired: None,
+            damaged: false,
+        };
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_at("list", &dir))? {
+            let entry = entry.map_err(io_at("list", &dir))?;
+            let name = entry.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                numbers.push(n);
+            }
+        }
+        numbers.sort_unstable();
+        for n in numbers {
+            let seg_path = dir.join(segment_name(n));
+            let bytes = std::fs::read(&seg_path).map_err(io_at("read", &seg_path))?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&seg_path)
+                .map_err(io_at("open", &seg_path))?;
+            log.segments.insert(
+                n,
+                Segment {
+                    file: Arc::new(file),
+                    path: seg_path.clone(),
+                    len: bytes.len() as u64,
+                    streams: 0,
+                    keys: 0,
+                    written_ms: now_ms(),
                 },
-                StoreError::Open { source, .. } => StoreError::Open {
-                    path: path.to_owned(),
-                    source,
-                },
-                e => e,
-            })?;
+            );
+            let scanned = scan(&mut log, n, &bytes);
+            if scanned.torn {
+                tracing::warn!(path = %seg_path.display(), at = scanned.end, "the embedded store's segment ends in a torn or damaged entry; cutting it there");
+                if let Some(segment) = log.segments.get_mut(&n) {
+                    segment
+                        .file
+                        .set_len(scanned.end)
+                        .map_err(io_at("cut the torn end of", &seg_path))?;
+                    segment.len = scanned.end;
+                }
+            }
+            log.bytes += scanned.end;
+            log.active = n;
+        }
+        let shared = Shared {
+            dir,
+            ttl_ms: config.ttl.as_millis() as u64,
+            max_bytes: config.max_bytes,
+            segment_bytes: (config.max_bytes / 16).clamp(SEGMENT_MIN, SEGMENT_MAX),
+            log: Mutex::new(log),
+            _lock: lock,
+        };
+        {
+            let mut log = shared.lock();
+            let now = now_ms();
+            let expired: Vec<Box<str>> = log
+                .streams
+                .iter()
+                .filter(|(_, s)| shared.expired(s.updated_ms, now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                log.forget_stream(&id);
+            }
+            // Appends go to a new segment, never after a cut.
+            let next = log.active + 1;
+            shared.start_segment(&mut log, next)?;
+            shared.drop_empty(&mut log);
+        }
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
         restrict_permissions(path)?;
         Ok(EmbeddedStore {
+            shared: Arc::new(shared),
             claims: tokio::sync::Mutex::new(()),
-            shared: Arc::new(Shared {
-                path: db_path,
-                commit_interval: config.commit_interval,
-                state: Mutex::new(State {
-                    engine: Some(Arc::new(engine)),
-                    reopening: false,
-                    backoff: BACKOFF_MIN,
-                    reopened: None,
-                }),
-                closed: AtomicBool::new(false),
-            }),
-            ttl_ms: config.ttl.as_millis() as u64,
             secret,
         })
     }
-
-    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
-        self.shared.engine()
-    }
-
-    async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        let engine = self.engine()?;
-        let (done, wait) = oneshot::channel();
-        let result = match engine.writer.send(Write { ops, done }) {
-            Ok(()) => match wait.await {
-                Ok(committed) => committed.map_err(|source| StoreError::Engine {
-                    context: "cannot commit a write batch",
-                    source,
-                }),
-                Err(_) => Err(StoreError::WriterStopped),
-            },
-            Err(_) => Err(StoreError::WriterStopped),
-        };
-        if result.is_err() {
-            self.shared.failed(&engine);
-        }
-        result
-    }
-}
-
-fn read_record(
-    streams: &Keyspace,
-    status: &Keyspace,
-    stream_id: &str,
-) -> Result<Option<StreamRecord>, StoreError> {
-    match streams
-        .get(stream_id)
-        .map_err(engine("cannot read a stream record"))?
-    {
-        Some(bytes) => with_status(status, stream_id, &bytes).map(Some),
-        None => Ok(None),
-    }
-}
-
-/// A stored record with its latest status applied.
-fn with_status(
-    status: &Keyspace,
-    stream_id: &str,
-    record: &[u8],
-) -> Result<StreamRecord, StoreError> {
-    let mut record: StreamRecord =
-        serde_json::from_slice(record).map_err(|source| StoreError::Decode {
-            what: "stream record",
-            source,
-        })?;
-    if let Some(bytes) = status
-        .get(stream_id)
-        .map_err(engine("cannot read a stream's status"))?
-    {
-        let latest: StatusRecord =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
-                what: "stream status",
-                source,
-            })?;
-        record.status = latest.status;
-        record.reason = latest.reason;
-        record.updated_ms = latest.updated_ms;
-        record.instance = latest.instance;
-    }
-    Ok(record)
-}
-
-/// The group commit: take one write, then everything else already waiting
-/// (from every stream), commit them as one batch, acknowledge them all.
-fn writer_loop(
-    db: Database,
-    spaces: [Keyspace; 4],
-    mut rx: mpsc::UnboundedReceiver<Write>,
-    interval: Duration,
-) {
-    let mut pending = Vec::with_capacity(1024);
-    while let Some(first) = rx.blocking_recv() {
-        pending.push(first);
-        if !interval.is_zero() {
-            std::thread::sleep(interval);
-        }
-        while pending.len() < 8192 {
-            match rx.try_recv() {
-                Ok(w) => pending.push(w),
-                Err(_) => break,
-            }
-        }
-        let mut batch = db.batch().durability(Some(PersistMode::Buffer));
-        for write in &pending {
-            for op in &write.ops {
-                match op {
-                    Op::Put(space, k, v) => {
-                        batch.insert(&spaces[*space as usize], k.as_slice(), v.as_slice())
-                    }
-                    Op::Remove(space, k) => batch.remove(&spaces[*space as usize], k.as_slice()),
-                }
-            }
-        }
-        let result = batch.commit().map_err(Arc::new);
-        for write in pending.drain(..) {
-            let _ = write.done.send(result.clone());
-        }
-    }
-    let _ = db.persist(PersistMode::SyncAll);
-}
-
-/// The removals of every expired stream and idempotency key, and how many
-/// streams they remove. A full scan: run it off the async workers.
-fn expired_ops(
-    streams: &Keyspace,
-    status: &Keyspace,
-    batches: &Keyspace,
-    idempotency: &Keyspace,
-    ttl_ms: u64,
-) -> Result<(Vec<Op>, usize), StoreError> {
-    let now = now_ms();
-    let mut ops = Vec::new();
-    let mut gone = 0;
-    for guard in streams.iter() {
-        let (key, value) = guard
-            .into_inner()
-            .map_err(engine("cannot scan the stream records"))?;
-        let id = std::str::from_utf8(&key).unwrap_or_default();
-        let expired = match with_status(status, id, &value) {
-            Ok(record) => record.updated_ms + ttl_ms <= now,
-            Err(_) => true,
-        };
-        if expired {
-            gone += 1;
-            let mut prefix = key.to_vec();
-            prefix.push(0);
-            for batch in batches.prefix(&prefix) {
-                ops.push(Op::Remove(
-                    Space::Batches,
-                    batch
-                        .key()
-                        .map_err(engine("cannot scan a stream's event batches"))?
-                        .to_vec(),
-                ));
-            }
-            ops.push(Op::Remove(Space::Streams, key.to_vec()));
-            ops.push(Op::Remove(Space::Status, key.to_vec()));
-        }
-    }
-    for guard in idempotency.iter() {
-        let (key, value) = guard
-            .into_inner()
-            .map_err(engine("cannot scan the idempotency keys"))?;
-        let expired = serde_json::from_slice::<(IdempotencyEntry, u64)>(&value)
-            .map(|(_, at)| at + ttl_ms <= now)
-            .unwrap_or(true);
-        if expired {
-            ops.push(Op::Remove(Space::Idempotency, key.to_vec()));
-        }
-    }
-    Ok((ops, gone))
-}
-
-/// The write of one append: the batch under its last seq.
-fn batch_op(stream_id: &str, events: &[Event]) -> Option<Op> {
-    let last = events.last()?;
-    Some(Op::Put(
-        Space::Batches,
-        event_key(stream_id, last.seq),
-        encode_batch(events),
-    ))
-}
-
-/// The write of a status change.
-fn status_op(
-    stream_id: &str,
-    status: Status,
-    reason: Option<&str>,
-    instance: &str,
-) -> Result<Op, StoreError> {
-    let latest = StatusRecord {
-        status,
-        reason: reason.map(str::to_owned),
-        updated_ms: now_ms(),
-        instance: instance.to_owned(),
-    };
-    let value = serde_json::to_vec(&latest).map_err(StoreError::Encode)?;
-    Ok(Op::Put(Space::Status, stream_id.as_bytes().to_vec(), value))
 }
 
 /// Take group and other permissions off the store's directory and
 /// everything in it (a store made by an older version, or under a looser
 /// umask, was readable by every local user).
 fn restrict_permissions(dir: &Path) -> Result<(), StoreError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mut pending = vec![dir.to_owned()];
-        while let Some(path) = pending.pop() {
-            let meta = std::fs::symlink_metadata(&path).map_err(io_at("inspect", &path))?;
-            if meta.file_type().is_symlink() {
-                continue;
-            }
-            let mode = meta.permissions().mode();
-            if mode & 0o077 != 0 {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
-                    .map_err(io_at("restrict the permissions of", &path))?;
-            }
-            if meta.is_dir() {
-                for entry in std::fs::read_dir(&path).map_err(io_at("list", &path))? {
-                    pending.push(entry.map_err(io_at("list", &path))?.path());
-                }
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(io_at("inspect", &path))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(io_at("restrict the permissions of", &path))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(io_at("list", &path))? {
+                pending.push(entry.map_err(io_at("list", &path))?.path());
             }
         }
     }
     Ok(())
 }
 
-/// Run a read of the store off the async workers: an LSM read may touch
-/// the disk, and a worker thread blocked on it holds every stream it runs.
+/// Run a read of the store off the async workers: a read may touch the
+/// disk, and a worker thread blocked on it holds every stream it runs.
 async fn blocking<T: Send + 'static>(
     read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(read)
         .await
-        .map_err(StoreError::FlushTask)?
+        .map_err(StoreError::Task)?
 }
 
 fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
+    use std::os::unix::fs::PermissionsExt;
     if let Ok(bytes) = std::fs::read(path)
         && bytes.len() >= 32
     {
@@ -658,33 +991,145 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, StoreError> {
     let secret = crate::token::random_string(32).into_bytes();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &secret).map_err(io_at("write", &tmp))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_at("restrict the permissions of", &tmp))?;
-    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_at("restrict the permissions of", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_at("move the new resume secret to", path))?;
     Ok(secret)
 }
 
+fn status_record(status: Status, reason: Option<&str>, instance: &str) -> StatusRecord {
+    StatusRecord {
+        status,
+        reason: reason.map(str::to_owned),
+        updated_ms: now_ms(),
+        instance: instance.to_owned(),
+    }
+}
+
+impl EmbeddedStore {
+    /// Append a batch entry for `stream_id` (none for no events).
+    fn append_locked(
+        &self,
+        log: &mut Log,
+        stream_id: &str,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        if !log.streams.contains_key(stream_id) {
+            return Err(StoreError::NoRecord {
+                stream_id: stream_id.to_owned(),
+            });
+        }
+        let mut entry = Entry::new(BATCH, batch_size(events) + stream_id.len() + 10);
+        entry.name(stream_id.as_bytes())?.u64(last.seq);
+        let batch_at = entry.here();
+        put_batch(&mut entry, events);
+        let at = self.shared.write(log, entry.finish())?;
+        let loc = Loc {
+            segment: at.segment,
+            offset: at.offset + batch_at,
+            len: at.len - batch_at as u32,
+        };
+        if let Some(stream) = log.streams.get_mut(stream_id) {
+            stream.batches.push((last.seq, loc));
+        }
+        log.grow(stream_id, u64::from(at.len));
+        Ok(())
+    }
+
+    fn status_locked(
+        &self,
+        log: &mut Log,
+        stream_id: &str,
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        if !log.streams.contains_key(stream_id) {
+            return Ok(());
+        }
+        let latest = status_record(status, reason, instance);
+        let value = serde_json::to_vec(&latest).map_err(StoreError::Encode)?;
+        let mut entry = Entry::new(STATUS, value.len() + stream_id.len() + 2);
+        entry.name(stream_id.as_bytes())?.bytes(&value);
+        let at = self.shared.write(log, entry.finish())?;
+        if let Some(stream) = log.streams.get_mut(stream_id) {
+            stream.updated_ms = latest.updated_ms;
+            stream.status = Some(latest);
+        }
+        log.grow(stream_id, u64::from(at.len));
+        log.set_running(stream_id, status == Status::Running);
+        Ok(())
+    }
+
+    /// Where the batches after `after` are.
+    fn batches_after(
+        &self,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, Arc<File>, Loc)>, StoreError> {
+        let log = self.shared.lock();
+        let Some(stream) = log.streams.get(stream_id) else {
+            return Ok(Vec::new());
+        };
+        let from = stream.batches.partition_point(|(last, _)| *last <= after);
+        stream.batches[from..]
+            .iter()
+            .map(|(last, loc)| {
+                let (file, loc) = log.read(*loc)?;
+                Ok((*last, file, loc))
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
+    async fn admit(&self) -> Result<(), StoreError> {
+        self.shared.admit()
+    }
+
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_vec(record).map_err(StoreError::Encode)?;
-        self.write(vec![Op::Put(
-            Space::Streams,
-            record.id.as_bytes().to_vec(),
-            value,
-        )])
-        .await
+        let mut entry = Entry::new(RECORD, value.len() + record.id.len() + 2);
+        entry.name(record.id.as_bytes())?;
+        let record_at = entry.here();
+        entry.bytes(&value);
+        let mut log = self.shared.lock();
+        self.shared.check_space(&mut log)?;
+        let at = self.shared.write(&mut log, entry.finish())?;
+        log.forget_stream(&record.id);
+        if let Some(segment) = log.segments.get_mut(&at.segment) {
+            segment.streams += 1;
+        }
+        let running = record.status == Status::Running;
+        log.streams.insert(
+            record.id.as_str().into(),
+            StreamIndex {
+                record: Loc {
+                    segment: at.segment,
+                    offset: at.offset + record_at,
+                    len: at.len - record_at as u32,
+                },
+                status: None,
+                batches: Vec::new(),
+                segment: at.segment,
+                updated_ms: record.updated_ms,
+                bytes: u64::from(at.len),
+                running,
+            },
+        );
+        if running {
+            log.running_bytes += u64::from(at.len);
+        }
+        Ok(())
     }
 
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
-        match batch_op(stream_id, events) {
-            Some(op) => self.write(vec![op]).await,
-            None => Ok(()),
-        }
+        let mut log = self.shared.lock();
+        self.append_locked(&mut log, stream_id, events)
     }
 
     async fn append_final(
@@ -695,9 +1140,9 @@ impl Store for EmbeddedStore {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let mut ops: Vec<Op> = batch_op(stream_id, events).into_iter().collect();
-        ops.push(status_op(stream_id, status, reason, instance)?);
-        self.write(ops).await
+        let mut log = self.shared.lock();
+        self.append_locked(&mut log, stream_id, events)?;
+        self.status_locked(&mut log, stream_id, status, reason, instance)
     }
 
     async fn set_status(
@@ -707,35 +1152,40 @@ impl Store for EmbeddedStore {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        self.write(vec![status_op(stream_id, status, reason, instance)?])
-            .await
+        let mut log = self.shared.lock();
+        self.status_locked(&mut log, stream_id, status, reason, instance)
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        let (db, ttl_ms) = (self.engine()?, self.ttl_ms);
-        let id = stream_id.to_owned();
-        let record = blocking(move || read_record(&db.streams, &db.status, &id)).await?;
-        Ok(record.filter(|r| r.updated_ms + ttl_ms > now_ms()))
+        let found = {
+            let log = self.shared.lock();
+            match log.streams.get(stream_id) {
+                Some(s) if !self.shared.expired(s.updated_ms, now_ms()) => {
+                    Some((log.read(s.record)?, s.status.clone()))
+                }
+                _ => None,
+            }
+        };
+        let Some(((file, loc), status)) = found else {
+            return Ok(None);
+        };
+        let bytes = blocking(move || read_at(&file, loc)).await?;
+        let mut record: StreamRecord =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
+                what: "stream record",
+                source,
+            })?;
+        if let Some(latest) = status {
+            record.status = latest.status;
+            record.reason = latest.reason;
+            record.updated_ms = latest.updated_ms;
+            record.instance = latest.instance;
+        }
+        Ok(Some(record))
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
-        let start = event_key(stream_id, after.saturating_add(1));
-        let end = event_key(stream_id, u64::MAX);
-        let db = self.engine()?;
-        blocking(move || {
-            let mut out = Vec::new();
-            for guard in db.batches.range(start..=end) {
-                let (key, value) = guard
-                    .into_inner()
-                    .map_err(engine("cannot read a stream's event batches"))?;
-                let last: [u8; 8] = key[key.len().saturating_sub(8)..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
-                out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.events_page(stream_id, after, usize::MAX).await
     }
 
     async fn events_page(
@@ -744,26 +1194,11 @@ impl Store for EmbeddedStore {
         after: u64,
         max: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        let start = event_key(stream_id, after.saturating_add(1));
-        let end = event_key(stream_id, u64::MAX);
-        let db = self.engine()?;
-        blocking(move || {
-            let mut out = Vec::new();
-            for guard in db.batches.range(start..=end) {
-                let (key, value) = guard
-                    .into_inner()
-                    .map_err(engine("cannot read a stream's event batches"))?;
-                let last: [u8; 8] = key[key.len().saturating_sub(8)..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt(Corruption::ShortEventKey))?;
-                out.extend(decode_batch(u64::from_be_bytes(last), &value, after)?);
-                if out.len() >= max {
-                    break;
-                }
-            }
-            Ok(out)
-        })
-        .await
+        let batches = self.batches_after(stream_id, after)?;
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        blocking(move || read_batches(batches, after, max.max(1))).await
     }
 
     async fn claim_idempotency(
@@ -772,25 +1207,17 @@ impl Store for EmbeddedStore {
         key: &str,
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
-        let k = pair_key(owner, key);
+        let k = key_of(owner, key);
         // From the read to the write: one claim at a time.
         let _claiming = self.claims.lock().await;
-        let (db, read_key) = (self.engine()?, k.clone());
-        let stored = blocking(move || {
-            db.idempotency
-                .get(&read_key)
-                .map_err(engine("cannot read an idempotency key"))
-        })
-        .await?;
-        if let Some(bytes) = stored
-            && let Ok((existing, at)) = serde_json::from_slice::<(IdempotencyEntry, u64)>(&bytes)
-            && at + self.ttl_ms > now_ms()
+        let mut log = self.shared.lock();
+        let now = now_ms();
+        if let Some(existing) = log.keys.get(&k)
+            && !self.shared.expired(existing.at_ms, now)
         {
-            return Ok(Some(existing));
+            return Ok(Some(existing.entry.clone()));
         }
-        let value = serde_json::to_vec(&(entry, now_ms())).map_err(StoreError::Encode)?;
-        self.write(vec![Op::Put(Space::Idempotency, k, value)])
-            .await?;
+        self.shared.write_key(&mut log, k, entry.clone(), now)?;
         Ok(None)
     }
 
@@ -799,8 +1226,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_alive(&self, _stream_id: &str) -> Result<bool, StoreError> {
-        // The directory lock means this process is the store's only user: a
-        // run this process does not hold belonged to a process that is gone.
+        // The lock file means this process is the store's only user: a run
+        // this process does not hold belonged to a process that is gone.
         Ok(false)
     }
 
@@ -813,41 +1240,35 @@ impl Store for EmbeddedStore {
     }
 
     async fn sweep(&self) -> Result<usize, StoreError> {
-        let (db, ttl_ms) = (self.engine()?, self.ttl_ms);
-        let (ops, gone) = blocking(move || {
-            expired_ops(
-                &db.streams,
-                &db.status,
-                &db.batches,
-                &db.idempotency,
-                ttl_ms,
-            )
-        })
-        .await?;
-        if !ops.is_empty() {
-            self.write(ops).await?;
-        }
-        Ok(gone)
+        let shared = self.shared.clone();
+        blocking(move || shared.sweep()).await
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        let (key, value) = probe_entry();
-        self.write(vec![Op::Put(Space::Status, key, value)]).await
+        let mut log = self.shared.lock();
+        self.shared.check_space(&mut log)?;
+        let mut entry = Entry::new(PROBE, 8);
+        entry.u64(now_ms());
+        self.shared.write(&mut log, entry.finish()).map(|_| ())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.engine()?;
-        let persisted = {
-            let db = db.clone();
-            tokio::task::spawn_blocking(move || db.db.persist(PersistMode::SyncAll))
-                .await
-                .map_err(StoreError::FlushTask)?
-        };
-        if persisted.is_err() {
-            // A failed persist poisons the database as a failed commit does.
-            self.shared.failed(&db);
-        }
-        persisted.map_err(engine("cannot persist the journal"))
+        let shared = self.shared.clone();
+        blocking(move || {
+            let files: Vec<(Arc<File>, PathBuf)> = shared
+                .lock()
+                .segments
+                .values()
+                .map(|s| (s.file.clone(), s.path.clone()))
+                .collect();
+            for (file, path) in files {
+                file.sync_data().map_err(io_at("sync", &path))?;
+            }
+            File::open(&shared.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_at("sync", &shared.dir))
+        })
+        .await
     }
 
     fn shared(&self) -> bool {
@@ -869,7 +1290,7 @@ mod tests {
     use crate::config::{StoreConfig, StoreKind};
     use bytes::Bytes;
 
-    fn config(path: &Path, ttl: Duration) -> StoreConfig {
+    fn config(path: &Path, ttl: Duration, max_bytes: u64) -> StoreConfig {
         StoreConfig {
             kind: StoreKind::Embedded {
                 path: path.to_owned(),
@@ -877,8 +1298,19 @@ mod tests {
             ttl,
             commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
-            max_bytes: 1 << 30,
+            max_bytes,
         }
+    }
+
+    fn tempdir() -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "tidegate-embedded-{}",
+            crate::token::random_string(6)
+        ))
+    }
+
+    fn open(dir: &Path, ttl: Duration) -> EmbeddedStore {
+        EmbeddedStore::open(dir, &config(dir, ttl, 1 << 30)).unwrap()
     }
 
     fn record(id: &str) -> StreamRecord {
@@ -901,18 +1333,28 @@ mod tests {
     fn event(seq: u64) -> Event {
         Event {
             seq,
-            name: None,
+            name: seq.is_multiple_of(2).then(|| "content_block_delta".into()),
             data: Bytes::from(format!("e{seq}")),
         }
     }
 
+    fn segments(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".log")
+            })
+            .count()
+    }
+
     #[tokio::test]
     async fn records_events_status_and_expiry() {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
-        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_millis(300))).unwrap();
+        let dir = tempdir();
+        let store = open(&dir, Duration::from_millis(300));
         store.create(&record("s1")).await.unwrap();
         store.append("s1", &[event(1), event(2)]).await.unwrap();
         store.append("s1", &[event(3)]).await.unwrap();
@@ -925,6 +1367,10 @@ mod tests {
             let want: Vec<Event> = (after + 1..=6).map(event).collect();
             assert_eq!(got, want, "after {after}");
         }
+        // Pages are whole appends: a few more than asked, never fewer.
+        assert_eq!(store.events_page("s1", 0, 1).await.unwrap().len(), 2);
+        assert_eq!(store.events_page("s1", 0, 3).await.unwrap().len(), 3);
+        assert_eq!(store.events_page("s1", 2, 2).await.unwrap().len(), 4);
         store
             .set_status("s1", Status::Interrupted, Some("server_restarting"), "i2")
             .await
@@ -934,6 +1380,10 @@ mod tests {
         assert_eq!(back.reason.as_deref(), Some("server_restarting"));
         assert_eq!(back.instance, "i2");
         assert_eq!(back.request, "{}");
+        assert!(matches!(
+            store.append("nope", &[event(1)]).await,
+            Err(StoreError::NoRecord { .. })
+        ));
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(
             store.get("s1").await.unwrap().is_none(),
@@ -941,23 +1391,241 @@ mod tests {
         );
         assert_eq!(store.sweep().await.unwrap(), 1);
         assert!(store.events_after("s1", 0).await.unwrap().is_empty());
-        assert!(
+        assert!(store.shared.lock().streams.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What was acknowledged is what a new process reads: records, the
+    /// latest status, every batch, idempotency keys; a torn last entry is
+    /// cut and the store goes on after it.
+    #[tokio::test]
+    async fn a_reopened_store_reads_what_was_acknowledged() {
+        let dir = tempdir();
+        {
+            let store = open(&dir, Duration::from_secs(60));
+            for s in ["a", "b"] {
+                store.create(&record(s)).await.unwrap();
+                for seq in 1..=5 {
+                    store.append(s, &[event(seq)]).await.unwrap();
+                }
+            }
             store
-                .engine()
-                .is_ok_and(|db| db.streams.get("s1").unwrap().is_none()
-                    && db.status.get("s1").unwrap().is_none())
+                .append_final("a", &[event(6)], Status::Completed, None, "i1")
+                .await
+                .unwrap();
+            let key = IdempotencyEntry {
+                stream_id: "a".into(),
+                body_hash: "h".into(),
+            };
+            assert!(
+                store
+                    .claim_idempotency("o", "k", &key)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            // No flush: a SIGKILL leaves what the OS holds.
+        }
+        // A torn entry at the end of the last segment.
+        let last = std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .max()
+            .unwrap();
+        let mut torn = std::fs::read(&last).unwrap();
+        let whole = torn.len();
+        torn.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 3, b'x']);
+        std::fs::write(&last, &torn).unwrap();
+
+        let store = open(&dir, Duration::from_secs(60));
+        assert_eq!(
+            std::fs::metadata(&last).unwrap().len() as usize,
+            whole,
+            "the torn entry was cut"
         );
+        let a = store.get("a").await.unwrap().unwrap();
+        assert_eq!(a.status, Status::Completed);
+        assert_eq!(
+            store.events_after("a", 0).await.unwrap(),
+            (1..=6).map(event).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store.get("b").await.unwrap().unwrap().status,
+            Status::Running
+        );
+        assert_eq!(
+            store.events_after("b", 3).await.unwrap(),
+            (4..=5).map(event).collect::<Vec<_>>()
+        );
+        let other = IdempotencyEntry {
+            stream_id: "z".into(),
+            body_hash: "h".into(),
+        };
+        let held = store.claim_idempotency("o", "k", &other).await.unwrap();
+        assert_eq!(held.map(|e| e.stream_id).as_deref(), Some("a"));
+        // A stream found running belonged to a process that is gone: it
+        // is evictable, and it takes more events after a continuation.
+        store.append("b", &[event(6)]).await.unwrap();
+        drop(store);
+        let store = open(&dir, Duration::from_secs(60));
+        assert_eq!(store.events_after("b", 0).await.unwrap().len(), 6);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Past `max_bytes`, finished streams go oldest first and running ones
+    /// stay (copied forward, whole); a new stream is refused only when
+    /// running streams alone fill the store; the files shrink.
+    #[tokio::test]
+    async fn max_bytes_evicts_finished_streams_oldest_first() {
+        let dir = tempdir();
+        let max = 1 << 20;
+        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60), max)).unwrap();
+        let big = |seq: u64| Event {
+            seq,
+            name: None,
+            data: Bytes::from(vec![b'x'; 16 << 10]),
+        };
+        store.admit().await.unwrap();
+        store.create(&record("keep")).await.unwrap();
+        store.append("keep", &[big(1), big(2)]).await.unwrap();
+        let mut finished = Vec::new();
+        for i in 0..200 {
+            store.admit().await.unwrap();
+            let id = format!("f{i}");
+            store.create(&record(&id)).await.unwrap();
+            store
+                .append_final(&id, &[big(1), big(2)], Status::Completed, None, "i1")
+                .await
+                .unwrap();
+            finished.push(id);
+            let bytes = store.shared.lock().bytes;
+            assert!(bytes <= max + (256 << 10), "{bytes} bytes held after {i}");
+        }
+        assert!(store.get("f0").await.unwrap().is_none(), "the oldest went");
+        assert!(
+            store.get("f199").await.unwrap().is_some(),
+            "the newest stayed"
+        );
+        let kept: Vec<usize> = finished
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| store.shared.lock().streams.contains_key(id.as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            kept.windows(2).all(|w| w[1] == w[0] + 1),
+            "oldest first: {kept:?}"
+        );
+        // The running stream stayed, whole, and still takes appends.
+        store.append("keep", &[big(3)]).await.unwrap();
+        assert_eq!(
+            store.events_after("keep", 0).await.unwrap(),
+            (1..=3).map(big).collect::<Vec<_>>()
+        );
+        // About one stream per 64 KiB segment here, 1 MiB in all.
+        assert!(segments(&dir) <= 40, "{} segments", segments(&dir));
+
+        // Running streams alone fill it: a new stream is refused.
+        for seq in 4..80 {
+            store.append("keep", &[big(seq)]).await.unwrap();
+        }
+        match store.admit().await {
+            Err(StoreError::Full { held, max: m }) => assert!(held >= m, "{held} {m}"),
+            other => panic!("admitted past max_bytes: {other:?}"),
+        }
+        store
+            .set_status("keep", Status::Completed, None, "i1")
+            .await
+            .unwrap();
+        store.admit().await.unwrap();
+        // Reopened, what is left reads back.
+        let mut left: Vec<String> = store
+            .shared
+            .lock()
+            .streams
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        left.sort();
+        let mut before = Vec::new();
+        for id in &left {
+            before.push(store.events_after(id, 0).await.unwrap());
+        }
+        drop(store);
+        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60), max)).unwrap();
+        let mut after: Vec<String> = store
+            .shared
+            .lock()
+            .streams
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        after.sort();
+        assert_eq!(left, after);
+        for (id, events) in left.iter().zip(before) {
+            assert_eq!(store.events_after(id, 0).await.unwrap(), events, "{id}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A segment older than the TTL is freed even while a stream in it
+    /// lives on: the live stream is copied forward and reads back whole,
+    /// before and after a restart.
+    #[tokio::test]
+    async fn old_segments_are_freed_with_live_streams_copied_forward() {
+        let dir = tempdir();
+        let ttl = Duration::from_millis(300);
+        let store = EmbeddedStore::open(&dir, &config(&dir, ttl, 1 << 20)).unwrap();
+        store.create(&record("long")).await.unwrap();
+        store.append("long", &[event(1), event(2)]).await.unwrap();
+        let key = IdempotencyEntry {
+            stream_id: "long".into(),
+            body_hash: "h".into(),
+        };
+        store.claim_idempotency("o", "k", &key).await.unwrap();
+        store.create(&record("short")).await.unwrap();
+        store
+            .append_final("short", &[event(1)], Status::Completed, None, "i1")
+            .await
+            .unwrap();
+        // Fill past one segment (64 KiB at this max_bytes).
+        let pad = Event {
+            seq: 3,
+            name: None,
+            data: Bytes::from(vec![b'p'; 70 << 10]),
+        };
+        store
+            .append("long", std::slice::from_ref(&pad))
+            .await
+            .unwrap();
+        let first = *store.shared.lock().segments.keys().next().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Keep `long` and its key alive past the TTL.
+        store
+            .set_status("long", Status::Running, None, "i1")
+            .await
+            .unwrap();
+        store.claim_idempotency("o", "k", &key).await.unwrap();
+        store.sweep().await.unwrap();
+        let oldest = *store.shared.lock().segments.keys().next().unwrap();
+        assert!(oldest > first, "the old segment is still there");
+        assert!(store.get("short").await.unwrap().is_none());
+        let want = vec![event(1), event(2), pad];
+        assert_eq!(store.events_after("long", 0).await.unwrap(), want);
+        drop(store);
+        let store =
+            EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60), 1 << 20)).unwrap();
+        assert_eq!(store.events_after("long", 0).await.unwrap(), want);
+        assert!(store.get("short").await.unwrap().is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_claims_of_one_key_have_one_winner() {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
-        let store =
-            Arc::new(EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap());
+        let dir = tempdir();
+        let store = Arc::new(open(&dir, Duration::from_secs(60)));
         for round in 0..5 {
             let tasks = tokio_util::task::TaskTracker::new();
             let handles: Vec<_> = (0..16)
@@ -991,20 +1659,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[cfg(unix)]
     #[tokio::test]
     async fn files_are_for_the_owner_only() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
+        let dir = tempdir();
         // A store left by an older version, readable by everyone.
         std::fs::create_dir_all(dir.join("db")).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("old"), b"x").unwrap();
         std::fs::set_permissions(dir.join("old"), std::fs::Permissions::from_mode(0o644)).unwrap();
-        let store = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap();
+        let store = open(&dir, Duration::from_secs(60));
+        assert!(
+            !dir.join("db").exists(),
+            "the old version's store was removed"
+        );
         store.create(&record("p1")).await.unwrap();
         store.append("p1", &[event(1)]).await.unwrap();
         store.flush().await.unwrap();
@@ -1021,19 +1689,18 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 4, "only {checked} paths");
+        assert!(checked >= 5, "only {checked} paths");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_second_open_is_locked_out() {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
-        let first = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap();
-        let Err(second) = EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))) else {
+        let dir = tempdir();
+        let first = open(&dir, Duration::from_secs(60));
+        let Err(second) =
+            EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60), 1 << 30))
+        else {
             panic!("a second open of a locked store succeeded");
         };
         assert!(matches!(&second, StoreError::Locked { path } if *path == dir));
@@ -1043,99 +1710,17 @@ mod tests {
                 .contains("in use by another tidegate process")
         );
         drop(first);
+        open(&dir, Duration::from_secs(60));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Whether `e` is what a call may meet while the store is reopened.
-    fn unavailable(e: &StoreError) -> bool {
-        matches!(
-            e,
-            StoreError::Reopening | StoreError::WriterStopped | StoreError::Engine { .. }
-        )
-    }
-
-    async fn wait_until_back(store: &EmbeddedStore) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            match store.probe().await {
-                Ok(()) => return,
-                Err(e) => assert!(unavailable(&e), "{e}"),
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never back");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Reopens forced while writers and readers run: every call either
-    /// works or fails as unavailable (no panic, no hang), and every
-    /// acknowledged append reads back exactly afterwards.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reopening_under_load_keeps_every_acknowledged_append() {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
-        let store =
-            Arc::new(EmbeddedStore::open(&dir, &config(&dir, Duration::from_secs(60))).unwrap());
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = tokio_util::task::TaskTracker::new();
-        let writers: Vec<_> = (0..4)
-            .map(|w| {
-                let (store, stop) = (store.clone(), stop.clone());
-                tasks.spawn(async move {
-                    let id = format!("w{w}");
-                    while store.create(&record(&id)).await.is_err() {
-                        tokio::task::yield_now().await;
-                    }
-                    let mut acked = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        match store.append(&id, &[event(acked + 1)]).await {
-                            Ok(()) => acked += 1,
-                            Err(e) => assert!(unavailable(&e), "{e}"),
-                        }
-                        match store.events_after(&id, acked.saturating_sub(1)).await {
-                            Ok(got) => assert!(got.len() <= 1, "{got:?}"),
-                            Err(e) => assert!(unavailable(&e), "{e}"),
-                        }
-                        // A failed call returns at once: let the other
-                        // tasks (and the timers) run.
-                        tokio::task::yield_now().await;
-                    }
-                    (id, acked)
-                })
-            })
-            .collect();
-        let mut reopens = 0;
-        while reopens < 5 {
-            if let Ok(db) = store.engine() {
-                store.shared.failed(&db);
-                drop(db);
-                reopens += 1;
-            }
-            wait_until_back(&store).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stop.store(true, Ordering::Relaxed);
-        for w in writers {
-            let (id, acked) = w.await.unwrap();
-            assert!(acked > 0, "{id} never wrote");
-            let got = store.events_after(&id, 0).await.unwrap();
-            let want: Vec<Event> = (1..=acked).map(event).collect();
-            assert_eq!(got, want, "{id}");
-        }
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// A real full disk (a 4 MiB tmpfs, mounting needs root): appends fail,
-    /// the store stays out of service while the disk is full, and comes
-    /// back when the filesystem is grown, with every acknowledged append.
+    /// A real full disk (a 4 MiB tmpfs, mounting needs root): an append
+    /// fails and is cut back; readiness and new streams fail while the disk
+    /// is full; once the filesystem grows they work again, and every
+    /// acknowledged append reads back, also after a restart.
     #[tokio::test]
     async fn a_full_disk_comes_back_when_the_filesystem_grows() {
-        let dir = std::env::temp_dir().join(format!(
-            "tidegate-embedded-{}",
-            crate::token::random_string(6)
-        ));
+        let dir = tempdir();
         std::fs::create_dir_all(&dir).unwrap();
         let mount = |args: &[&str]| {
             std::process::Command::new("mount")
@@ -1158,7 +1743,7 @@ mod tests {
         }
         let _unmount = Unmount(at.clone());
         let path = dir.join("data");
-        let store = EmbeddedStore::open(&path, &config(&path, Duration::from_secs(60))).unwrap();
+        let store = open(&path, Duration::from_secs(60));
         store.create(&record("f1")).await.unwrap();
         let big = |seq: u64| Event {
             seq,
@@ -1173,73 +1758,30 @@ mod tests {
             }
             assert!(acked < 1000, "4 MiB never filled");
         };
-        assert!(matches!(failure, StoreError::Engine { .. }), "{failure}");
-        // While the disk stays full, the store takes no stream's append.
-        let mut outcomes = (0, 0, 0);
-        for _ in 0..50 {
-            match store.append("f1", &[big(acked + 1)]).await {
-                Ok(()) => {
-                    acked += 1;
-                    outcomes.0 += 1
-                }
-                Err(StoreError::Reopening) => outcomes.1 += 1,
-                Err(e) => {
-                    assert!(unavailable(&e), "{e}");
-                    outcomes.2 += 1
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(failure, StoreError::Io { .. }), "{failure}");
+        assert!(failure.to_string().contains("No space left"), "{failure}");
+        for _ in 0..5 {
+            assert!(matches!(store.probe().await, Err(StoreError::Impaired)));
+            assert!(matches!(store.admit().await, Err(StoreError::Impaired)));
+            tokio::time::sleep(SPACE_RETRY).await;
         }
-        eprintln!("while full (ok, reopening, failed): {outcomes:?}");
         assert!(
             mount(&["-o", "remount,size=32m", &at]),
             "cannot grow the tmpfs"
         );
-        wait_until_back(&store).await;
+        tokio::time::sleep(SPACE_RETRY).await;
+        store.probe().await.unwrap();
+        store.admit().await.unwrap();
         for _ in 0..3 {
             store.append("f1", &[big(acked + 1)]).await.unwrap();
             acked += 1;
         }
-        let got = store.events_after("f1", 0).await.unwrap();
         let want: Vec<Event> = (1..=acked).map(big).collect();
-        assert_eq!(got.len(), want.len());
+        let got = store.events_after("f1", 0).await.unwrap();
         assert!(got == want, "the events read back differ");
         drop(store);
-    }
-
-    #[test]
-    fn engine_and_decode_errors_keep_their_sources() {
-        use std::error::Error;
-        let source = Arc::new(fjall::Error::Io(std::io::Error::other("disk on fire")));
-        let e = StoreError::Engine {
-            context: "cannot commit a write batch",
-            source: source.clone(),
-        };
-        assert_eq!(
-            e.to_string(),
-            format!("store i/o: cannot commit a write batch: {source}")
-        );
-        let fjall = e.source().unwrap();
-        assert!(fjall.downcast_ref::<Arc<fjall::Error>>().is_some());
-        let io = fjall.source().unwrap();
-        assert_eq!(io.to_string(), "disk on fire");
-
-        let Err(json) = serde_json::from_slice::<StatusRecord>(b"{") else {
-            panic!("half a JSON object decoded");
-        };
-        let e = StoreError::Decode {
-            what: "stream status",
-            source: json,
-        };
-        assert!(
-            e.to_string()
-                .starts_with("store record is corrupt: cannot decode the stream status: ")
-        );
-        assert!(
-            e.source()
-                .unwrap()
-                .downcast_ref::<serde_json::Error>()
-                .is_some()
-        );
+        let store = open(&path, Duration::from_secs(60));
+        let got = store.events_after("f1", 0).await.unwrap();
+        assert!(got == want, "the events read back after a restart differ");
     }
 }

@@ -34,19 +34,12 @@ use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The embedded store's directory, or a file in it, could not be created
-    /// or written (or the writer thread could not start).
+    /// or written, or read.
     #[error("store i/o: {context}: {source}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
-    },
-    /// fjall could not open the embedded store's database.
-    #[error("store i/o: cannot open {}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: fjall::Error,
     },
     /// Another process holds the embedded store's directory lock.
     #[error(
@@ -54,28 +47,16 @@ pub enum StoreError {
         path.display()
     )]
     Locked { path: PathBuf },
-    /// A read or a commit of the embedded store failed. The error is shared
-    /// because one failed group commit fails every write it held.
-    #[error("store i/o: {context}: {source}")]
-    Engine {
-        context: &'static str,
-        #[source]
-        source: Arc<fjall::Error>,
-    },
-    /// The embedded store's writer thread is gone, so nothing more can be
-    /// written.
-    #[error("store is unavailable: the store writer has stopped")]
-    WriterStopped,
-    /// A write failed (a full disk, say), so the embedded store is being
-    /// reopened; every call fails with this until it is back.
+    /// A write to the embedded store failed (a full disk, say): readiness
+    /// and new streams fail with this until a test write fits again.
     #[error(
-        "store is unavailable: the embedded store is reopening after a failed write (is its disk full?)"
+        "store is unavailable: a write to the embedded store failed and it has no room yet (is its disk full?)"
     )]
-    Reopening,
-    /// The blocking task that persists the embedded store's journal did not
-    /// finish (it panicked or was cancelled).
-    #[error("store i/o: the journal flush task did not finish: {0}")]
-    FlushTask(#[source] tokio::task::JoinError),
+    Impaired,
+    /// A blocking task reading or syncing the embedded store did not finish
+    /// (it panicked or was cancelled).
+    #[error("store i/o: a blocking store task did not finish: {0}")]
+    Task(#[source] tokio::task::JoinError),
     /// A Redis command or connection failed; `url` is already redacted.
     #[error("store is unavailable: redis at {url}: {what}: {source}")]
     Redis {
@@ -94,9 +75,7 @@ pub enum StoreError {
     },
     /// A new stream does not fit under `store.max_bytes`: running streams
     /// alone fill it (finished ones were evicted to make room).
-    #[error(
-        "store is full: running streams hold {held} of its {max} bytes (store.max_bytes)"
-    )]
+    #[error("store is full: running streams hold {held} of its {max} bytes (store.max_bytes)")]
     Full { held: u64, max: u64 },
     /// The memory store's lock was poisoned by a panic while it was held.
     #[error("store is unavailable: memory store lock poisoned")]
@@ -141,9 +120,12 @@ pub enum Corruption {
     /// An event's name is not UTF-8.
     #[error("event name is not UTF-8: {0}")]
     NameNotUtf8(#[source] std::str::Utf8Error),
-    /// An embedded store key is too short to end in a seq.
-    #[error("short event key")]
-    ShortEventKey,
+    /// An index entry names a segment file that is gone.
+    #[error("the embedded store has no segment {0}")]
+    MissingSegment(u64),
+    /// A stream id or idempotency key is too long to store (over 65,535 bytes).
+    #[error("a key of {0} bytes is too long to store")]
+    KeyTooLong(usize),
     /// A Redis stream entry's id is not `<seq>-<n>`.
     #[error("bad stream id {0}")]
     BadEntryId(String),

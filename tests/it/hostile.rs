@@ -275,8 +275,7 @@ idle_timeout = "10s"
     );
     assert_contiguous(&ids_of(&events));
     assert_eq!(ids_of(&events).len() as u64, sent - 1, "all but [DONE]");
-    // Before the live window: 8 -> 353 MiB for this answer. What is left
-    // (~130 MiB) is the embedded store's write buffers (fjall memtables
-    // and journal), not the client's stream.
+    // Before the live window: 8 -> 353 MiB for this answer (with the
+    // fjall store, ~130 MiB of it was its memtables and journal).
     assert!(held < before + 200, "RSS grew from {before} to {held} MiB");
 }
