@@ -849,6 +849,23 @@ fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
             }
         },
     };
+    if raw.max_bytes.is_some()
+        && matches!(
+            kind,
+            StoreKind::Redis { .. } | StoreKind::RedisCluster { .. }
+        )
+    {
+        return Err(ConfigError::invalid(
+            "store.max_bytes",
+            "only for the memory and embedded stores: bound a Redis store with Redis's own maxmemory (and an eviction policy) instead",
+        ));
+    }
+    if raw.max_bytes == Some(0) {
+        return Err(ConfigError::invalid(
+            "store.max_bytes",
+            "must be more than 0",
+        ));
+    }
     let store = StoreConfig {
         kind,
         ttl: duration_or(raw.ttl, DEFAULT_STORE_TTL),
@@ -1322,9 +1339,15 @@ pub fn describe(config: &Config) -> String {
     out.push_str("config OK\n");
     out.push_str(&format!("listen: {}\n", config.listen));
     out.push_str(&format!(
-        "store: {} (ttl {})\n",
+        "store: {} (ttl {}{})\n",
         config.store.kind,
-        humantime::format_duration(config.store.ttl)
+        humantime::format_duration(config.store.ttl),
+        match config.store.kind {
+            StoreKind::Memory | StoreKind::Embedded { .. } => {
+                format!(", max {}", bytes_text(config.store.max_bytes))
+            }
+            StoreKind::Redis { .. } | StoreKind::RedisCluster { .. } => String::new(),
+        }
     ));
     out.push_str(&format!(
         "client keys: {}\n",
@@ -1373,6 +1396,21 @@ pub fn describe(config: &Config) -> String {
         out.push_str(&format!("warning: {warning}\n"));
     }
     out
+}
+
+/// A byte count as `check-config` shows it: `1 GiB`, `64 MiB`, `512 KiB`
+/// when it is a whole number of them, else `1500 bytes`.
+fn bytes_text(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    if n == 1 {
+        "1 byte".into()
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 /// Text for `check-config` and the start-up log: the drain timeline and the
@@ -1431,6 +1469,17 @@ pub fn warnings(config: &Config) -> Vec<String> {
         out.push(
             "store.kind = \"memory\": interrupted answers cannot be resumed after a restart".into(),
         );
+    }
+    if matches!(
+        config.store.kind,
+        StoreKind::Memory | StoreKind::Embedded { .. }
+    ) && config.store.max_bytes < config.limits.max_answer_bytes
+    {
+        out.push(format!(
+            "store.max_bytes ({}) is less than limits.max_answer_bytes ({}): one long answer can fill the store, and new streams get 503 `store_full` while it runs",
+            bytes_text(config.store.max_bytes),
+            bytes_text(config.limits.max_answer_bytes)
+        ));
     }
     for u in &config.upstreams {
         if u.continuation == [Continuation::None] {
@@ -1841,6 +1890,9 @@ mod tests {
             ("[drain]\nexit_timeout = \"0s\"", "drain.exit_timeout"),
             ("[store]\nttl = \"0s\"", "store.ttl"),
             ("[store]\nlease_ttl = \"499ms\"", "store.lease_ttl"),
+            ("[store]\nmax_bytes = 0", "store.max_bytes"),
+            ("[store]\nmax_bytes = -1", "store.max_bytes"),
+            ("[store]\nmax_bytes = \"1GiB\"", "store.max_bytes"),
             ("[streams]\nheartbeat = \"0s\"", "streams.heartbeat"),
             ("[store]\nkind = \"redis\"", "store.url"),
             ("[store]\nkind = \"redis\"\nurl = \"http://x\"", "store.url"),
@@ -1978,7 +2030,10 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "config OK");
         assert_eq!(lines[1], "listen: 127.0.0.1:8080");
-        assert_eq!(lines[2], "store: embedded (./tidegate-data) (ttl 15m)");
+        assert_eq!(
+            lines[2],
+            "store: embedded (./tidegate-data) (ttl 15m, max 1 GiB)"
+        );
         assert_eq!(lines[3], "client keys: none (the gateway is open)");
         assert_eq!(lines[4], "routing (first match wins):");
         assert_eq!(
@@ -2001,7 +2056,11 @@ mod tests {
 
         let c = Config::from_toml("[store]\nkind = \"memory\"", &env(&[])).unwrap();
         let text = describe(&c);
-        assert!(text.contains("\nstore: memory (ttl 15m)\n"), "{text}");
+        assert!(
+            text.contains("\nstore: memory (ttl 15m, max 1 GiB)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("store.max_bytes"), "{text}");
         assert!(text.contains(
             "\n  *  -> built-in mock provider (no upstream configured, OPENAI_API_KEY unset)\n"
         ));
@@ -2032,6 +2091,73 @@ mod tests {
         );
         assert!(text.contains("-> openai (https://api.openai.com/v1, openai, continuation = instruct, credential from $OPENAI_API_KEY)"), "{text}");
         assert!(!text.contains("sk-o"));
+    }
+
+    #[test]
+    fn store_max_bytes_bounds_the_local_stores_only() {
+        let c = Config::from_toml("", &env(&[])).unwrap();
+        assert_eq!(c.store.max_bytes, 1 << 30);
+        for kind in ["memory", "embedded"] {
+            let text = format!("[store]\nkind = \"{kind}\"\nmax_bytes = 1048576");
+            let c = Config::from_toml(&text, &env(&[])).unwrap();
+            assert_eq!(c.store.max_bytes, 1 << 20, "{kind}");
+        }
+        let c = Config::from_toml("", &env(&[("TIDEGATE_STORE__MAX_BYTES", "4096")])).unwrap();
+        assert_eq!(c.store.max_bytes, 4096);
+        let err = error_of("[store]\nmax_bytes = 0");
+        assert!(
+            err.contains("`store.max_bytes`") && err.contains("more than 0"),
+            "{err}"
+        );
+
+        // Redis bounds itself: the key is refused there, not ignored.
+        let secret = [("RS", "resume-secret")];
+        let redis = "[resume]\nsecret_env = \"RS\"\n[store]\nkind = \"redis\"\n";
+        for place in [
+            "url = \"redis://127.0.0.1:6379\"",
+            "cluster = [\"redis://10.0.0.1:7000\"]",
+        ] {
+            let text = format!("{redis}{place}\nmax_bytes = 1048576");
+            let err = Config::from_toml(&text, &env(&secret))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`store.max_bytes`") && err.contains("maxmemory"),
+                "{place}: {err}"
+            );
+            // Absent, all is well; and check-config shows no bound of ours.
+            let c = Config::from_toml(&format!("{redis}{place}"), &env(&secret)).unwrap();
+            let text = describe(&c);
+            assert!(!text.contains("max "), "{text}");
+        }
+    }
+
+    #[test]
+    fn check_config_shows_the_store_bound_and_warns_when_one_answer_fills_it() {
+        let c = Config::from_toml(
+            "[store]\nkind = \"memory\"\nmax_bytes = 16777216",
+            &env(&[]),
+        )
+        .unwrap();
+        let text = describe(&c);
+        assert!(
+            text.contains("\nstore: memory (ttl 15m, max 16 MiB)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nwarning: store.max_bytes (16 MiB) is less than limits.max_answer_bytes (64 MiB): one long answer can fill the store"),
+            "{text}"
+        );
+        let c = Config::from_toml(
+            "[store]\nkind = \"memory\"\nmax_bytes = 16777216\n[limits]\nmax_answer_bytes = 16777216",
+            &env(&[]),
+        )
+        .unwrap();
+        assert!(!describe(&c).contains("store.max_bytes"));
+        assert_eq!(bytes_text(1 << 30), "1 GiB");
+        assert_eq!(bytes_text(3 << 20), "3 MiB");
+        assert_eq!(bytes_text(1536), "1536 bytes");
+        assert_eq!(bytes_text(1), "1 byte");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::protocol::{Protocol, RequestError};
 use crate::relay::RelayError;
+use crate::store::StoreError;
 use crate::upstream::UpstreamError;
 
 /// Whose fault an error is: the client's, the provider's, or ours.
@@ -148,6 +149,7 @@ impl ApiError {
                 RelayError::Upstream(UpstreamError::Status { .. }) => {
                     ("upstream_error", "upstream_error")
                 }
+                RelayError::Store(StoreError::Full { .. }) => ("server_overloaded", "store_full"),
                 RelayError::Store(_) => ("server_error", "store_unavailable"),
                 RelayError::CancelledBeforeStart(_)
                 | RelayError::PumpVanished
@@ -161,6 +163,9 @@ impl ApiError {
             ApiError::Relay(RelayError::Upstream(_) | RelayError::NotAStream { .. }) => {
                 Source::Upstream
             }
+            // A store full of running streams is load, like too many
+            // streams: nothing failed.
+            ApiError::Relay(RelayError::Store(StoreError::Full { .. })) => Source::Downstream,
             ApiError::Relay(
                 RelayError::Store(_)
                 | RelayError::CancelledBeforeStart(_)
@@ -176,6 +181,9 @@ impl ApiError {
         match self {
             ApiError::Relay(RelayError::Upstream(UpstreamError::Connect { upstream, .. })) => {
                 format!("cannot reach upstream `{upstream}`")
+            }
+            ApiError::Relay(RelayError::Store(StoreError::Full { .. })) => {
+                "the gateway's partial-response store is full of running streams (store.max_bytes); retry shortly".into()
             }
             ApiError::Relay(RelayError::Store(_)) => {
                 "the partial-response store is unavailable".into()
@@ -246,7 +254,11 @@ impl ApiError {
         }
         if matches!(
             self,
-            ApiError::Relay(RelayError::TooManyStreams | RelayError::TooManyStreamsForKey(_))
+            ApiError::Relay(
+                RelayError::TooManyStreams
+                    | RelayError::TooManyStreamsForKey(_)
+                    | RelayError::Store(StoreError::Full { .. })
+            )
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -287,4 +299,61 @@ pub async fn log_errors(request: Request, next: Next) -> Response {
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn rendered(protocol: Protocol) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let full = StoreError::Full {
+            held: 2048,
+            max: 1024,
+        };
+        let response = ApiError::Relay(RelayError::Store(full)).render(protocol);
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 16).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_full_store_is_a_503_store_full_in_each_protocols_shape() {
+        let (status, headers, body) = rendered(Protocol::OpenAi).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(headers.get(header::CONNECTION).is_none());
+        assert_eq!(body["error"]["type"], "server_overloaded");
+        assert_eq!(body["error"]["code"], "store_full");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("full"), "{message}");
+        assert!(
+            !message.contains("2048"),
+            "sizes stay in the log: {message}"
+        );
+
+        let (status, headers, body) = rendered(Protocol::Anthropic).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "server_overloaded");
+        assert!(body["error"]["message"].as_str().unwrap().contains("full"));
+    }
+
+    #[test]
+    fn other_store_failures_stay_store_unavailable() {
+        let e = ApiError::Relay(RelayError::Store(StoreError::WriterStopped));
+        assert_eq!(e.kind_and_code(), ("server_error", "store_unavailable"));
+        assert_eq!(e.source(), Source::Internal);
+        let full = ApiError::Relay(RelayError::Store(StoreError::Full { held: 1, max: 1 }));
+        assert_eq!(full.source(), Source::Downstream);
+        assert!(
+            full.detail().contains("store.max_bytes"),
+            "{}",
+            full.detail()
+        );
+    }
 }

@@ -66,8 +66,10 @@ impl Relay {
             }
         }
         // An idempotent retry joins the stream its key started; a new
-        // stream needs a place under the limits.
+        // stream needs a place under the limits, and room in the store
+        // (asked before the provider is: a refused stream is never billed).
         let permit = self.stream_permit(&new.owner)?;
+        self.store.admit().await?;
         let now = now_ms();
         let record = StreamRecord {
             id: id.clone(),

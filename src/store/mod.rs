@@ -247,7 +247,7 @@ pub type SharedStore = Arc<dyn Store>;
 
 pub async fn open(config: &StoreConfig) -> Result<SharedStore, StoreError> {
     Ok(match &config.kind {
-        StoreKind::Memory => Arc::new(memory::MemoryStore::new(config.ttl)),
+        StoreKind::Memory => Arc::new(memory::MemoryStore::bounded(config.ttl, config.max_bytes)),
         StoreKind::Embedded { path } => Arc::new(embedded::EmbeddedStore::open(path, config)?),
         StoreKind::Redis { url } => redis::connect(url, config).await?,
         StoreKind::RedisCluster { nodes } => redis::connect_cluster(nodes, config).await?,

@@ -12,6 +12,7 @@
 
 mod anthropic;
 mod auth;
+mod capacity;
 mod cluster;
 mod common;
 mod continuation;
