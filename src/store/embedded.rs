@@ -640,6 +640,19 @@ impl Shared {
         let mut rounds = log.segments.len() + 1;
         while log.bytes > self.max_bytes {
             if log.running_bytes >= self.max_bytes {
+                // As the memory store does: the finished streams go (their
+                // segments are freed once the running streams let go of
+                // them); copying the running ones forward would free nothing.
+                let finished: Vec<Box<str>> = log
+                    .streams
+                    .iter()
+                    .filter(|(_, s)| !s.running)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in finished {
+                    log.forget_stream(&id);
+                }
+                self.drop_empty(&mut log);
                 return Err(StoreError::Full {
                     held: log.running_bytes,
                     max: self.max_bytes,
