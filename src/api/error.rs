@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn other_store_failures_stay_store_unavailable() {
-        let e = ApiError::Relay(RelayError::Store(StoreError::WriterStopped));
+        let e = ApiError::Relay(RelayError::Store(StoreError::Impaired));
         assert_eq!(e.kind_and_code(), ("server_error", "store_unavailable"));
         assert_eq!(e.source(), Source::Internal);
         let full = ApiError::Relay(RelayError::Store(StoreError::Full { held: 1, max: 1 }));

@@ -68,8 +68,28 @@ impl Relay {
         // An idempotent retry joins the stream its key started; a new
         // stream needs a place under the limits, and room in the store
         // (asked before the provider is: a refused stream is never billed).
-        let permit = self.stream_permit(&new.owner)?;
-        self.store.admit().await?;
+        let admitted = match self.stream_permit(&new.owner) {
+            Ok(permit) => self
+                .store
+                .admit()
+                .await
+                .map(|()| permit)
+                .map_err(Into::into),
+            Err(e) => Err(e),
+        };
+        let permit = match admitted {
+            Ok(permit) => permit,
+            Err(e) => {
+                // Refused before it started: the key must not point at a
+                // stream that never was, or the retry would get 404.
+                if let Some(key) = new.idempotency_key
+                    && let Err(release) = self.store.release_idempotency(&new.owner, key, &id).await
+                {
+                    tracing::warn!(error = %release, "cannot release the Idempotency-Key of a refused stream");
+                }
+                return Err(e);
+            }
+        };
         let now = now_ms();
         let record = StreamRecord {
             id: id.clone(),

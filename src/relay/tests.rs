@@ -71,6 +71,14 @@ impl Store for Counting {
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         self.inner.claim_idempotency(owner, key, entry).await
     }
+    async fn release_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.release_idempotency(owner, key, stream_id).await
+    }
     async fn try_lease(&self, id: &str, instance: &str) -> Result<bool, StoreError> {
         self.inner.try_lease(id, instance).await
     }

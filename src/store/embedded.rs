@@ -72,6 +72,7 @@ const BATCH: u8 = 3;
 const IDEMPOTENCY: u8 = 4;
 const PROBE: u8 = 5;
 const COPY: u8 = 6;
+const RELEASE: u8 = 7;
 
 /// An entry's header: body length and CRC-32.
 const HEADER: usize = 8;
@@ -830,6 +831,18 @@ fn apply(log: &mut Log, n: u64, body: &[u8], offset: u64, size: u64) {
                     },
                 );
             }
+            RELEASE => {
+                let len = b.u16()? as usize;
+                let key = b.take(len)?;
+                let stream_id = std::str::from_utf8(b.rest).ok()?;
+                if log
+                    .keys
+                    .get(key)
+                    .is_some_and(|k| k.entry.stream_id == stream_id)
+                {
+                    log.forget_key(key);
+                }
+            }
             _ => {}
         }
         Some(())
@@ -1234,6 +1247,31 @@ impl Store for EmbeddedStore {
         Ok(None)
     }
 
+    async fn release_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        let k = key_of(owner, key);
+        let _claiming = self.claims.lock().await;
+        let mut log = self.shared.lock();
+        if log
+            .keys
+            .get(&k)
+            .is_none_or(|e| e.entry.stream_id != stream_id)
+        {
+            return Ok(());
+        }
+        // A release entry is newer than the claim it undoes, and segments
+        // go oldest first: it is never gone while the claim is there.
+        let mut entry = Entry::new(RELEASE, k.len() + stream_id.len() + 2);
+        entry.name(&k)?.bytes(stream_id.as_bytes());
+        self.shared.write(&mut log, entry.finish())?;
+        log.forget_key(&k);
+        Ok(())
+    }
+
     async fn try_lease(&self, _stream_id: &str, _instance: &str) -> Result<bool, StoreError> {
         Ok(true)
     }
@@ -1437,6 +1475,16 @@ mod tests {
                     .unwrap()
                     .is_none()
             );
+            // A claim undone (its stream was refused), and one whose
+            // release names another stream (kept).
+            let claim = |k: &'static str| store.claim_idempotency("o", k, &key);
+            assert!(claim("gone").await.unwrap().is_none());
+            store.release_idempotency("o", "gone", "a").await.unwrap();
+            assert!(claim("kept").await.unwrap().is_none());
+            store
+                .release_idempotency("o", "kept", "other")
+                .await
+                .unwrap();
             // No flush: a SIGKILL leaves what the OS holds.
         }
         // A torn entry at the end of the last segment.
@@ -1477,6 +1525,9 @@ mod tests {
         };
         let held = store.claim_idempotency("o", "k", &other).await.unwrap();
         assert_eq!(held.map(|e| e.stream_id).as_deref(), Some("a"));
+        let claim = |k: &'static str| store.claim_idempotency("o", k, &other);
+        assert!(claim("gone").await.unwrap().is_none(), "a released key");
+        assert!(claim("kept").await.unwrap().is_some());
         // A stream found running belonged to a process that is gone: it
         // is evictable, and it takes more events after a continuation.
         store.append("b", &[event(6)]).await.unwrap();

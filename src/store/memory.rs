@@ -267,6 +267,24 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
+    async fn release_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let slot = (owner.to_owned(), key.to_owned());
+        if inner
+            .idempotency
+            .get(&slot)
+            .is_some_and(|(e, _)| e.stream_id == stream_id)
+        {
+            inner.idempotency.remove(&slot);
+        }
+        Ok(())
+    }
+
     async fn try_lease(&self, _stream_id: &str, _instance: &str) -> Result<bool, StoreError> {
         Ok(true)
     }

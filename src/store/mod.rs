@@ -194,6 +194,15 @@ pub trait Store: Send + Sync {
         key: &str,
         entry: &IdempotencyEntry,
     ) -> Result<Option<IdempotencyEntry>, StoreError>;
+    /// Undo a claim whose stream was refused before it started (store
+    /// full, stream limits), so a retry with the key starts it then;
+    /// only when the key still names `stream_id`.
+    async fn release_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        stream_id: &str,
+    ) -> Result<(), StoreError>;
     /// Take the right to run `stream_id` (the first run or a continuation).
     /// Local stores: the registry already serialises within the process, and
     /// only one process opens the store, so this always succeeds.

@@ -358,6 +358,26 @@ where
         Ok(existing.and_then(|v| serde_json::from_str(&v).ok()))
     }
 
+    async fn release_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        stream_id: &str,
+    ) -> Result<(), StoreError> {
+        let redis_key = format!("tg:idem:{{{owner}:{key}}}");
+        let mut conn = self.conn.clone();
+        let existing: Option<String> = self.run(conn.get(&redis_key)).await?;
+        // Nobody else can claim the key while it is held, so between this
+        // read and the delete it stays ours.
+        let ours = existing
+            .and_then(|v| serde_json::from_str::<IdempotencyEntry>(&v).ok())
+            .is_some_and(|e| e.stream_id == stream_id);
+        if ours {
+            let _: i64 = self.run(conn.del(&redis_key)).await?;
+        }
+        Ok(())
+    }
+
     async fn try_lease(&self, stream_id: &str, instance: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let set: Option<String> = self

@@ -235,6 +235,20 @@ async fn running_streams_alone_fill_the_store(kind: Kind) {
         "{v}"
     );
 
+    // A refused request with an Idempotency-Key: the key is not left
+    // pointing at a stream that never started (its retry, below, starts it).
+    let keyed = |text: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("idempotency-key", "capacity-retry")
+            .json(&chat(8, 0, text))
+            .send()
+    };
+    assert_eq!(
+        keyed("capacity keyed").await.unwrap().status().as_u16(),
+        503
+    );
+
     // Neither refusal reached the provider.
     assert_eq!(mock.stat("requests_started").await, asked);
     // The finished stream went to make room before the refusal.
@@ -274,6 +288,11 @@ async fn running_streams_alone_fill_the_store(kind: Kind) {
     // The cancelled stream was evicted to admit it; the new one is held.
     assert_eq!(state(&gw, &held_id, &held_token).await.0, 404);
     assert_eq!(state(&gw, &after.id, &after.token).await.0, 200);
+    // The refused keyed request, retried with its key: a new stream.
+    let mut retried = Sse::from(keyed("capacity keyed").await.unwrap()).await;
+    assert_eq!(retried.status, 200, "the retry of a refused key");
+    assert!(retried.rest().await.last().is_some_and(SseEvent::is_done));
+    assert_eq!(mock.stat("requests_started").await, asked + 2);
 }
 
 #[tokio::test]
