@@ -100,8 +100,6 @@ const DEFAULT_STORE_KIND: RawStoreKind = RawStoreKind::Embedded;
 const DEFAULT_STORE_TTL: Duration = Duration::from_secs(15 * 60);
 /// `store.max_bytes`: 1 GiB.
 const DEFAULT_STORE_MAX_BYTES: u64 = 1 << 30;
-/// The embedded store's group-commit wait by default: none.
-const DEFAULT_COMMIT_INTERVAL: Duration = Duration::ZERO;
 /// How long a replica's claim on a stream lives without renewal, by default.
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// The `retry:` hint on resume streams by default.
@@ -406,6 +404,9 @@ struct RawStore {
     url: Option<String>,
     cluster: Option<Vec<String>>,
     ttl: Option<HumanDuration>,
+    /// No longer used (the embedded store writes each append at once);
+    /// accepted so that older configs load.
+    #[allow(dead_code)]
     commit_interval: Option<HumanDuration>,
     lease_ttl: Option<HumanDuration>,
     max_bytes: Option<u64>,
@@ -580,9 +581,6 @@ pub enum StoreKind {
 pub struct StoreConfig {
     pub kind: StoreKind,
     pub ttl: Duration,
-    /// How long the embedded store's group commit may wait to gather more
-    /// events into one write. Zero: write as soon as the writer is free.
-    pub commit_interval: Duration,
     /// How long a replica's claim on a stream lives without renewal (redis).
     pub lease_ttl: Duration,
     /// The most the memory and embedded stores hold: past it, finished
@@ -869,7 +867,6 @@ fn store(raw: RawStore) -> Result<StoreConfig, ConfigError> {
     let store = StoreConfig {
         kind,
         ttl: duration_or(raw.ttl, DEFAULT_STORE_TTL),
-        commit_interval: duration_or(raw.commit_interval, DEFAULT_COMMIT_INTERVAL),
         lease_ttl: duration_or(raw.lease_ttl, DEFAULT_LEASE_TTL),
         max_bytes: raw.max_bytes.unwrap_or(DEFAULT_STORE_MAX_BYTES),
     };
@@ -1657,7 +1654,6 @@ mod tests {
         assert_eq!(c.max_body_bytes, 4 * 1024 * 1024);
         assert_eq!(c.drain.pre_stop_delay, Duration::ZERO);
         assert_eq!(c.store.ttl, Duration::from_secs(15 * 60));
-        assert_eq!(c.store.commit_interval, Duration::ZERO);
         assert_eq!(c.store.lease_ttl, Duration::from_secs(5));
         assert_eq!(c.resume.retry_hint, Duration::from_secs(2));
         assert!(c.resume.secret.is_none());

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Corruption, Store, StoreError, decode_batch, encode_event};
+use super::{Corruption, Store, StoreError, decode_batch};
 use crate::config::StoreConfig;
 use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
 
@@ -221,15 +221,6 @@ impl Entry {
         self.0[..4].copy_from_slice(&body.to_le_bytes());
         self.0[4..8].copy_from_slice(&crc.to_le_bytes());
         self.0
-    }
-}
-
-/// The encoding of one append's events, as [`super::encode_batch`] does,
-/// written straight into the entry.
-fn put_batch(entry: &mut Entry, events: &[Event]) {
-    for event in events {
-        let encoded = encode_event(event);
-        entry.u32(encoded.len() as u32).bytes(&encoded);
     }
 }
 
@@ -1051,7 +1042,7 @@ impl EmbeddedStore {
         let mut entry = Entry::new(BATCH, batch_size(events) + stream_id.len() + 10);
         entry.name(stream_id.as_bytes())?.u64(last.seq);
         let batch_at = entry.here();
-        put_batch(&mut entry, events);
+        super::put_batch(&mut entry.0, events);
         let at = self.shared.write(log, entry.finish())?;
         let loc = Loc {
             segment: at.segment,
@@ -1347,7 +1338,6 @@ mod tests {
                 path: path.to_owned(),
             },
             ttl,
-            commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
             max_bytes,
         }

@@ -265,12 +265,17 @@ pub async fn open(config: &StoreConfig) -> Result<SharedStore, StoreError> {
 
 /// Encode an event for a byte-oriented store: `[name len][name][data]`.
 pub fn encode_event(event: &Event) -> Vec<u8> {
-    let name = event.name.as_deref().unwrap_or("").as_bytes();
-    let mut out = Vec::with_capacity(1 + name.len() + event.data.len());
-    out.push(name.len().min(255) as u8);
-    out.extend_from_slice(&name[..name.len().min(255)]);
-    out.extend_from_slice(&event.data);
+    let mut out = Vec::with_capacity(1 + event.data.len() + 16);
+    put_event(&mut out, event);
     out
+}
+
+fn put_event(out: &mut Vec<u8>, event: &Event) {
+    let name = event.name.as_deref().unwrap_or("").as_bytes();
+    let name = &name[..name.len().min(255)];
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&event.data);
 }
 
 /// Several consecutive events in one value: each as a little-endian u32
@@ -278,12 +283,18 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
 pub fn encode_batch(events: &[Event]) -> Vec<u8> {
     let size = events.iter().map(|e| e.data.len() + 16).sum();
     let mut value = Vec::with_capacity(size);
-    for event in events {
-        let encoded = encode_event(event);
-        value.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-        value.extend_from_slice(&encoded);
-    }
+    put_batch(&mut value, events);
     value
+}
+
+/// [`encode_batch`]'s bytes, written at the end of `out` (no buffer per
+/// event).
+pub fn put_batch(out: &mut Vec<u8>, events: &[Event]) {
+    for event in events {
+        let name = event.name.as_deref().map_or(0, |n| n.len().min(255));
+        out.extend_from_slice(&((1 + name + event.data.len()) as u32).to_le_bytes());
+        put_event(out, event);
+    }
 }
 
 /// The events of a batch whose last event is `last` (stores key a batch by

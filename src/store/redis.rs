@@ -608,7 +608,6 @@ mod tests {
         let config = StoreConfig {
             kind: crate::config::StoreKind::Memory,
             ttl: Duration::from_secs(60),
-            commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
             max_bytes: 1 << 30,
         };
@@ -639,7 +638,6 @@ mod tests {
         let config = StoreConfig {
             kind: crate::config::StoreKind::Memory,
             ttl: Duration::from_secs(60),
-            commit_interval: Duration::ZERO,
             lease_ttl: Duration::from_secs(5),
             max_bytes: 1 << 30,
         };
