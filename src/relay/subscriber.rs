@@ -87,7 +87,20 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                     return;
                 }
             };
-            let Some(last) = page.last().map(|e| e.seq) else { break };
+            let Some(last) = page.last().map(|e| e.seq) else {
+                // Past a full page, nothing: the end of an answer of a whole
+                // number of pages, or a stream the store dropped (evicted,
+                // expired) while it was replayed. Never a silent cut.
+                if stored.is_none() && cursor > 0 && live.is_none()
+                    && !matches!(store.get(&who.id).await, Ok(Some(_)))
+                {
+                    tracing::warn!(stream = %who.id, "the stream left the store during its replay");
+                    end_frame(&mut buf, End::Abort(AbortKind::StoreFailed), &who, cursor, None);
+                    yield Ok(buf.split().freeze());
+                    return;
+                }
+                break;
+            };
             let after = cursor;
             let fresh = page.iter().skip_while(|e| e.seq <= after);
             for event in fresh.take_while(|e| e.seq <= replay_to) {

@@ -155,6 +155,8 @@ struct Log {
     /// Set by a failed write (when, and how large a test write must fit);
     /// cleared by a space check that fits.
     impaired: Option<(Instant, usize)>,
+    /// Segments out of the index, to unlink once the lock is released.
+    doomed: Vec<PathBuf>,
     /// The active segment's end is unknown (a failed write could not be
     /// cut back): the next write starts a new segment.
     damaged: bool,
@@ -453,10 +455,15 @@ impl Shared {
                 return;
             };
             log.bytes -= segment.len;
-            if let Err(e) = std::fs::remove_file(&segment.path) {
-                tracing::warn!(path = %segment.path.display(), error = %e, "cannot delete an embedded store segment");
-            }
+            // Unlinked once the log's lock is released: freeing a large
+            // file's blocks takes milliseconds, and appends wait on the lock.
+            log.doomed.push(segment.path);
         }
+    }
+
+    /// Take the segments to delete, to unlink after the lock is released.
+    fn doomed(log: &mut Log) -> Vec<PathBuf> {
+        std::mem::take(&mut log.doomed)
     }
 
     /// Free the oldest segment: evict what no run of this process writes
@@ -594,6 +601,14 @@ impl Shared {
     /// a segment older than the TTL, delete what is empty.
     fn sweep(&self) -> Result<usize, StoreError> {
         let mut log = self.lock();
+        let result = self.sweep_locked(&mut log);
+        let doomed = Shared::doomed(&mut log);
+        drop(log);
+        unlink(doomed);
+        result
+    }
+
+    fn sweep_locked(&self, log: &mut MutexGuard<'_, Log>) -> Result<usize, StoreError> {
         let now = now_ms();
         let expired: Vec<Box<str>> = log
             .streams
@@ -613,14 +628,14 @@ impl Shared {
         for key in keys {
             log.forget_key(&key);
         }
-        self.drop_empty(&mut log);
+        self.drop_empty(log);
         let old = log
             .segments
             .first_key_value()
             .filter(|(n, s)| **n != log.active && self.expired(s.written_ms, now))
             .is_some();
         if old {
-            self.free_oldest(&mut log, false)?;
+            self.free_oldest(log, false)?;
         }
         Ok(expired.len())
     }
@@ -628,7 +643,18 @@ impl Shared {
     /// Make room for a new stream under `store.max_bytes`.
     fn admit(&self) -> Result<(), StoreError> {
         let mut log = self.lock();
-        self.check_space(&mut log)?;
+        let result = self.admit_locked(&mut log);
+        let doomed = Shared::doomed(&mut log);
+        drop(log);
+        // Here, not in a background task: a store opened after this one
+        // must never list a segment that is about to go. At most once per
+        // sixteenth of `max_bytes` written, and no append waits for it.
+        unlink(doomed);
+        result
+    }
+
+    fn admit_locked(&self, log: &mut MutexGuard<'_, Log>) -> Result<(), StoreError> {
+        self.check_space(log)?;
         let mut rounds = log.segments.len() + 1;
         while log.bytes > self.max_bytes {
             if log.running_bytes >= self.max_bytes {
@@ -644,7 +670,7 @@ impl Shared {
                 for id in finished {
                     log.forget_stream(&id);
                 }
-                self.drop_empty(&mut log);
+                self.drop_empty(log);
                 return Err(StoreError::Full {
                     held: log.running_bytes,
                     max: self.max_bytes,
@@ -656,9 +682,18 @@ impl Shared {
                 break;
             }
             rounds -= 1;
-            self.free_oldest(&mut log, true)?;
+            self.free_oldest(log, true)?;
         }
         Ok(())
+    }
+}
+
+/// Delete segment files the index let go of.
+fn unlink(paths: Vec<PathBuf>) {
+    for path in paths {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete an embedded store segment");
+        }
     }
 }
 
@@ -880,6 +915,7 @@ impl EmbeddedStore {
             bytes: 0,
             running_bytes: 0,
             impaired: None,
+            doomed: Vec::new(),
             damaged: false,
         };
         let mut numbers = Vec::new();
@@ -952,6 +988,7 @@ impl EmbeddedStore {
             let next = log.active + 1;
             shared.start_segment(&mut log, next)?;
             shared.drop_empty(&mut log);
+            unlink(Shared::doomed(&mut log));
         }
         let secret = load_or_create_secret(&path.join("resume-secret"))?;
         restrict_permissions(path)?;
