@@ -308,6 +308,20 @@ impl Log {
         Some(gone)
     }
 
+    /// Forget every stream `which` picks; how many.
+    fn forget_streams(&mut self, which: impl Fn(&StreamIndex) -> bool) -> usize {
+        let ids: Vec<Box<str>> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| which(s))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.forget_stream(id);
+        }
+        ids.len()
+    }
+
     fn forget_key(&mut self, key: &[u8]) {
         if let Some(gone) = self.keys.remove(key)
             && let Some(segment) = self.segments.get_mut(&gone.segment)
@@ -610,15 +624,7 @@ impl Shared {
 
     fn sweep_locked(&self, log: &mut MutexGuard<'_, Log>) -> Result<usize, StoreError> {
         let now = now_ms();
-        let expired: Vec<Box<str>> = log
-            .streams
-            .iter()
-            .filter(|(_, s)| !s.running && self.expired(s.updated_ms, now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &expired {
-            log.forget_stream(id);
-        }
+        let expired = log.forget_streams(|s| !s.running && self.expired(s.updated_ms, now));
         let keys: Vec<Vec<u8>> = log
             .keys
             .iter()
@@ -637,7 +643,7 @@ impl Shared {
         if old {
             self.free_oldest(log, false)?;
         }
-        Ok(expired.len())
+        Ok(expired)
     }
 
     /// Make room for a new stream under `store.max_bytes`.
@@ -661,15 +667,7 @@ impl Shared {
                 // As the memory store does: the finished streams go (their
                 // segments are freed once the running streams let go of
                 // them); copying the running ones forward would free nothing.
-                let finished: Vec<Box<str>> = log
-                    .streams
-                    .iter()
-                    .filter(|(_, s)| !s.running)
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in finished {
-                    log.forget_stream(&id);
-                }
+                log.forget_streams(|s| !s.running);
                 self.drop_empty(log);
                 return Err(StoreError::Full {
                     held: log.running_bytes,
@@ -975,15 +973,7 @@ impl EmbeddedStore {
         {
             let mut log = shared.lock();
             let now = now_ms();
-            let expired: Vec<Box<str>> = log
-                .streams
-                .iter()
-                .filter(|(_, s)| shared.expired(s.updated_ms, now))
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in expired {
-                log.forget_stream(&id);
-            }
+            log.forget_streams(|s| shared.expired(s.updated_ms, now));
             // Appends go to a new segment, never after a cut.
             let next = log.active + 1;
             shared.start_segment(&mut log, next)?;
