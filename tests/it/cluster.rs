@@ -3,7 +3,7 @@
 //! another replica, across a master failover. And a follower on one Redis
 //! that opens no connection per read.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -71,40 +71,54 @@ struct Shard {
 }
 
 impl Cluster {
-    async fn start(dir: &Path) -> Cluster {
-        let mut nodes = Vec::new();
-        for i in 0..6 {
+    /// One cluster-mode `redis-server` in `node_dir`, listening. Its ports
+    /// come from `free_port`, which another test may take before the server
+    /// binds them: a server that exits instead of listening is started
+    /// again on fresh ports (at most 5 times).
+    async fn node(node_dir: &Path) -> (Child, u16) {
+        std::fs::create_dir_all(node_dir).unwrap();
+        for _ in 0..5 {
             let (port, bus) = (free_port(), free_port());
-            let node_dir: PathBuf = dir.join(format!("redis-{i}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let child = Command::new("redis-server")
+            let _ = std::fs::remove_file(node_dir.join("nodes.conf"));
+            let mut child = Command::new("redis-server")
                 .args(["--port", &port.to_string()])
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", "1000"])
                 .args(["--save", "", "--appendonly", "no"])
-                .current_dir(&node_dir)
+                .current_dir(node_dir)
                 .stdout(std::fs::File::create(node_dir.join("log")).unwrap())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
                 .expect("redis-server is installed (scripts/test installs it)");
-            nodes.push((child, port));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return (child, port);
+                }
+                if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let log = std::fs::read_to_string(node_dir.join("log")).unwrap_or_default();
+        panic!("redis-server did not listen in 5 attempts; its last log:\n{log}");
+    }
+
+    async fn start(dir: &Path) -> Cluster {
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            nodes.push(Cluster::node(&dir.join(format!("redis-{i}"))).await);
         }
         let cluster = Cluster { nodes };
-        for port in cluster.ports() {
-            until(
-                "redis-server listens",
-                Duration::from_secs(5),
-                || async move {
-                    tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .is_ok()
-                },
-            )
-            .await;
-        }
         let addrs: Vec<String> = cluster.ports().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])

@@ -26,31 +26,42 @@ impl Drop for Redis {
 }
 
 impl Redis {
+    /// On a fresh port. Another test may take the port `free_port` gave
+    /// before the server binds it; a server that exits is started again on
+    /// another (at most 5 times).
     pub async fn start(dir: &Path) -> Redis {
-        Redis::start_on(dir, free_port()).await
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Redis::spawn(dir, port);
+            if wait_for_port(&mut child, port).await {
+                return Redis { child, port };
+            }
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        panic!("redis-server did not listen in 5 attempts");
     }
 
     /// On `port` (a restart of one that was stopped).
     pub async fn start_on(dir: &Path, port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut child = Redis::spawn(dir, port);
+        assert!(
+            wait_for_port(&mut child, port).await,
+            "redis-server does not listen on {port}"
+        );
+        Redis { child, port }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("redis-server is installed (scripts/test installs it)");
-        wait_for_port(port).await;
-        Redis { child, port }
+            .expect("redis-server is installed (scripts/test installs it)")
     }
 
     pub fn url(&self) -> String {
@@ -63,17 +74,21 @@ impl Redis {
     }
 }
 
-async fn wait_for_port(port: u16) {
-    for _ in 0..200 {
+/// Whether `child` listens on `port` within 10 s (false at once if it exits).
+async fn wait_for_port(child: &mut Child, port: u16) -> bool {
+    for _ in 0..400 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return;
+            return true;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("nothing listens on {port}");
+    false
 }
 
 fn redis_config(mock: &Mock, port: u16, redis: &Redis) -> String {
@@ -126,14 +141,18 @@ impl Balancer {
         );
         let path: PathBuf = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
-        let child = Command::new("haproxy")
+        let mut child = Command::new("haproxy")
             .args(["-f", path.to_str().unwrap(), "-db"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
             .kill_on_drop(true)
             .spawn()
             .expect("haproxy is installed (scripts/test installs it)");
-        wait_for_port(port).await;
+        assert!(
+            wait_for_port(&mut child, port).await,
+            "haproxy does not listen on {port}: {}",
+            std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
+        );
         Balancer {
             child,
             port,
