@@ -62,6 +62,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `serve`: a SIGTERM from now on waits for the drain's handler instead
+    // of killing the process (server::run installs it first thing). First
+    // thing in `main`, so a signal in the first milliseconds of a start
+    // still drains; one that comes before `main` runs cannot be held.
+    if std::env::args_os().nth(1).is_some_and(|c| c == "serve") {
+        tidegate::drain::hold_signals();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -119,9 +126,6 @@ fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Exi
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
-    // A SIGTERM from now on waits for the drain's handler instead of
-    // killing the process (server::run installs it first thing).
-    tidegate::drain::hold_signals();
     let config = match load(path, listen) {
         Ok(c) => c,
         Err(code) => return code,

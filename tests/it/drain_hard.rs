@@ -169,8 +169,28 @@ async fn sigterm_in_the_first_milliseconds_still_drains() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         let pid = child.id().unwrap().to_string();
+        // From the moment `main` holds SIGTERM back, or has its handler
+        // (before that, the process is the loader's, and no program can
+        // catch a signal there).
+        let status_file = format!("/proc/{pid}/status");
+        let held = eventually(Duration::from_secs(10), || {
+            let status_file = status_file.clone();
+            async move {
+                let mask = |s: &str, field: &str| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix(field))
+                        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                        .unwrap_or(0)
+                };
+                std::fs::read_to_string(&status_file).is_ok_and(|s| {
+                    (mask(&s, "SigBlk:") | mask(&s, "SigCgt:")) & (1 << (libc::SIGTERM - 1)) != 0
+                })
+            }
+        })
+        .await;
+        assert!(held, "the gateway never held SIGTERM back");
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status();
