@@ -124,6 +124,26 @@ struct UpstreamDefaults {
     http2: bool,
 }
 
+/// `weight`: an upstream's share of its model group's traffic.
+const DEFAULT_WEIGHT: u32 = 1;
+/// `health_check_path`: the provider's models list, under the base URL.
+const DEFAULT_HEALTH_PATH: &str = "/models";
+/// `eject_after`: consecutive failures that eject an upstream.
+const DEFAULT_EJECT_AFTER: u32 = 5;
+/// `eject_for`: how long an ejected upstream rests before its half-open probe.
+const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// The defaults of `[routing]`: 3 attempts, 200 ms then ×1.5 (with
+/// jitter), at most 5 s between two, all within 10 s; one failover.
+const ROUTING_DEFAULTS: RoutingConfig = RoutingConfig {
+    attempts: 3,
+    backoff: Duration::from_millis(200),
+    backoff_multiplier: 1.5,
+    max_backoff: Duration::from_secs(5),
+    retry_within: Duration::from_secs(10),
+    max_failovers: 1,
+};
+
 /// The defaults of an `[[upstreams]]` entry.
 const UPSTREAM_DEFAULTS: UpstreamDefaults = UpstreamDefaults {
     protocol: Protocol::OpenAi,
@@ -323,6 +343,8 @@ impl UpstreamDefaults {
             first_byte_timeout: self.first_byte_timeout,
             idle_timeout: self.idle_timeout,
             http2: self.http2,
+            weight: DEFAULT_WEIGHT,
+            health: HealthConfig::default(),
         }
     }
 
@@ -371,6 +393,35 @@ struct RawConfig {
     cors: RawCors,
     #[serde(default)]
     upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    canaries: Vec<RawCanary>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    attempts: Option<u32>,
+    backoff: Option<HumanDuration>,
+    backoff_multiplier: Option<f64>,
+    max_backoff: Option<HumanDuration>,
+    retry_within: Option<HumanDuration>,
+    max_failovers: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    from: String,
+    to: String,
+    phases: Option<Vec<f64>>,
+    hold: Option<HumanDuration>,
+    min_requests: Option<u64>,
+    min_success_rate: Option<f64>,
+    max_error_rate: Option<f64>,
+    max_ttft_p99: Option<HumanDuration>,
+    max_duration_p99: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -453,6 +504,11 @@ struct RawUpstream {
     first_byte_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     http2: Option<bool>,
+    weight: Option<u32>,
+    health_check_path: Option<String>,
+    health_check_interval: Option<HumanDuration>,
+    eject_after: Option<u32>,
+    eject_for: Option<HumanDuration>,
 }
 
 /// A duration written as text such as `"250ms"` or `"25s"`, read with
@@ -548,6 +604,8 @@ pub struct Config {
     /// `"*"` allows any.
     pub cors_origins: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
+    pub routing: RoutingConfig,
+    pub canaries: Vec<CanarySpec>,
     /// Set when no upstream was configured and the built-in mock must be
     /// started in-process (the zero-config demo).
     pub builtin_mock: bool,
@@ -635,6 +693,77 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 to the provider (prior knowledge on http://, required
     /// on https://): every stream multiplexed on a few connections.
     pub http2: bool,
+    /// This upstream's share of its model group's traffic (0: none, unless
+    /// a canary gives it some).
+    pub weight: u32,
+    pub health: HealthConfig,
+}
+
+/// How an upstream's health is watched: passive ejection after
+/// consecutive failures, a half-open probe after the rest, and optional
+/// active checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// `GET base_url + path` answers 2xx when the provider is up.
+    pub path: String,
+    /// Active checks every `interval`; `None`: only the half-open probe.
+    pub interval: Option<Duration>,
+    /// Consecutive failures (connect errors, 5xx, 429, mid-stream
+    /// failures, failed checks) that eject the upstream.
+    pub eject_after: u32,
+    /// How long an ejected upstream gets no traffic before its probe.
+    pub eject_for: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+            interval: None,
+            eject_after: DEFAULT_EJECT_AFTER,
+            eject_for: DEFAULT_EJECT_FOR,
+        }
+    }
+}
+
+/// `[routing]`: retries before the first byte and failover after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingConfig {
+    /// Attempts in all (the first one included) for a request that fails
+    /// before any byte of an answer, where the provider said it did not
+    /// start it (connect errors, 408, 409, 429, 5xx).
+    pub attempts: u32,
+    /// The wait before the second attempt; each next one ×`backoff_multiplier`,
+    /// with jitter (a random half to the whole of it), at most `max_backoff`.
+    pub backoff: Duration,
+    pub backoff_multiplier: f64,
+    pub max_backoff: Duration,
+    /// No attempt starts later than this after the first (a `Retry-After`
+    /// that points past it ends the retries).
+    pub retry_within: Duration,
+    /// Times one stream may move to another upstream of its group after
+    /// its provider failed mid-answer.
+    pub max_failovers: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> RoutingConfig {
+        ROUTING_DEFAULTS
+    }
+}
+
+/// One `[[canaries]]` entry, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanarySpec {
+    pub from: String,
+    pub to: String,
+    pub phases: Vec<f64>,
+    pub hold: Duration,
+    pub min_requests: u64,
+    pub min_success_rate: f64,
+    pub max_error_rate: f64,
+    pub max_ttft_p99: Option<Duration>,
+    pub max_duration_p99: Option<Duration>,
 }
 
 impl UpstreamConfig {
@@ -693,6 +822,8 @@ impl Config {
         let limits = limits(raw.limits)?;
         let cors_origins = cors(raw.cors)?;
         let upstreams = upstreams(raw.upstreams, env)?;
+        let routing = routing(raw.routing)?;
+        let canaries = canaries(raw.canaries, &upstreams)?;
         let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Config {
             listen,
@@ -709,6 +840,8 @@ impl Config {
             cors_origins,
             builtin_mock: upstreams.is_empty(),
             upstreams,
+            routing,
+            canaries,
         })
     }
 
@@ -1178,7 +1311,180 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
         first_byte_timeout: duration_or(raw.first_byte_timeout, defaults.first_byte_timeout),
         idle_timeout: duration_or(raw.idle_timeout, defaults.idle_timeout),
         http2: raw.http2.unwrap_or(defaults.http2),
+        weight: raw.weight.unwrap_or(DEFAULT_WEIGHT),
+        health: health(
+            &key,
+            raw.health_check_path,
+            raw.health_check_interval,
+            raw.eject_after,
+            raw.eject_for,
+        )?,
     })
+}
+
+/// Validates an upstream's health settings; `key` names its fields.
+fn health(
+    key: &dyn Fn(&str) -> String,
+    path: Option<String>,
+    interval: Option<HumanDuration>,
+    eject_after: Option<u32>,
+    eject_for: Option<HumanDuration>,
+) -> Result<HealthConfig, ConfigError> {
+    let d = HealthConfig::default();
+    let path = path.unwrap_or(d.path);
+    if !path.starts_with('/') {
+        return Err(ConfigError::invalid(
+            key("health_check_path"),
+            "must start with / (it is joined to base_url)",
+        ));
+    }
+    let interval = interval.map(|i| i.0);
+    if interval.is_some_and(|i| i < Duration::from_millis(100)) {
+        return Err(ConfigError::invalid(
+            key("health_check_interval"),
+            "must be at least 100ms",
+        ));
+    }
+    let eject_after = eject_after.unwrap_or(d.eject_after);
+    if eject_after == 0 {
+        return Err(ConfigError::invalid(
+            key("eject_after"),
+            "must be at least 1",
+        ));
+    }
+    let eject_for = duration_or(eject_for, d.eject_for);
+    if eject_for.is_zero() {
+        return Err(ConfigError::invalid(
+            key("eject_for"),
+            "must be more than 0s",
+        ));
+    }
+    Ok(HealthConfig {
+        path,
+        interval,
+        eject_after,
+        eject_for,
+    })
+}
+
+/// Validates `[routing]`.
+fn routing(raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
+    let d = ROUTING_DEFAULTS;
+    let attempts = raw.attempts.unwrap_or(d.attempts);
+    if !(1..=10).contains(&attempts) {
+        return Err(ConfigError::invalid(
+            "routing.attempts",
+            "must be from 1 (no retries) to 10",
+        ));
+    }
+    let backoff_multiplier = raw.backoff_multiplier.unwrap_or(d.backoff_multiplier);
+    if !(1.0..=10.0).contains(&backoff_multiplier) {
+        return Err(ConfigError::invalid(
+            "routing.backoff_multiplier",
+            "must be from 1.0 to 10.0",
+        ));
+    }
+    let max_failovers = raw.max_failovers.unwrap_or(d.max_failovers);
+    if max_failovers > 10 {
+        return Err(ConfigError::invalid(
+            "routing.max_failovers",
+            "must be from 0 (none) to 10",
+        ));
+    }
+    Ok(RoutingConfig {
+        attempts,
+        backoff: duration_or(raw.backoff, d.backoff),
+        backoff_multiplier,
+        max_backoff: duration_or(raw.max_backoff, d.max_backoff),
+        retry_within: duration_or(raw.retry_within, d.retry_within),
+        max_failovers,
+    })
+}
+
+/// The defaults of a `[[canaries]]` entry: the migration the founding
+/// document describes.
+pub const CANARY_PHASES: [f64; 5] = [1.0, 5.0, 25.0, 50.0, 100.0];
+const CANARY_HOLD: Duration = Duration::from_secs(15 * 60);
+const CANARY_MIN_REQUESTS: u64 = 100;
+const CANARY_MIN_SUCCESS_RATE: f64 = 98.0;
+const CANARY_MAX_ERROR_RATE: f64 = 2.0;
+const CANARY_MAX_TTFT_P99: Duration = Duration::from_millis(500);
+
+/// Validates `[[canaries]]`: both ends name upstreams of one model group
+/// and protocol, one canary per `to`, phases rising percents.
+fn canaries(
+    raw: Vec<RawCanary>,
+    upstreams: &[UpstreamConfig],
+) -> Result<Vec<CanarySpec>, ConfigError> {
+    let mut out: Vec<CanarySpec> = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("canaries[{i}].{field}");
+        let find = |name: &str, field: &str| {
+            upstreams.iter().find(|u| u.name == name).ok_or_else(|| {
+                ConfigError::invalid(key(field), format!("names no upstream (`{name}`)"))
+            })
+        };
+        let (from, to) = (find(&c.from, "from")?, find(&c.to, "to")?);
+        if from.name == to.name {
+            return Err(ConfigError::invalid(key("to"), "must differ from `from`"));
+        }
+        if from.protocol != to.protocol || from.models != to.models {
+            return Err(ConfigError::invalid(
+                key("to"),
+                format!(
+                    "`{}` and `{}` must serve the same models in the same protocol (one model group)",
+                    from.name, to.name
+                ),
+            ));
+        }
+        if out
+            .iter()
+            .any(|o| o.to == c.to || o.from == c.to || o.to == c.from)
+        {
+            return Err(ConfigError::invalid(
+                key("to"),
+                "an upstream can be in one canary only",
+            ));
+        }
+        let phases = c.phases.unwrap_or_else(|| CANARY_PHASES.to_vec());
+        let rising = phases.windows(2).all(|w| w[0] < w[1]);
+        if phases.is_empty() || !rising || phases.iter().any(|p| !(*p > 0.0 && *p <= 100.0)) {
+            return Err(ConfigError::invalid(
+                key("phases"),
+                "must be rising percents, each more than 0 and at most 100",
+            ));
+        }
+        let rate = |v: Option<f64>, d: f64, field: &str| match v.unwrap_or(d) {
+            r if (0.0..=100.0).contains(&r) => Ok(r),
+            _ => Err(ConfigError::invalid(
+                key(field),
+                "must be a percent from 0 to 100",
+            )),
+        };
+        let min_requests = c.min_requests.unwrap_or(CANARY_MIN_REQUESTS);
+        if min_requests == 0 {
+            return Err(ConfigError::invalid(
+                key("min_requests"),
+                "must be at least 1",
+            ));
+        }
+        out.push(CanarySpec {
+            from: c.from,
+            to: c.to,
+            phases,
+            hold: duration_or(c.hold, CANARY_HOLD),
+            min_requests,
+            min_success_rate: rate(
+                c.min_success_rate,
+                CANARY_MIN_SUCCESS_RATE,
+                "min_success_rate",
+            )?,
+            max_error_rate: rate(c.max_error_rate, CANARY_MAX_ERROR_RATE, "max_error_rate")?,
+            max_ttft_p99: Some(duration_or(c.max_ttft_p99, CANARY_MAX_TTFT_P99)),
+            max_duration_p99: c.max_duration_p99.map(|d| d.0),
+        });
+    }
+    Ok(out)
 }
 
 /// Validates `worker_threads`: from 1 to 1024, or one per CPU when left out.
@@ -1360,7 +1666,7 @@ pub fn describe(config: &Config) -> String {
             None => "none (the gateway is open)".into(),
         }
     ));
-    out.push_str("routing (first match wins):\n");
+    out.push_str("routing (the first match's glob makes the model group; weights split it):\n");
     if config.builtin_mock {
         out.push_str(&format!(
             "  *  -> built-in mock provider (no upstream configured, {OPENAI_KEY_ENV} unset)\n"
@@ -1387,6 +1693,47 @@ pub fn describe(config: &Config) -> String {
                 styles_text(&rule.styles)
             ));
         }
+        let h = &u.health;
+        out.push_str(&format!(
+            "  {:<24}    weight {}, ejected after {} failures in a row for {} then probed at {}{}\n",
+            "",
+            u.weight,
+            h.eject_after,
+            humantime::format_duration(h.eject_for),
+            h.path,
+            match h.interval {
+                Some(i) => format!(", checked every {}", humantime::format_duration(i)),
+                None => String::new(),
+            }
+        ));
+    }
+    let r = &config.routing;
+    out.push_str(&format!(
+        "retries before the first byte: {} attempts in all, {} then x{} (jittered, at most {}), within {}; failovers mid-answer: {}\n",
+        r.attempts,
+        humantime::format_duration(r.backoff),
+        r.backoff_multiplier,
+        humantime::format_duration(r.max_backoff),
+        humantime::format_duration(r.retry_within),
+        r.max_failovers,
+    ));
+    for c in &config.canaries {
+        out.push_str(&format!(
+            "canary {} -> {}: phases {:?} %, hold {}, verdict after {} requests: success >= {}%, errors <= {}%{}{}\n",
+            c.from,
+            c.to,
+            c.phases,
+            humantime::format_duration(c.hold),
+            c.min_requests,
+            c.min_success_rate,
+            c.max_error_rate,
+            c.max_ttft_p99
+                .map(|d| format!(", ttft p99 <= {}", humantime::format_duration(d)))
+                .unwrap_or_default(),
+            c.max_duration_p99
+                .map(|d| format!(", stream p99 <= {}", humantime::format_duration(d)))
+                .unwrap_or_default(),
+        ));
     }
     out.push_str(&describe_timeline(&config.drain, config.stop_budget()));
     for warning in warnings(config) {
@@ -1996,6 +2343,8 @@ mod tests {
                 "limits",
                 "cors",
                 "upstreams",
+                "routing",
+                "canaries",
             ]
         );
         let c = Config::from_toml(
@@ -2031,7 +2380,10 @@ mod tests {
             "store: embedded (./tidegate-data) (ttl 15m, max 1 GiB)"
         );
         assert_eq!(lines[3], "client keys: none (the gateway is open)");
-        assert_eq!(lines[4], "routing (first match wins):");
+        assert_eq!(
+            lines[4],
+            "routing (the first match's glob makes the model group; weights split it):"
+        );
         assert_eq!(
             lines[5],
             "  llama-*                  -> v (http://127.0.0.1:1/v1, openai, continuation = none, credential from $V_KEY)"

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub resumes: Counter,
     pub continuations: Counter,
     pub continuation_fallbacks: Counter,
+    /// Streams moved to another upstream mid-answer.
+    pub failovers: Counter,
     pub rejected_draining: Counter,
     pub non_streaming: Counter,
 }
@@ -110,6 +112,11 @@ impl Metrics {
             "tidegate_continuation_fallbacks_total",
             "Continuations retried in the next style after the provider refused one with a 400.",
             self.continuation_fallbacks.get(),
+        );
+        counter(
+            "tidegate_failovers_total",
+            "Streams moved to another upstream of their group after their provider failed mid-answer.",
+            self.failovers.get(),
         );
         counter(
             "tidegate_rejected_draining_total",

@@ -109,6 +109,7 @@ pub async fn run(
         retry_hint: config.resume.retry_hint,
         limits: config.limits,
         keyed: config.auth_keys.is_some(),
+        routing: config.routing,
     };
     let relay = Arc::new(Relay::new(
         store.clone(),
@@ -138,6 +139,14 @@ pub async fn run(
             .spawn(async move { drain.listen_for_signals(signals).await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
+    // Every upstream: its half-open probe once ejected, and its active
+    // checks when it has any (an idle watcher costs nothing).
+    for upstream in relay.upstreams.all() {
+        drain.tracker.spawn(crate::upstream::health::watch(
+            upstream.clone(),
+            drain.close_listener.clone(),
+        ));
+    }
     if store.shared() {
         drain
             .tracker

@@ -52,9 +52,15 @@ async fn handle(
     crate::protocol::request::check_structure(&bytes, limits.max_json_depth)?;
     let request = protocol.wire().validate(&bytes)?;
     let relay = &state.relay;
+    // A route key is read only where the model has a choice of upstreams.
+    let route_key = if relay.upstreams.shared(&request.model, protocol) {
+        crate::protocol::route_key(&headers, &bytes)
+    } else {
+        None
+    };
     let upstream = relay
         .upstreams
-        .route(&request.model, protocol)
+        .route(&request.model, protocol, route_key.as_deref(), &[])
         .ok_or_else(|| ApiError::ModelNotFound(request.model.clone().into_owned()))?
         .clone();
     let continuable = upstream.continues(&request.model);
@@ -72,6 +78,7 @@ async fn handle(
         response.headers_mut().extend(answer.headers);
         return Ok(response);
     }
+    let model: Box<str> = request.model.as_ref().into();
     let attached = relay
         .start(NewStream {
             protocol,
@@ -82,6 +89,8 @@ async fn handle(
             idempotency_key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
             continuable,
             tools,
+            model,
+            route_key,
         })
         .await?;
     Ok(super::sse::response(attached))

@@ -42,10 +42,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
+    let mut body = state
         .relay
         .metrics
         .render(state.relay.registry.len(), state.drain.requested());
+    crate::upstream::health::render(&mut body, state.relay.upstreams.all());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

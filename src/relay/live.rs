@@ -157,6 +157,11 @@ impl LiveStream {
         self.lock().headers.clone()
     }
 
+    /// Forget the detail (the stream went on after all: a failover).
+    pub fn clear_detail(&self) {
+        self.lock().detail = None;
+    }
+
     pub fn detail(&self) -> Option<String> {
         self.lock().detail.clone()
     }

@@ -49,7 +49,7 @@ use subscriber::Follow;
 /// What a client's stream needs from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
-    /// How often a quiet body sends `: ping`.
+    /// How often a quiet body sends a `: ping` comment line.
     pub heartbeat: Duration,
     /// What the last client leaving does to a run.
     pub on_client_disconnect: DisconnectPolicy,
@@ -60,6 +60,8 @@ pub struct Settings {
     /// Whether clients are told apart by key (`[auth]` keys are set), so
     /// `limits.max_streams_per_key` applies.
     pub keyed: bool,
+    /// Retries before the first byte, failover after it.
+    pub routing: crate::config::RoutingConfig,
 }
 
 /// Everything a stream's life needs, built once at start-up and shared by

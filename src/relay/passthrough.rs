@@ -70,6 +70,7 @@ impl Relay {
                     return Err(UpstreamError::Timeout {
                         upstream: name(),
                         after,
+                        connecting: false,
                     });
                 }
             };

@@ -17,9 +17,10 @@ use tokio::sync::oneshot;
 use super::live::LiveStream;
 use super::{Relay, RelayError};
 use crate::protocol::sse::{Overflow, SseDecoder, SseEvent};
-use crate::protocol::{Continuation, Hold, Leg, Protocol, Splice, Terminal};
+use crate::protocol::{Continuation, Hold, Leg, Plan, Protocol, Splice, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
+use crate::upstream::health::Outcome;
 use crate::upstream::{
     StreamBody, StreamResponse, TransportError, Upstream, UpstreamError, is_event_stream,
 };
@@ -119,6 +120,8 @@ struct Flow {
     hold: Option<Box<dyn Hold>>,
     splice: Option<Box<dyn Splice>>,
     more_legs: bool,
+    /// Set when a request is sent, taken by its first event: its TTFT.
+    first_event: Option<tokio::time::Instant>,
     /// Scratch: events the hold lets through, a splice's output.
     released: Vec<SseEvent>,
     spliced: Vec<crate::protocol::continuation::Out>,
@@ -164,7 +167,26 @@ pub struct Pump {
     pub tools: bool,
     /// Set for a continuation.
     pub continued: Option<Continued>,
+    /// What routing needs to move the stream to another upstream.
+    pub route: Route,
+    /// When the current request was sent.
+    pub sent_at: tokio::time::Instant,
+    /// Times this run moved to another upstream mid-answer.
+    pub failovers: u32,
     pub relay: Arc<Relay>,
+}
+
+/// A stream's routing facts: its model, route key and original request.
+pub struct Route {
+    pub model: Box<str>,
+    /// The client's route key (`x-tidegate-route-key`, else the body's
+    /// user): the same key, the same upstream.
+    pub key: Option<Box<str>>,
+    /// The client's request, as it sent it (what a continuation plans from).
+    pub original: Bytes,
+    /// The client presented its own provider credential (the upstream has
+    /// none): it is never sent to another upstream.
+    pub pinned: bool,
 }
 
 impl Pump {
@@ -173,9 +195,173 @@ impl Pump {
     /// instead of adding up); nothing is relayed before the record is there,
     /// and a failed write drops the provider call.
     pub async fn run(mut self, started: Started, recording: Option<Recording>) {
-        let metrics = &self.relay.metrics;
-        metrics.upstream_requests.inc();
-        let mut sent = self.send_cancellable(recording).await;
+        self.relay.metrics.upstream_requests.inc();
+        let sent = self.send_cancellable(recording).await;
+        let sent = self.retried(sent).await;
+        let sent = self.fallen_back(sent).await;
+        let response = match self.check_stream(sent) {
+            Ok(r) => r,
+            Err(e) => return self.start_failed(e, started).await,
+        };
+        let mut started = Some(started);
+        let mut flow = Flow {
+            seq: self.live.base,
+            hold: self.tools.then(|| self.protocol.wire().hold()),
+            splice: self.continued.as_mut().and_then(|c| c.splice.take()),
+            more_legs: self.continued.as_ref().is_some_and(|c| !c.legs.is_empty()),
+            first_event: Some(self.sent_at),
+            released: Vec::new(),
+            spliced: Vec::new(),
+        };
+        self.live.set_headers(response.headers);
+        let mut body = response.body;
+        loop {
+            let (stop, recorded) = self.relay(&mut body, &mut started, &mut flow).await;
+            let end = match stop {
+                Stop::End(End::Abort(AbortKind::UpstreamFailed)) => {
+                    match self.failover(&mut flow, recorded).await {
+                        Some(next) => {
+                            body = next;
+                            continue;
+                        }
+                        None => End::Abort(AbortKind::UpstreamFailed),
+                    }
+                }
+                Stop::End(end) => end,
+                Stop::NextLeg => match self.next_leg(&mut flow).await {
+                    Ok(next) => {
+                        body = next;
+                        continue;
+                    }
+                    Err(end) => end,
+                },
+            };
+            announce(&mut started);
+            self.outcome(end);
+            self.finish(end, None, recorded).await;
+            if end == End::Done {
+                // The answer is complete and its clients told; what follows
+                // `[DONE]` is the body's framing. Reading it lets the
+                // connection serve the next stream.
+                tokio::select! {
+                    _ = self.live.token.cancelled() => {}
+                    _ = body.finish(AFTER_DONE) => {}
+                }
+            }
+            return;
+        }
+    }
+
+    /// Count how this upstream's request ended, and what it says about its
+    /// health.
+    fn outcome(&self, end: End) {
+        let upstream = &self.upstream;
+        let outcome = match end {
+            End::Done => {
+                upstream.stats.duration.observe(self.sent_at.elapsed());
+                upstream.health.success();
+                Outcome::Completed
+            }
+            End::Abort(AbortKind::UpstreamFailed) => {
+                upstream.failed("it failed mid-answer");
+                Outcome::Failed
+            }
+            End::Abort(AbortKind::UpstreamRejected) => Outcome::Rejected,
+            End::Abort(_) => Outcome::Cancelled,
+        };
+        upstream.stats.outcome(outcome);
+    }
+
+    /// Count a request that did not start.
+    fn start_outcome(&self, error: &StartError) {
+        let upstream = &self.upstream;
+        let outcome = match error {
+            StartError::Upstream(e) if e.provider_fault() => {
+                upstream.failed("it failed before answering");
+                Outcome::Failed
+            }
+            StartError::Upstream(_) => Outcome::Rejected,
+            StartError::NotAStream { .. } => {
+                upstream.failed("it answered without an event stream");
+                Outcome::Failed
+            }
+            StartError::Cancelled(_) => Outcome::Cancelled,
+            StartError::Store(_) => return,
+        };
+        upstream.stats.outcome(outcome);
+    }
+
+    /// Send again, with backoff and jitter, what failed before any byte of
+    /// an answer where the provider did not start it
+    /// ([`UpstreamError::not_started`]) — on another upstream of the group
+    /// when there is one (a continuation, or a request with the client's
+    /// own key, stays on its upstream). Bounded by `routing.attempts` and
+    /// `routing.retry_within`; a `Retry-After` is honoured, and ends the
+    /// retries when it points past the budget.
+    async fn retried(
+        &mut self,
+        mut sent: Result<StreamResponse, StartError>,
+    ) -> Result<StreamResponse, StartError> {
+        let routing = self.relay.settings.routing;
+        let began = tokio::time::Instant::now();
+        let mut backoff = routing.backoff;
+        let mut tried: Vec<String> = Vec::new();
+        for _ in 1..routing.attempts {
+            let Err(StartError::Upstream(error)) = &sent else {
+                return sent;
+            };
+            if !error.not_started() {
+                return sent;
+            }
+            let jittered = backoff
+                .min(routing.max_backoff)
+                .mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            let wait = error.retry_after().map_or(jittered, |ra| ra.max(jittered));
+            if began.elapsed() + wait > routing.retry_within {
+                return sent;
+            }
+            let failed = self.upstream.clone();
+            let error = error.to_string();
+            self.start_outcome(sent.as_ref().err().expect("an error"));
+            failed.stats.retries.inc();
+            tried.push(failed.config.name.clone());
+            let next = if self.continued.is_some() || self.route.pinned {
+                None
+            } else {
+                let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
+                self.relay
+                    .upstreams
+                    .route(
+                        &self.route.model,
+                        self.protocol,
+                        self.route.key.as_deref(),
+                        &exclude,
+                    )
+                    .filter(|u| u.config.name != failed.config.name)
+                    .cloned()
+            };
+            let next = next.unwrap_or(failed);
+            tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, next = %next.config.name, %error, wait = ?wait, "the provider did not start the answer; sending the request again");
+            let token = self.live.token.clone();
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Err(StartError::Cancelled(self.live.cancel_reason())),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.upstream = next;
+            self.relay.metrics.upstream_requests.inc();
+            sent = self.send_cancellable(None).await;
+            backoff = backoff.mul_f64(routing.backoff_multiplier);
+        }
+        sent
+    }
+
+    /// A continuation the provider refused with a 400: the plan in the
+    /// next style, once.
+    async fn fallen_back(
+        &mut self,
+        sent: Result<StreamResponse, StartError>,
+    ) -> Result<StreamResponse, StartError> {
         if let Err(StartError::Upstream(UpstreamError::Status { status, body, .. })) = &sent
             && *status == StatusCode::BAD_REQUEST
             && let Some(continued) = &mut self.continued
@@ -197,56 +383,107 @@ impl Pump {
                 continued.legs = legs;
                 self.body = leg_body(&first.body);
                 self.relay.metrics.upstream_requests.inc();
-                sent = self.send_cancellable(None).await;
+                return self.send_cancellable(None).await;
             }
         }
-        let response = match self.check_stream(sent) {
-            Ok(r) => r,
-            Err(e) => return self.start_failed(e, started).await,
+        sent
+    }
+
+    /// The provider failed mid-answer: continue the stream on another
+    /// upstream of its group, so its clients see one answer. `None` when it
+    /// cannot (no failover left, no other healthy upstream, the client's own
+    /// key, nothing to continue, or the other upstream did not start).
+    async fn failover(&mut self, flow: &mut Flow, recorded: bool) -> Option<StreamBody> {
+        let relay = self.relay.clone();
+        if self.failovers >= relay.settings.routing.max_failovers
+            || self.route.pinned
+            || !self.live.who.continuable
+            || self.live.token.is_cancelled()
+        {
+            return None;
+        }
+        let failed = self.upstream.clone();
+        let model = self.route.model.clone();
+        let next = relay
+            .upstreams
+            .route(
+                &model,
+                self.protocol,
+                self.route.key.as_deref(),
+                &[failed.config.name.as_str()],
+            )
+            .filter(|u| {
+                u.config.name != failed.config.name && u.health.available() && u.continues(&model)
+            })?
+            .clone();
+        let id = self.live.who.id.clone();
+        let events = relay.store.events_after(&id, 0).await.ok()?;
+        let original: serde_json::Value = serde_json::from_slice(&self.route.original).ok()?;
+        let wire = self.protocol.wire();
+        let partial = wire.partial(&events);
+        let styles = next.styles(&model);
+        let style = *styles.first()?;
+        let Plan::Continue(mut legs) = wire.continuation(&original, style, &partial) else {
+            return None;
         };
-        let mut started = Some(started);
-        let mut flow = Flow {
-            seq: self.live.base,
-            hold: self.tools.then(|| self.protocol.wire().hold()),
-            splice: self.continued.as_mut().and_then(|c| c.splice.take()),
-            more_legs: self.continued.as_ref().is_some_and(|c| !c.legs.is_empty()),
-            released: Vec::new(),
-            spliced: Vec::new(),
-        };
-        self.live.set_headers(response.headers);
-        let mut body = response.body;
-        loop {
-            let (stop, recorded) = self.relay(&mut body, &mut started, &mut flow).await;
-            let end = match stop {
-                Stop::End(end) => end,
-                Stop::NextLeg => match self.next_leg(&mut flow).await {
-                    Ok(next) => {
-                        body = next;
-                        continue;
-                    }
-                    Err(end) => end,
-                },
-            };
-            announce(&mut started);
-            self.finish(end, None, recorded).await;
-            if end == End::Done {
-                // The answer is complete and its clients told; what follows
-                // `[DONE]` is the body's framing. Reading it lets the
-                // connection serve the next stream.
-                tokio::select! {
-                    _ = self.live.token.cancelled() => {}
-                    _ = body.finish(AFTER_DONE) => {}
-                }
+        if legs.is_empty() {
+            return None;
+        }
+        let fallback = styles.get(1).and_then(|&next_style| {
+            match wire.continuation(&original, next_style, &partial) {
+                Plan::Continue(legs) => Some((next_style, legs)),
+                _ => None,
             }
-            return;
+        });
+        self.outcome(End::Abort(AbortKind::UpstreamFailed));
+        failed.stats.failovers.inc();
+        relay.metrics.failovers.inc();
+        tracing::warn!(alert = "failover", stream = %id, from = %failed.config.name, to = %next.config.name, after = partial.last_seq, style = style.as_str(), "the provider failed mid-answer; the stream goes on on another upstream");
+        if recorded
+            && let Err(e) = relay
+                .store
+                .set_status(&id, crate::stream::Status::Running, None, &relay.instance)
+                .await
+        {
+            tracing::error!(stream = %id, error = %e, "could not record the failover");
+            return None;
+        }
+        self.failovers += 1;
+        self.upstream = next;
+        let first = legs.remove(0);
+        self.body = leg_body(&first.body);
+        flow.more_legs = !legs.is_empty();
+        flow.splice = Some(first.splice);
+        // What the hold kept back was never sent: the continuation says it again.
+        flow.hold = self.tools.then(|| wire.hold());
+        self.continued = Some(Continued {
+            splice: None,
+            legs: legs.into(),
+            style,
+            fallback,
+        });
+        self.live.clear_detail();
+        relay.metrics.upstream_requests.inc();
+        let sent = self.send_cancellable(None).await;
+        let sent = self.fallen_back(sent).await;
+        flow.first_event = Some(self.sent_at);
+        match self.check_stream(sent) {
+            Ok(r) => Some(r.body),
+            Err(e) => {
+                self.start_outcome(&e);
+                tracing::warn!(stream = %id, upstream = %self.upstream.config.name, error = ?e, "the failover's request did not start");
+                None
+            }
         }
     }
 
     /// Send the request unless the stream is cancelled first.
     async fn send_cancellable(
-        &self,
+        &mut self,
         recording: Option<Recording>,
     ) -> Result<StreamResponse, StartError> {
+        self.sent_at = tokio::time::Instant::now();
+        self.upstream.stats.requests.inc();
         let token = self.live.token.clone();
         tokio::select! {
             biased;
@@ -286,9 +523,13 @@ impl Pump {
         flow.more_legs = self.continued.as_ref().is_some_and(|c| !c.legs.is_empty());
         self.relay.metrics.upstream_requests.inc();
         let sent = self.send_cancellable(None).await;
+        flow.first_event = Some(self.sent_at);
         match self.check_stream(sent) {
             Ok(r) => Ok(r.body),
-            Err(e) => Err(self.continuation_failed(&e)),
+            Err(e) => {
+                self.start_outcome(&e);
+                Err(self.continuation_failed(&e))
+            }
         }
     }
 
@@ -343,6 +584,7 @@ impl Pump {
     }
 
     async fn start_failed(&self, error: StartError, started: Started) {
+        self.start_outcome(&error);
         if self.continued.is_some() {
             // Nobody waits on a continuation's start: its clients learn
             // in-band. A 4xx is final; anything else stays resumable.
@@ -468,6 +710,10 @@ impl Pump {
                     return (Stop::End(End::Abort(AbortKind::StoreFailed)), false);
                 }
                 self.relay.metrics.events_relayed.add(batch.len() as u64);
+                self.upstream.stats.events.add(batch.len() as u64);
+                if let Some(at) = flow.first_event.take() {
+                    self.upstream.stats.ttft.observe(at.elapsed());
+                }
                 self.live.push(batch.drain(..));
                 announce(started);
                 recorded = matches!(step, Some(Stop::End(_)));

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::live::LiveStream;
-use super::pump::{Continued, Pump};
+use super::pump::{Continued, Pump, Route};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
 use crate::protocol::Plan;
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
@@ -136,10 +136,17 @@ impl Relay {
         let model = original.get("model").and_then(Value::as_str).unwrap_or("");
         // The upstream that served it; else whichever serves its model now
         // in its protocol (the config may have changed since).
+        // (An ejected one gives way to the group's choice.)
+        let key = crate::protocol::route_key(&HeaderMap::new(), record.request.as_bytes());
         let upstream = self
             .upstreams
             .named(&record.upstream)
-            .or_else(|| self.upstreams.route(model, who.protocol));
+            .filter(|u| u.health.available() || record.client_credential)
+            .or_else(|| {
+                self.upstreams
+                    .route(model, who.protocol, key.as_deref(), &[])
+            })
+            .or_else(|| self.upstreams.named(&record.upstream));
         let Some(upstream) = upstream.cloned() else {
             return Ok(ended(&who, End::Abort(AbortKind::Incomplete), None));
         };
@@ -243,8 +250,18 @@ impl Relay {
         live.hold(permit);
         self.metrics.continuations.inc();
         tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, style = style.as_str(), requests = legs.len() + 1, "continuing an interrupted stream");
+        let pinned = upstream.config.api_key.is_none() && record.client_credential;
         let pump = Pump {
             live: live.clone(),
+            route: Route {
+                model: model.into(),
+                key: crate::protocol::route_key(&HeaderMap::new(), record.request.as_bytes())
+                    .map(Into::into),
+                original: record.request.clone().into(),
+                pinned,
+            },
+            sent_at: tokio::time::Instant::now(),
+            failovers: 0,
             upstream,
             protocol: who.protocol,
             body: body.into(),

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::pump::{Pump, Recording};
+use super::pump::{Pump, Recording, Route};
 use super::{Access, Attached, Relay, RelayError};
 use crate::protocol::Protocol;
 use crate::stream::{End, IdempotencyEntry, Status, StreamRecord, now_ms};
@@ -31,6 +31,10 @@ pub struct NewStream<'a> {
     pub continuable: bool,
     /// The request declares tools: its tool calls are held until whole.
     pub tools: bool,
+    /// The requested model.
+    pub model: Box<str>,
+    /// The client's route key, if it gave one.
+    pub route_key: Option<String>,
 }
 
 /// How long an idempotent retry waits for the stream its key started to
@@ -121,14 +125,23 @@ impl Relay {
         let subscription = live.subscribe();
         self.metrics.streams_started.inc();
         let (started_tx, started_rx) = oneshot::channel();
+        let pinned = new.upstream.config.api_key.is_none() && has_credential(new.client_headers);
         let pump = Pump {
             live: live.clone(),
             upstream: new.upstream,
             protocol: new.protocol,
+            route: Route {
+                model: new.model,
+                key: new.route_key.map(Into::into),
+                original: new.body.clone(),
+                pinned,
+            },
             body: new.body,
             client_headers: forwardable(new.client_headers),
             tools: new.tools,
             continued: None,
+            sent_at: tokio::time::Instant::now(),
+            failovers: 0,
             relay: self.clone(),
         };
         self.drain

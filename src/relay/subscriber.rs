@@ -59,8 +59,11 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
         // Grown by what is framed into it: a held stream writes one small event
         // at a time.
         let mut buf = BytesMut::new();
+        // The hint rides in the first frame's block (no blank line of its
+        // own): a block of `retry:` alone makes the official SDKs' decoders
+        // dispatch an empty event, which openai-python fails to parse.
         if let Some(hint) = retry_hint {
-            buf.put_slice(format!("retry: {}\n\n", hint.as_millis()).as_bytes());
+            buf.put_slice(format!("retry: {}\n", hint.as_millis()).as_bytes());
         }
 
         // Replay what only the store has: events before this run started. A
@@ -192,7 +195,13 @@ pub fn body(f: Follow) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
                     if tokio::time::Instant::now() >= due {
                         last_write = tokio::time::Instant::now();
                         beat.as_mut().reset(last_write + heartbeat);
-                        yield Ok(Bytes::from_static(b": ping\n\n"));
+                        // A comment line with no blank line after it:
+                        // nothing for a parser to dispatch. (`: ping\n\n`
+                        // after an `id:` makes the official SDKs' decoder —
+                        // it keeps the last id, as the spec says — yield an
+                        // empty event, which openai-python then fails to
+                        // parse as JSON.)
+                        yield Ok(Bytes::from_static(b": ping\n"));
                     } else {
                         beat.as_mut().reset(due);
                     }

@@ -124,6 +124,7 @@ async fn relay(store: Arc<Counting>) -> Arc<Relay> {
         retry_hint: Duration::from_secs(2),
         limits: crate::config::LimitsConfig::default(),
         keyed: false,
+        routing: crate::config::RoutingConfig::default(),
     };
     Arc::new(Relay::new(
         store,
@@ -204,6 +205,8 @@ async fn start(relay: &Arc<Relay>, body: String) -> (String, Read) {
             client_headers: &headers,
             owner: "anonymous".into(),
             idempotency_key: None,
+            model: "mock-model".into(),
+            route_key: None,
         })
         .await
         .unwrap();

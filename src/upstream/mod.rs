@@ -4,6 +4,7 @@
 //! bytes mean is the protocol's business (`crate::protocol`).
 
 pub mod h1;
+pub mod health;
 pub mod route;
 
 pub use route::Upstreams;
@@ -29,6 +30,14 @@ pub struct Upstream {
     /// Plain-HTTP/1.1 providers: the connections a pump drives itself
     /// (`h1.rs`); `None` where streams go through reqwest.
     direct: Option<std::sync::Arc<h1::Pool>>,
+    /// The breaker and the streak of failures.
+    pub health: health::Health,
+    /// Per-upstream figures behind `/metrics`.
+    pub stats: health::UpstreamStats,
+    /// The weight a canary gives it now (f64 bits; NaN: the configured one).
+    weight_override: std::sync::atomic::AtomicU64,
+    /// `GET base_url + health.path`.
+    health_url: reqwest::Url,
 }
 
 /// A provider's streaming answer whose head said 2xx.
@@ -160,7 +169,12 @@ pub enum UpstreamError {
         source: TransportError,
     },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
-    Timeout { upstream: String, after: Duration },
+    Timeout {
+        upstream: String,
+        after: Duration,
+        /// Still connecting: the request was never sent.
+        connecting: bool,
+    },
     /// A non-streaming answer larger than `limits.max_answer_bytes`.
     #[error("upstream `{upstream}` answered with more than {limit} bytes")]
     TooLarge { upstream: String, limit: u64 },
@@ -180,6 +194,60 @@ pub enum UpstreamError {
         #[source]
         source: TransportError,
     },
+}
+
+impl UpstreamError {
+    /// Whether the provider did not start generating, so that sending the
+    /// request again bills nothing twice: it was never sent (no
+    /// connection), or the provider answered with a status that says it
+    /// did not take it (408, 409, 429, 5xx — the statuses the official SDKs
+    /// retry). A timeout after sending, or a connection closed before the
+    /// head, may hide a generation: never.
+    pub fn not_started(&self) -> bool {
+        match self {
+            UpstreamError::Connect { source, .. } => source.never_sent(),
+            UpstreamError::Timeout { connecting, .. } => *connecting,
+            UpstreamError::Status { status, .. } => retry_status(*status),
+            UpstreamError::TooLarge { .. } | UpstreamError::Body { .. } => false,
+        }
+    }
+
+    /// Whether this says something about the provider's health (rather than
+    /// about the request): counts toward ejecting it.
+    pub fn provider_fault(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => retry_status(*status),
+            _ => true,
+        }
+    }
+
+    /// The provider's `Retry-After`, in seconds, when it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let UpstreamError::Status { headers, .. } = self else {
+            return None;
+        };
+        let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+        let secs: f64 = v.trim().parse().ok()?;
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    }
+}
+
+/// The error statuses after which a provider has not generated anything.
+fn retry_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
+}
+
+impl TransportError {
+    /// The request never left: no connection could be made.
+    fn never_sent(&self) -> bool {
+        match self {
+            TransportError::Direct(e) => matches!(
+                e,
+                h1::H1Error::Connect { .. } | h1::H1Error::ConnectTimeout { .. }
+            ),
+            TransportError::Pooled(e) => e.is_connect(),
+        }
+    }
 }
 
 /// Client headers worth passing to the provider. Everything else (cookies,
@@ -241,13 +309,81 @@ impl Upstream {
         } else {
             h1::Pool::for_url(&url, config.connect_timeout)
         };
+        let health_url = reqwest::Url::parse(&format!("{}{}", config.base_url, config.health.path))
+            .map_err(BuildError::Url)?;
         Ok(Upstream {
+            health: health::Health::new(config.health.clone()),
+            stats: health::UpstreamStats::default(),
+            weight_override: std::sync::atomic::AtomicU64::new(f64::NAN.to_bits()),
+            health_url,
             config,
             client,
             url,
             credential,
             direct,
         })
+    }
+
+    /// The share of its group's traffic this upstream gets now.
+    pub fn weight(&self) -> f64 {
+        let bits = self
+            .weight_override
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let w = f64::from_bits(bits);
+        if w.is_nan() {
+            f64::from(self.config.weight)
+        } else {
+            w
+        }
+    }
+
+    /// Set (or, with `None`, clear) the weight a canary gives it.
+    pub fn set_weight(&self, weight: Option<f64>) {
+        let bits = weight.unwrap_or(f64::NAN).to_bits();
+        self.weight_override
+            .store(bits, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A failure of the provider's: counts toward ejection.
+    pub fn failed(&self, why: &str) {
+        if self.health.failure() {
+            self.ejected(why);
+        }
+    }
+
+    /// Log and count an ejection.
+    pub fn ejected(&self, why: &str) {
+        self.stats.ejections.inc();
+        tracing::warn!(
+            alert = "upstream_ejected",
+            upstream = %self.config.name,
+            failures = self.config.health.eject_after,
+            rest = ?self.config.health.eject_for,
+            "{why}: {} failures in a row; the upstream is ejected (no traffic) until its half-open probe answers",
+            self.config.health.eject_after
+        );
+    }
+
+    /// The health check: `GET base_url + health_check_path` with the
+    /// upstream's credential, within the connect and first-byte timeouts.
+    /// Any answer but a 5xx or 429 means the provider is up (a 401 from a
+    /// provider that wants the client's own key still answered).
+    pub async fn check(&self) -> bool {
+        let mut request = self.client.get(self.health_url.clone());
+        for (name, value) in self.request_headers(&HeaderMap::new()) {
+            if name != header::CONTENT_TYPE {
+                request = request.header(name, value);
+            }
+        }
+        let after = self.config.connect_timeout
+            + self.config.first_byte_timeout.min(Duration::from_secs(10));
+        match tokio::time::timeout(after, request.send()).await {
+            Ok(Ok(r)) => {
+                let s = r.status();
+                !(s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS)
+            }
+            _ => false,
+        }
     }
 
     /// The headers a request to this provider carries besides
@@ -297,6 +433,15 @@ impl Upstream {
         UpstreamError::Timeout {
             upstream: self.config.name.clone(),
             after,
+            connecting: false,
+        }
+    }
+
+    fn connect_timeout(&self, after: Duration) -> UpstreamError {
+        UpstreamError::Timeout {
+            upstream: self.config.name.clone(),
+            after,
+            connecting: true,
         }
     }
 
@@ -322,6 +467,9 @@ impl Upstream {
         let after = self.config.first_byte_timeout;
         let response = match tokio::time::timeout(after, request.send()).await {
             Err(_) => return Err(self.timeout(after)),
+            Ok(Err(e)) if e.is_timeout() && e.is_connect() => {
+                return Err(self.connect_timeout(self.config.connect_timeout));
+            }
             Ok(Err(e)) if e.is_timeout() => return Err(self.timeout(self.config.connect_timeout)),
             Ok(Err(e)) => return Err(self.connect_error(TransportError::Pooled(e))),
             Ok(Ok(r)) => r,
@@ -373,7 +521,9 @@ impl Upstream {
         let after = self.config.first_byte_timeout;
         let response = match tokio::time::timeout(after, pool.post(&path, &headers, &body)).await {
             Err(_) => return Err(self.timeout(after)),
-            Ok(Err(h1::H1Error::ConnectTimeout { after, .. })) => return Err(self.timeout(after)),
+            Ok(Err(h1::H1Error::ConnectTimeout { after, .. })) => {
+                return Err(self.connect_timeout(after));
+            }
             Ok(Err(e)) => return Err(self.connect_error(TransportError::Direct(e))),
             Ok(Ok(r)) => r,
         };

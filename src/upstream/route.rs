@@ -1,5 +1,18 @@
-//! Which upstream serves a request: the configured upstreams, in order,
-//! matched by model glob.
+//! Which upstream serves a request: the configured upstreams, matched by
+//! model glob into groups, one chosen by weight.
+//!
+//! A model's *group* is the first upstream whose globs match it and every
+//! later one that matches it with the same glob — so `models = ["chat-*"]`
+//! on two upstreams makes them one group, while a catch-all `"*"` after
+//! specific globs stays a fallback for the models nothing else serves.
+//! Within a group a request goes by weight (a canary's weights while it
+//! runs) to an upstream whose breaker is closed: by rendezvous hashing on
+//! the request's route key when it has one (so one conversation stays on
+//! one provider, and a weight change moves only the share it must), at
+//! random otherwise. When every member is ejected, they are all tried
+//! (failing open beats refusing everything). An upstream of weight 0 gets
+//! nothing while another member can serve, and is the fallback when none
+//! can.
 
 use std::sync::Arc;
 
@@ -16,18 +29,122 @@ impl Upstreams {
         Upstreams { all }
     }
 
-    /// The upstream that serves `model` for a client speaking `protocol`:
-    /// the first whose globs match, if it speaks that protocol.
-    pub fn route(&self, model: &str, protocol: Protocol) -> Option<&Arc<Upstream>> {
+    pub fn all(&self) -> &[Arc<Upstream>] {
+        &self.all
+    }
+
+    /// The group that serves `model` for a client speaking `protocol`, in
+    /// config order; empty when none does, or the first match speaks
+    /// another protocol.
+    pub fn group(&self, model: &str, protocol: Protocol) -> Vec<&Arc<Upstream>> {
+        let glob_of = |u: &Upstream| {
+            u.config
+                .models
+                .iter()
+                .find(|glob| glob_match(glob, model))
+                .cloned()
+        };
+        let Some((first, glob)) = self.all.iter().find_map(|u| glob_of(u).map(|g| (u, g))) else {
+            return Vec::new();
+        };
+        if first.config.protocol != protocol {
+            return Vec::new();
+        }
         self.all
             .iter()
-            .find(|u| u.config.models.iter().any(|glob| glob_match(glob, model)))
-            .filter(|u| u.config.protocol == protocol)
+            .filter(|u| u.config.protocol == protocol && glob_of(u).as_deref() == Some(&glob))
+            .collect()
+    }
+
+    /// The upstream that serves `model` for a client speaking `protocol`,
+    /// by weight among the group's members not in `exclude`; `key` (the
+    /// request's route key) makes the choice the same every time.
+    pub fn route(
+        &self,
+        model: &str,
+        protocol: Protocol,
+        key: Option<&str>,
+        exclude: &[&str],
+    ) -> Option<&Arc<Upstream>> {
+        let members: Vec<&Arc<Upstream>> = self
+            .group(model, protocol)
+            .into_iter()
+            .filter(|u| !exclude.contains(&u.config.name.as_str()))
+            .collect();
+        choose(&members, key)
+    }
+
+    /// Whether `model`'s group has more than one member (a route key is
+    /// worth reading).
+    pub fn shared(&self, model: &str, protocol: Protocol) -> bool {
+        self.group(model, protocol).len() > 1
     }
 
     pub fn named(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.all.iter().find(|u| u.config.name == name)
     }
+}
+
+/// Pick one of `members`: the available ones with weight first, then the
+/// available ones without, then (all ejected) any.
+fn choose<'a>(members: &[&'a Arc<Upstream>], key: Option<&str>) -> Option<&'a Arc<Upstream>> {
+    if members.len() <= 1 {
+        return members.first().copied();
+    }
+    let available: Vec<&Arc<Upstream>> = members
+        .iter()
+        .copied()
+        .filter(|u| u.health.available())
+        .collect();
+    let pool = if available.is_empty() {
+        members.to_vec()
+    } else {
+        available
+    };
+    let weighted: Vec<(&Arc<Upstream>, f64)> = pool
+        .iter()
+        .map(|u| (*u, u.weight()))
+        .filter(|(_, w)| *w > 0.0)
+        .collect();
+    if weighted.is_empty() {
+        return pool.first().copied();
+    }
+    match key {
+        Some(key) => weighted
+            .iter()
+            .map(|(u, w)| (*u, rendezvous(key, &u.config.name, *w)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(u, _)| u),
+        None => {
+            let total: f64 = weighted.iter().map(|(_, w)| w).sum();
+            let mut at = rand::random::<f64>() * total;
+            for (u, w) in &weighted {
+                if at < *w {
+                    return Some(u);
+                }
+                at -= w;
+            }
+            weighted.last().map(|(u, _)| *u)
+        }
+    }
+}
+
+/// Weighted rendezvous score of `name` for `key`: `-w / ln(h)` with `h` the
+/// pair's hash in (0, 1). The highest score wins; each member wins a
+/// `w / Σw` share of keys, and a weight change moves keys only to or from
+/// the member whose weight changed.
+fn rendezvous(key: &str, name: &str, weight: f64) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes().chain([0xff]).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // splitmix64's finaliser spreads FNV's low-entropy high bits.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -weight / unit.ln()
 }
 
 /// `*` matches any run of characters, `?` any one; everything else is literal.
@@ -82,7 +199,7 @@ mod tests {
         );
         let name = |model, protocol| {
             upstreams
-                .route(model, protocol)
+                .route(model, protocol, None, &[])
                 .map(|u| u.config.name.clone())
         };
         assert_eq!(name("gpt-4", Protocol::OpenAi).as_deref(), Some("a"));
@@ -94,5 +211,104 @@ mod tests {
             upstreams.named("b").map(|u| u.config.name.as_str()),
             Some("b")
         );
+    }
+
+    fn build(file: &str) -> Upstreams {
+        let config =
+            Config::from_toml(file, &std::collections::HashMap::<String, String>::new()).unwrap();
+        Upstreams::new(
+            config
+                .upstreams
+                .into_iter()
+                .map(|u| Arc::new(Upstream::new(u).unwrap()))
+                .collect(),
+        )
+    }
+
+    const PAIR: &str = "[[upstreams]]\nname=\"legacy\"\nbase_url=\"http://a/v1\"\nmodels=[\"chat-*\"]\nweight=3\n[[upstreams]]\nname=\"next\"\nbase_url=\"http://b/v1\"\nmodels=[\"chat-*\"]\nweight=1\n[[upstreams]]\nname=\"rest\"\nbase_url=\"http://c/v1\"\n";
+
+    #[test]
+    fn a_group_is_the_members_with_the_first_matchs_glob() {
+        let upstreams = build(PAIR);
+        let names = |model| {
+            upstreams
+                .group(model, Protocol::OpenAi)
+                .iter()
+                .map(|u| u.config.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("chat-1"), ["legacy", "next"]);
+        // The catch-all stays a fallback for everything else.
+        assert_eq!(names("other"), ["rest"]);
+    }
+
+    #[test]
+    fn weights_split_and_a_route_key_is_consistent() {
+        let upstreams = build(PAIR);
+        let pick = |key: Option<&str>| {
+            upstreams
+                .route("chat-1", Protocol::OpenAi, key, &[])
+                .unwrap()
+                .config
+                .name
+                .clone()
+        };
+        let n = 20_000;
+        let legacy = (0..n).filter(|_| pick(None) == "legacy").count() as f64 / n as f64;
+        assert!((legacy - 0.75).abs() < 0.02, "random share {legacy}");
+        let keyed = (0..n)
+            .filter(|i| pick(Some(&format!("user-{i}"))) == "legacy")
+            .count() as f64
+            / n as f64;
+        assert!((keyed - 0.75).abs() < 0.02, "keyed share {keyed}");
+        for i in 0..100 {
+            let key = format!("conversation-{i}");
+            let first = pick(Some(&key));
+            assert!((0..5).all(|_| pick(Some(&key)) == first));
+        }
+        // A weight change moves keys only toward the member that gained.
+        let before: Vec<String> = (0..2000).map(|i| pick(Some(&format!("k{i}")))).collect();
+        upstreams.named("next").unwrap().set_weight(Some(2.0));
+        for (i, was) in before.iter().enumerate() {
+            let now = pick(Some(&format!("k{i}")));
+            assert!(now == *was || now == "next", "key {i} moved {was} → {now}");
+        }
+    }
+
+    #[test]
+    fn ejected_and_excluded_members_get_nothing_unless_nothing_else_can() {
+        let upstreams = build(PAIR);
+        let legacy = upstreams.named("legacy").unwrap();
+        for _ in 0..5 {
+            legacy.health.failure();
+        }
+        assert!(!legacy.health.available());
+        for i in 0..200 {
+            let key = format!("k{i}");
+            let u = upstreams
+                .route("chat-1", Protocol::OpenAi, Some(&key), &[])
+                .unwrap();
+            assert_eq!(u.config.name, "next");
+        }
+        // Excluding the only available one: the ejected one, failing open.
+        let u = upstreams
+            .route("chat-1", Protocol::OpenAi, None, &["next"])
+            .unwrap();
+        assert_eq!(u.config.name, "legacy");
+        // Weight 0 is a fallback: it serves when the other cannot.
+        upstreams.named("next").unwrap().set_weight(Some(0.0));
+        legacy.health.probed(true);
+        assert!((0..100).all(|_| {
+            upstreams
+                .route("chat-1", Protocol::OpenAi, None, &[])
+                .unwrap()
+                .config
+                .name
+                == "legacy"
+        }));
+        let u = upstreams
+            .route("chat-1", Protocol::OpenAi, None, &["legacy"])
+            .unwrap();
+        assert_eq!(u.config.name, "next");
     }
 }

@@ -440,10 +440,14 @@ async fn idle_streams_get_heartbeats_and_metrics_count_them() {
     while let Ok(Some(chunk)) = response.chunk().await {
         raw.push_str(&String::from_utf8_lossy(&chunk));
     }
+    // A comment line between frames, never followed by a blank line of
+    // its own: a blank line after an `id:` would make the official SDKs'
+    // decoders dispatch an empty event (openai-python then fails on it).
     assert!(
-        raw.contains("\n: ping\n\n") || raw.starts_with(": ping\n\n"),
+        raw.contains("\n\n: ping\n") && raw.contains(": ping\nid: "),
         "{raw}"
     );
+    assert!(!raw.contains(": ping\n\n"), "{raw}");
     assert!(raw.trim_end().ends_with("data: [DONE]"));
     for (name, want) in [
         ("tidegate_streams_started_total", 1.0),

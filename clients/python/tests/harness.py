@@ -169,7 +169,9 @@ class Mock:
 class Gateway:
     """A gateway "service": successive processes on one port and one store path."""
 
-    def __init__(self, tmp: Path, mock_url: str, *, grace: str = "1s", exit_timeout: str = "2s") -> None:
+    def __init__(
+        self, tmp: Path, mock_url: str, *, grace: str = "1s", exit_timeout: str = "2s", extra: str = ""
+    ) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -192,7 +194,7 @@ protocol = "openai"
 base_url = "{mock_url}/v1"
 models = ["*"]
 continuation = "continue_final_message"
-"""
+{extra}"""
         )
         self.generations: list[Proc] = []
 

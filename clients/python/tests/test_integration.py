@@ -282,3 +282,41 @@ def test_openai_sdk_survives_network_cut(gateway: Gateway, mock: Mock) -> None:
     assert transport.stats.interruptions >= 2 and transport.stats.resumes >= 2, transport.stats
     assert proxy.connections >= 3
     assert len(gateway.generations) == 1 and gateway.proc.running()
+
+
+# Heartbeats and the retry hint in the official SDK's own decoder: a quiet
+# stream gets `: ping` lines between its events, and a resume stream starts
+# with `retry:`. A block of either alone (ended by a blank line) after an
+# `id:` makes the Stainless decoder yield an empty event, which
+# openai-python then fails to parse as JSON.
+def test_openai_sdk_reads_heartbeats_and_the_retry_hint(tmp_path: Any, mock: Mock) -> None:
+    gw = Gateway(tmp_path, mock.url, extra='\n[streams]\nheartbeat = "100ms"\n')
+    gw.start()
+    try:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-test", max_retries=0, timeout=30)
+        body = chat_body("quiet stream", max_tokens=4)
+        expected = mock.complete(body)
+        text = ""
+        with client.chat.completions.create(**sdk_kwargs(body, interval_ms=350)) as stream:
+            stream_id = stream.response.headers["x-tidegate-stream-id"]
+            token = stream.response.headers["x-tidegate-resume-token"]
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+        assert text == expected
+        raw = httpx.get(
+            f"{gw.url}/v1/streams/{stream_id}", headers={"x-tidegate-resume-token": token}, timeout=10
+        ).text
+        assert raw.startswith("retry: "), raw[:80]
+        assert ": ping\n\n" not in raw
+        # The replay, as the SDK's own decoder and stream read it.
+        replay = openai.Stream(
+            cast_to=openai.types.chat.ChatCompletionChunk,
+            response=httpx.Response(200, content=raw.encode(), request=httpx.Request("GET", gw.url)),
+            client=client,
+        )
+        replayed = "".join(c.choices[0].delta.content or "" for c in replay if c.choices)
+        assert replayed == expected
+        client.close()
+    finally:
+        gw.stop_all()
