@@ -53,6 +53,25 @@ enum Command {
         /// Demand the key held in this environment variable instead.
         #[arg(long)]
         api_key_env: Option<String>,
+        /// Answer this share (0 to 1) of generation requests with
+        /// `--fail-status` before generating (1 in 10 for 0.1, evenly).
+        #[arg(long, value_parser = fail_rate)]
+        fail_rate: Option<f64>,
+        /// The status of those failures (default 503).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(400..600))]
+        fail_status: Option<u16>,
+        /// Wait this long before every response head.
+        #[arg(long)]
+        latency_ms: Option<u64>,
+        /// Cut every streaming answer once it holds this many units.
+        #[arg(long)]
+        die_after: Option<u64>,
+        /// Pace answers by this much when the request does not say.
+        #[arg(long)]
+        token_interval_ms: Option<u64>,
+        /// Answer every request (the models list too) with `--fail-status`.
+        #[arg(long)]
+        down: bool,
     },
     /// Validate a config, print the effective settings and drain timeline.
     CheckConfig {
@@ -84,18 +103,34 @@ fn main() -> ExitCode {
             listen,
             api_key,
             api_key_env,
-        } => match api_key_env {
-            None => mock(listen, api_key),
-            Some(var) => match std::env::var(&var) {
-                Ok(key) if !key.is_empty() => mock(listen, Some(key)),
-                _ => {
-                    eprintln!(
-                        "tidegate mock-upstream: --api-key-env {var}: the variable is not set"
-                    );
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            },
-        },
+            fail_rate,
+            fail_status,
+            latency_ms,
+            die_after,
+            token_interval_ms,
+            down,
+        } => {
+            let faults = tidegate::mock::Faults {
+                fail_rate,
+                fail_status,
+                latency_ms,
+                die_after,
+                token_interval_ms,
+                down,
+            };
+            match api_key_env {
+                None => mock(listen, api_key, faults),
+                Some(var) => match std::env::var(&var) {
+                    Ok(key) if !key.is_empty() => mock(listen, Some(key), faults),
+                    _ => {
+                        eprintln!(
+                            "tidegate mock-upstream: --api-key-env {var}: the variable is not set"
+                        );
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                },
+            }
+        }
         Command::CheckConfig { config } => check(config),
     }
 }
@@ -159,7 +194,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
     })
 }
 
-fn mock(listen: String, api_key: Option<String>) -> ExitCode {
+fn mock(listen: String, api_key: Option<String>, faults: tidegate::mock::Faults) -> ExitCode {
     let runtime = match runtime(None) {
         Ok(r) => r,
         Err(code) => return code,
@@ -187,9 +222,17 @@ fn mock(listen: String, api_key: Option<String>) -> ExitCode {
                 Err(_) => stop.await,
             }
         };
-        tidegate::mock::serve(listener, tidegate::mock::router(api_key), stop).await;
+        tidegate::mock::serve(listener, tidegate::mock::router_with(api_key, faults), stop).await;
         ExitCode::SUCCESS
     })
+}
+
+/// `--fail-rate`: a share from 0 to 1.
+fn fail_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{text}` is not a share from 0 to 1")),
+    }
 }
 
 /// `check-config`: load and validate the config, then print what it means.

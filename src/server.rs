@@ -113,7 +113,7 @@ pub async fn run(
     };
     let relay = Arc::new(Relay::new(
         store.clone(),
-        Upstreams::new(upstreams),
+        Upstreams::with_canaries(upstreams, &config.canaries),
         TokenSigner::new(secret),
         drain.clone(),
         settings,
@@ -139,6 +139,17 @@ pub async fn run(
             .spawn(async move { drain.listen_for_signals(signals).await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
+    // A canary resumes the phase it was in (kept in the store).
+    for rollout in relay.upstreams.rollouts() {
+        rollout.adopt(&store).await;
+    }
+    if !relay.upstreams.rollouts().is_empty() {
+        drain.tracker.spawn(crate::upstream::rollout::run(
+            relay.upstreams.rollouts().to_vec(),
+            store.clone(),
+            drain.close_listener.clone(),
+        ));
+    }
     // Every upstream: its half-open probe once ejected, and its active
     // checks when it has any (an idle watcher costs nothing).
     for upstream in relay.upstreams.all() {

@@ -123,7 +123,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz/live", get(ops::live))
         .route("/healthz/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
-        .route("/admin/drain", post(ops::admin_drain));
+        .route("/admin/drain", post(ops::admin_drain))
+        .route("/admin/canary", get(ops::canary_list))
+        .route("/admin/canary/{to}/{action}", post(ops::canary_action));
     if state.ui {
         router = router
             .route("/", get(ops::ui_index))

@@ -47,6 +47,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .metrics
         .render(state.relay.registry.len(), state.drain.requested());
     crate::upstream::health::render(&mut body, state.relay.upstreams.all());
+    crate::upstream::rollout::render(&mut body, state.relay.upstreams.rollouts());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -102,20 +103,71 @@ fn requested_deadline(body: &[u8]) -> Result<Option<tokio::time::Instant>, ApiEr
 /// grace (`{"grace": "30s"}` or `{"deadline": "…"}`). Needs the admin
 /// token; absent without one. Calling it again is harmless: it can only
 /// bring the deadline nearer.
+/// The admin token check every `/admin/*` route makes.
+fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.config.admin_token else {
+        return Err(ApiError::NotFound(
+            "admin routes are disabled: set [admin] token_env".into(),
+        ));
+    };
+    let presented = super::bearer(headers).unwrap_or("");
+    let matches = crate::token::hash_hex(presented.as_bytes())
+        == crate::token::hash_hex(expected.0.as_bytes());
+    if presented.is_empty() || !matches {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(())
+}
+
+/// `GET /admin/canary`: every canary's percent, state and figures.
+pub async fn canary_list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = admin(&state, &headers) {
+        return e.into_response();
+    }
+    let list: Vec<serde_json::Value> = state
+        .relay
+        .upstreams
+        .rollouts()
+        .iter()
+        .map(|r| r.snapshot())
+        .collect();
+    axum::Json(list).into_response()
+}
+
+/// `POST /admin/canary/{to}/{advance|hold|rollback}`.
+pub async fn canary_action(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path((to, action)): axum::extract::Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = admin(&state, &headers) {
+        return e.into_response();
+    }
+    let Some(rollout) = state.relay.upstreams.rollout(&to) else {
+        return ApiError::NotFound(format!("no canary has `to = \"{to}\"`")).into_response();
+    };
+    let now = crate::stream::now_ms();
+    match rollout.operate(&state.relay.store, &action, now).await {
+        Ok(snapshot) => axum::Json(snapshot).into_response(),
+        Err(crate::upstream::rollout::OperateError::UnknownAction(a)) => ApiError::NotFound(format!(
+            "`{a}` is not a canary action (advance, hold, rollback)"
+        ))
+        .into_response(),
+        Err(crate::upstream::rollout::OperateError::Refused(why)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"error": {"message": why, "type": "invalid_request_error", "code": "canary_conflict"}})),
+        )
+            .into_response(),
+    }
+}
+
 pub async fn admin_drain(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some(expected) = &state.config.admin_token else {
-        return ApiError::NotFound("admin routes are disabled: set [admin] token_env".into())
-            .into_response();
-    };
-    let presented = super::bearer(&headers).unwrap_or("");
-    let matches = crate::token::hash_hex(presented.as_bytes())
-        == crate::token::hash_hex(expected.0.as_bytes());
-    if presented.is_empty() || !matches {
-        return ApiError::Unauthorized.into_response();
+    if let Err(e) = admin(&state, &headers) {
+        return e.into_response();
     }
     let by = match requested_deadline(&body) {
         Ok(by) => by,

@@ -83,6 +83,103 @@ pub struct Stats {
     request_ids: AtomicU64,
     fail_ids: Mutex<(HashSet<String>, VecDeque<String>)>,
     log: Mutex<VecDeque<Value>>,
+    /// The instance's faults (`--fail-rate`…, `PUT /mock/faults`).
+    faults: Mutex<Faults>,
+    /// Generation requests that reached the `fail_rate` check.
+    fault_checks: AtomicU64,
+    /// Requests answered with `fail_status` by `fail_rate` or `down`.
+    requests_failed: AtomicU64,
+    models_requests: AtomicU64,
+}
+
+/// Faults of the whole instance, for tests that run several mocks as one
+/// model group's providers.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Faults {
+    /// This share of generation requests (deterministically: request `i`
+    /// fails when `floor((i+1)·rate) > floor(i·rate)`) is answered
+    /// `fail_status` before anything is generated.
+    pub fail_rate: Option<f64>,
+    /// Default 503.
+    pub fail_status: Option<u16>,
+    /// Extra wait before every response head.
+    pub latency_ms: Option<u64>,
+    /// Every streaming answer is cut once it holds this many units (unless
+    /// the request sets `fail_after`).
+    pub die_after: Option<u64>,
+    /// Pacing when the request gives none.
+    pub token_interval_ms: Option<u64>,
+    /// Every request, the models list included, is answered `fail_status`.
+    pub down: bool,
+}
+
+impl Faults {
+    /// Apply a `PUT /mock/faults` body: each field given replaces its
+    /// value, `null` clears it.
+    fn update(&mut self, body: &Value) -> Result<(), String> {
+        let Some(fields) = body.as_object() else {
+            return Err("the body must be a JSON object of faults".into());
+        };
+        let mut next = self.clone();
+        for (key, value) in fields {
+            let count = || -> Result<Option<u64>, String> {
+                match value {
+                    Value::Null => Ok(None),
+                    v => v
+                        .as_u64()
+                        .map(Some)
+                        .ok_or_else(|| format!("`{key}` must be a whole number or null")),
+                }
+            };
+            match key.as_str() {
+                "fail_rate" => {
+                    next.fail_rate = match value {
+                        Value::Null => None,
+                        v => match v.as_f64() {
+                            Some(r) if (0.0..=1.0).contains(&r) => Some(r),
+                            _ => {
+                                return Err(
+                                    "`fail_rate` must be a number from 0 to 1, or null".into()
+                                );
+                            }
+                        },
+                    }
+                }
+                "fail_status" => {
+                    next.fail_status = match count()? {
+                        None => None,
+                        Some(s @ 400..=599) => Some(s as u16),
+                        Some(_) => {
+                            return Err("`fail_status` must be an error status, 400 to 599".into());
+                        }
+                    }
+                }
+                "latency_ms" => next.latency_ms = count()?,
+                "die_after" => next.die_after = count()?,
+                "token_interval_ms" => next.token_interval_ms = count()?,
+                "down" => {
+                    next.down = match value {
+                        Value::Null => false,
+                        Value::Bool(b) => *b,
+                        _ => return Err("`down` must be true, false or null".into()),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "`{other}` is not a fault (fail_rate, fail_status, latency_ms, die_after, token_interval_ms, down)"
+                    ));
+                }
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn status(&self) -> StatusCode {
+        self.fail_status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+    }
 }
 
 impl Stats {
@@ -102,6 +199,16 @@ impl Stats {
             set.remove(&old);
         }
         true
+    }
+
+    fn faults(&self) -> Faults {
+        self.faults.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Whether this generation request is one `fail_rate` fails.
+    fn fails_now(&self, rate: f64) -> bool {
+        let i = self.fault_checks.fetch_add(1, Ordering::Relaxed) as f64;
+        ((i + 1.0) * rate).floor() > (i * rate).floor()
     }
 
     fn record(&self, entry: Value) {
@@ -158,15 +265,76 @@ pub async fn serve(
 
 /// The mock's routes. `api_key`: the credential it demands, if any.
 pub fn router(api_key: Option<String>) -> Router {
+    router_with(api_key, Faults::default())
+}
+
+/// The mock's routes, with the instance's `faults` from the start.
+pub fn router_with(api_key: Option<String>, faults: Faults) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
+        .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
+        .route("/mock/faults", get(get_faults).put(put_faults))
         .route("/mock/requests", get(requests).delete(clear_requests))
         .with_state(Arc::new(Stats {
             api_key,
+            faults: Mutex::new(faults),
             ..Stats::default()
         }))
+}
+
+async fn get_faults(State(stats): State<Arc<Stats>>) -> Response {
+    axum::Json(stats.faults()).into_response()
+}
+
+async fn put_faults(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")).into_response(),
+    };
+    let Ok(mut faults) = stats.faults.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match faults.update(&parsed) {
+        Ok(()) => axum::Json(faults.clone()).into_response(),
+        Err(message) => (StatusCode::BAD_REQUEST, message).into_response(),
+    }
+}
+
+/// `GET /v1/models`: OpenAI's list, or Anthropic's with `anthropic-version`.
+async fn models(State(stats): State<Arc<Stats>>, headers: HeaderMap) -> Response {
+    let dialect = if headers.contains_key("anthropic-version") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    };
+    stats.models_requests.fetch_add(1, Ordering::Relaxed);
+    let faults = stats.faults();
+    if let Some(ms) = faults.latency_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(denied) = unauthorized(&stats, dialect, &headers) {
+        return denied;
+    }
+    if faults.down {
+        stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+        return error(faults.status(), dialect, "the mock is down", None);
+    }
+    const IDS: [&str; 3] = ["mock-model", "mock-large", "claude-mock-4"];
+    let body = match dialect {
+        Dialect::OpenAi => json!({
+            "object": "list",
+            "data": IDS.iter().map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "tidegate-mock"})).collect::<Vec<_>>(),
+        }),
+        Dialect::Anthropic => json!({
+            "data": IDS.iter().map(|id| json!({"type": "model", "id": id, "display_name": id, "created_at": "2025-01-01T00:00:00Z"})).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": IDS[0],
+            "last_id": IDS[IDS.len() - 1],
+        }),
+    };
+    axum::Json(body).into_response()
 }
 
 async fn stats(State(stats): State<Arc<Stats>>) -> Response {
@@ -180,6 +348,8 @@ async fn stats(State(stats): State<Arc<Stats>>) -> Response {
         "tokens_sent": n(&stats.tokens_sent),
         "bytes_sent": n(&stats.bytes_sent),
         "events_sent": n(&stats.events_sent),
+        "requests_failed": n(&stats.requests_failed),
+        "models_requests": n(&stats.models_requests),
     }))
     .into_response()
 }
@@ -383,41 +553,82 @@ impl hyper::body::Body for Counted {
     }
 }
 
+/// The provider's 401 when the mock demands a key the request lacks.
+fn unauthorized(stats: &Stats, dialect: Dialect, headers: &HeaderMap) -> Option<Response> {
+    if let Some(expected) = &stats.api_key {
+        match (credential(dialect, headers), dialect) {
+            (Some(key), _) if key == expected => {}
+            (None, Dialect::OpenAi) => {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                    None,
+                ));
+            }
+            (Some(_), Dialect::OpenAi) => {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "Incorrect API key provided. You can find your API key in your account settings.",
+                    None,
+                ));
+            }
+            (None, Dialect::Anthropic) => {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "x-api-key header is required",
+                    None,
+                ));
+            }
+            (Some(_), Dialect::Anthropic) => {
+                return Some(error(
+                    StatusCode::UNAUTHORIZED,
+                    dialect,
+                    "invalid x-api-key",
+                    None,
+                ));
+            }
+        }
+    }
+    None
+}
+
 async fn answer(
     stats: &Arc<Stats>,
     headers: &HeaderMap,
     parsed: Result<Value, serde_json::Error>,
     dialect: Dialect,
 ) -> Response {
-    if let Some(expected) = &stats.api_key {
-        match (credential(dialect, headers), dialect) {
-            (Some(key), _) if key == expected => {}
-            (None, Dialect::OpenAi) => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    dialect,
-                    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                    None,
-                );
-            }
-            (Some(_), Dialect::OpenAi) => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    dialect,
-                    "Incorrect API key provided. You can find your API key in your account settings.",
-                    None,
-                );
-            }
-            (None, Dialect::Anthropic) => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    dialect,
-                    "x-api-key header is required",
-                    None,
-                );
-            }
-            (Some(_), Dialect::Anthropic) => {
-                return error(StatusCode::UNAUTHORIZED, dialect, "invalid x-api-key", None);
+    let faults = stats.faults();
+    if let Some(ms) = faults.latency_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(denied) = unauthorized(stats, dialect, headers) {
+        return denied;
+    }
+    if faults.down || faults.fail_rate.is_some_and(|rate| stats.fails_now(rate)) {
+        stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+        let why = if faults.down {
+            "the mock is down"
+        } else {
+            "the mock failed this request (fail_rate)"
+        };
+        return error(faults.status(), dialect, why, None);
+    }
+    // Instance defaults for what the request leaves out.
+    let mut parsed = parsed;
+    if let Ok(Value::Object(body)) = &mut parsed {
+        for (knob, value) in [
+            ("fail_after", faults.die_after),
+            ("token_interval_ms", faults.token_interval_ms),
+        ] {
+            if let Some(v) = value {
+                let mock = body.entry("mock").or_insert_with(|| json!({}));
+                if let Some(mock) = mock.as_object_mut() {
+                    mock.entry(knob).or_insert(json!(v));
+                }
             }
         }
     }

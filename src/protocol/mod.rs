@@ -200,6 +200,46 @@ pub trait Wire: Sync {
     fn error_message(&self, body: &Value) -> Option<String>;
 }
 
+/// The header a client names its conversation with, so that routing keeps
+/// it on one upstream of a group.
+pub const ROUTE_KEY_HEADER: &str = "x-tidegate-route-key";
+
+/// A request's route key: the `x-tidegate-route-key` header, else the
+/// body's end-user id (OpenAI's `user`, Anthropic's `metadata.user_id`).
+/// At most 256 bytes count.
+pub fn route_key(headers: &axum::http::HeaderMap, body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        user_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Keyed<'a> {
+        #[serde(borrow)]
+        user: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        metadata: Option<Meta<'a>>,
+    }
+    let cut = |k: &str| {
+        let mut end = k.len().min(256);
+        while !k.is_char_boundary(end) {
+            end -= 1;
+        }
+        k[..end].to_owned()
+    };
+    if let Some(v) = headers.get(ROUTE_KEY_HEADER).and_then(|v| v.to_str().ok())
+        && !v.is_empty()
+    {
+        return Some(cut(v));
+    }
+    let keyed: Keyed = serde_json::from_slice(body).ok()?;
+    keyed
+        .user
+        .or(keyed.metadata.and_then(|m| m.user_id))
+        .filter(|k| !k.is_empty())
+        .map(|k| cut(&k))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,44 +337,4 @@ mod tests {
         }
         assert_eq!(Protocol::parse("grpc"), None);
     }
-}
-
-/// The header a client names its conversation with, so that routing keeps
-/// it on one upstream of a group.
-pub const ROUTE_KEY_HEADER: &str = "x-tidegate-route-key";
-
-/// A request's route key: the `x-tidegate-route-key` header, else the
-/// body's end-user id (OpenAI's `user`, Anthropic's `metadata.user_id`).
-/// At most 256 bytes count.
-pub fn route_key(headers: &axum::http::HeaderMap, body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Meta<'a> {
-        #[serde(borrow)]
-        user_id: Option<std::borrow::Cow<'a, str>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Keyed<'a> {
-        #[serde(borrow)]
-        user: Option<std::borrow::Cow<'a, str>>,
-        #[serde(borrow)]
-        metadata: Option<Meta<'a>>,
-    }
-    let cut = |k: &str| {
-        let mut end = k.len().min(256);
-        while !k.is_char_boundary(end) {
-            end -= 1;
-        }
-        k[..end].to_owned()
-    };
-    if let Some(v) = headers.get(ROUTE_KEY_HEADER).and_then(|v| v.to_str().ok())
-        && !v.is_empty()
-    {
-        return Some(cut(v));
-    }
-    let keyed: Keyed = serde_json::from_slice(body).ok()?;
-    keyed
-        .user
-        .or(keyed.metadata.and_then(|m| m.user_id))
-        .filter(|k| !k.is_empty())
-        .map(|k| cut(&k))
 }

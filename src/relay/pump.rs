@@ -122,6 +122,8 @@ struct Flow {
     more_legs: bool,
     /// Set when a request is sent, taken by its first event: its TTFT.
     first_event: Option<tokio::time::Instant>,
+    /// The current request's time to first event, once it came.
+    ttft: Option<std::time::Duration>,
     /// Scratch: events the hold lets through, a splice's output.
     released: Vec<SseEvent>,
     spliced: Vec<crate::protocol::continuation::Out>,
@@ -210,6 +212,7 @@ impl Pump {
             splice: self.continued.as_mut().and_then(|c| c.splice.take()),
             more_legs: self.continued.as_ref().is_some_and(|c| !c.legs.is_empty()),
             first_event: Some(self.sent_at),
+            ttft: None,
             released: Vec::new(),
             spliced: Vec::new(),
         };
@@ -237,7 +240,7 @@ impl Pump {
                 },
             };
             announce(&mut started);
-            self.outcome(end);
+            self.outcome(end, flow.ttft);
             self.finish(end, None, recorded).await;
             if end == End::Done {
                 // The answer is complete and its clients told; what follows
@@ -254,22 +257,36 @@ impl Pump {
 
     /// Count how this upstream's request ended, and what it says about its
     /// health.
-    fn outcome(&self, end: End) {
+    fn outcome(&self, end: End, ttft: Option<std::time::Duration>) {
+        use crate::upstream::canary::Outcome as Verdict;
         let upstream = &self.upstream;
-        let outcome = match end {
+        let (outcome, verdict) = match end {
             End::Done => {
-                upstream.stats.duration.observe(self.sent_at.elapsed());
+                let duration = self.sent_at.elapsed();
+                upstream.stats.duration.observe(duration);
                 upstream.health.success();
-                Outcome::Completed
+                let ttft = ttft.unwrap_or(duration);
+                (Outcome::Completed, Verdict::Success { ttft, duration })
             }
             End::Abort(AbortKind::UpstreamFailed) => {
                 upstream.failed("it failed mid-answer");
-                Outcome::Failed
+                (Outcome::Failed, Verdict::Error { ttft })
             }
-            End::Abort(AbortKind::UpstreamRejected) => Outcome::Rejected,
-            End::Abort(_) => Outcome::Cancelled,
+            End::Abort(AbortKind::UpstreamRejected) => (Outcome::Rejected, Verdict::Neutral),
+            End::Abort(_) => (Outcome::Cancelled, Verdict::Neutral),
         };
         upstream.stats.outcome(outcome);
+        self.judged(verdict);
+    }
+
+    /// Tell a canary judging this upstream how its request went.
+    fn judged(&self, verdict: crate::upstream::canary::Outcome) {
+        if matches!(verdict, crate::upstream::canary::Outcome::Neutral) {
+            return;
+        }
+        for rollout in self.relay.upstreams.rollouts() {
+            rollout.record(&self.upstream, verdict);
+        }
     }
 
     /// Count a request that did not start.
@@ -278,11 +295,13 @@ impl Pump {
         let outcome = match error {
             StartError::Upstream(e) if e.provider_fault() => {
                 upstream.failed("it failed before answering");
+                self.judged(crate::upstream::canary::Outcome::Error { ttft: None });
                 Outcome::Failed
             }
             StartError::Upstream(_) => Outcome::Rejected,
             StartError::NotAStream { .. } => {
                 upstream.failed("it answered without an event stream");
+                self.judged(crate::upstream::canary::Outcome::Error { ttft: None });
                 Outcome::Failed
             }
             StartError::Cancelled(_) => Outcome::Cancelled,
@@ -322,7 +341,9 @@ impl Pump {
             }
             let failed = self.upstream.clone();
             let error = error.to_string();
-            self.start_outcome(sent.as_ref().err().expect("an error"));
+            if let Err(e) = &sent {
+                self.start_outcome(e);
+            }
             failed.stats.retries.inc();
             tried.push(failed.config.name.clone());
             let next = if self.continued.is_some() || self.route.pinned {
@@ -435,7 +456,7 @@ impl Pump {
                 _ => None,
             }
         });
-        self.outcome(End::Abort(AbortKind::UpstreamFailed));
+        self.outcome(End::Abort(AbortKind::UpstreamFailed), flow.ttft);
         failed.stats.failovers.inc();
         relay.metrics.failovers.inc();
         tracing::warn!(alert = "failover", stream = %id, from = %failed.config.name, to = %next.config.name, after = partial.last_seq, style = style.as_str(), "the provider failed mid-answer; the stream goes on on another upstream");
@@ -467,6 +488,7 @@ impl Pump {
         let sent = self.send_cancellable(None).await;
         let sent = self.fallen_back(sent).await;
         flow.first_event = Some(self.sent_at);
+        flow.ttft = None;
         match self.check_stream(sent) {
             Ok(r) => Some(r.body),
             Err(e) => {
@@ -524,6 +546,7 @@ impl Pump {
         self.relay.metrics.upstream_requests.inc();
         let sent = self.send_cancellable(None).await;
         flow.first_event = Some(self.sent_at);
+        flow.ttft = None;
         match self.check_stream(sent) {
             Ok(r) => Ok(r.body),
             Err(e) => {
@@ -712,7 +735,9 @@ impl Pump {
                 self.relay.metrics.events_relayed.add(batch.len() as u64);
                 self.upstream.stats.events.add(batch.len() as u64);
                 if let Some(at) = flow.first_event.take() {
-                    self.upstream.stats.ttft.observe(at.elapsed());
+                    let ttft = at.elapsed();
+                    self.upstream.stats.ttft.observe(ttft);
+                    flow.ttft = Some(ttft);
                 }
                 self.live.push(batch.drain(..));
                 announce(started);

@@ -97,6 +97,12 @@ impl Store for Counting {
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
     }
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get_meta(key).await
+    }
+    async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.inner.put_meta(key, value).await
+    }
     fn shared(&self) -> bool {
         false
     }

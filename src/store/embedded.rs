@@ -354,6 +354,23 @@ impl Log {
     }
 }
 
+impl EmbeddedStore {
+    fn meta_path(&self, key: &str) -> PathBuf {
+        let safe: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let root = self.shared.dir.parent().unwrap_or(&self.shared.dir);
+        root.join("meta").join(safe)
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
@@ -1342,6 +1359,32 @@ impl Store for EmbeddedStore {
 
     fn shared(&self) -> bool {
         false
+    }
+
+    /// One file per key beside the log (`<path>/meta/<key>`), replaced
+    /// whole by a write to a temporary file and a rename: never torn.
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let path = self.meta_path(key);
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at("read", &path)(e)),
+        }
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let path = self.meta_path(key);
+        let dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_at("create", &dir))?;
+        let tmp = path.with_extension("tmp");
+        tokio::fs::write(&tmp, value)
+            .await
+            .map_err(io_at("write", &tmp))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(io_at("rename", &path))
     }
 
     fn local_secret(&self) -> Option<Vec<u8>> {

@@ -35,6 +35,8 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     streams: HashMap<String, Entry>,
+    /// [`Store::put_meta`]'s values.
+    meta: HashMap<String, String>,
     /// The streams that are over (any status but running), by (created,
     /// order of creation): the order they are evicted in.
     finished: BTreeMap<(u64, u64), String>,
@@ -320,6 +322,15 @@ impl Store for MemoryStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock()?.meta.get(key).cloned())
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.lock()?.meta.insert(key.to_owned(), value.to_owned());
         Ok(())
     }
 

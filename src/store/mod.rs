@@ -242,6 +242,10 @@ pub trait Store: Send + Sync {
     async fn probe(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// A small named value kept with the data, with no TTL (a canary's
+    /// phase): `key` is `[a-z0-9_-]`, the value at most a few KiB.
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Whether other replicas share this store (runs may live elsewhere).
     fn shared(&self) -> bool;
     /// A secret kept with the data (embedded), for resume tokens when none

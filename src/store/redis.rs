@@ -506,6 +506,27 @@ where
         Ok(0) // every key carries its own TTL
     }
 
+    async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(
+            redis::cmd("GET")
+                .arg(format!("tg:meta:{key}"))
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(
+            redis::cmd("SET")
+                .arg(format!("tg:meta:{key}"))
+                .arg(value)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
     async fn probe(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: () = self

@@ -3,8 +3,10 @@
 //! classified, and which upstream serves a model ([`route`]). What the
 //! bytes mean is the protocol's business (`crate::protocol`).
 
+pub mod canary;
 pub mod h1;
 pub mod health;
+pub mod rollout;
 pub mod route;
 
 pub use route::Upstreams;

@@ -19,14 +19,49 @@ use std::sync::Arc;
 use super::Upstream;
 use crate::protocol::Protocol;
 
-/// Every configured upstream, in the config's order.
+/// Every configured upstream, in the config's order, and the canaries
+/// between them.
 pub struct Upstreams {
     all: Vec<Arc<Upstream>>,
+    rollouts: Vec<Arc<super::rollout::Rollout>>,
 }
 
 impl Upstreams {
     pub fn new(all: Vec<Arc<Upstream>>) -> Upstreams {
-        Upstreams { all }
+        Upstreams {
+            all,
+            rollouts: Vec::new(),
+        }
+    }
+
+    /// With the `[[canaries]]` (each `from`/`to` names one of `all`).
+    pub fn with_canaries(
+        all: Vec<Arc<Upstream>>,
+        specs: &[crate::config::CanarySpec],
+    ) -> Upstreams {
+        let now = crate::stream::now_ms();
+        let named = |n: &str| all.iter().find(|u| u.config.name == n).cloned();
+        let rollouts = specs
+            .iter()
+            .filter_map(|spec| {
+                Some(Arc::new(super::rollout::Rollout::new(
+                    spec.clone(),
+                    named(&spec.from)?,
+                    named(&spec.to)?,
+                    now,
+                )))
+            })
+            .collect();
+        Upstreams { all, rollouts }
+    }
+
+    pub fn rollouts(&self) -> &[Arc<super::rollout::Rollout>] {
+        &self.rollouts
+    }
+
+    /// The canary whose `to` is named `to`.
+    pub fn rollout(&self, to: &str) -> Option<&Arc<super::rollout::Rollout>> {
+        self.rollouts.iter().find(|r| r.to.config.name == to)
     }
 
     pub fn all(&self) -> &[Arc<Upstream>] {

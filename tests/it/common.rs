@@ -207,6 +207,27 @@ impl Mock {
         }
     }
 
+    /// A mock started with more flags (`--down`, `--fail-rate 0.1`, …).
+    pub async fn with_args(dir: &Path, args: &[&str]) -> Mock {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut all = vec!["mock-upstream", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Mock {
+            proc: spawn(&all, &[], &dir.join("mock.log")).await,
+        }
+    }
+
+    /// Change the instance's faults while it runs (`PUT /mock/faults`).
+    pub async fn set_faults(&self, faults: Value) {
+        let r = client()
+            .put(format!("{}/mock/faults", self.proc.url()))
+            .json(&faults)
+            .send()
+            .await
+            .expect("faults");
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+
     pub fn base_url(&self) -> String {
         format!("{}/v1", self.proc.url())
     }

@@ -25,4 +25,5 @@ mod limits;
 mod relay;
 mod replicas;
 mod resume;
+mod routing;
 mod tokens;
