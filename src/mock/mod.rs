@@ -34,7 +34,17 @@
 //! A continuation must continue *this* answer (else 400), in a style the
 //! provider supports ([`plan`] has the rules). `GET /mock/stats` counts
 //! requests, and the body bytes and SSE events it wrote; `GET /mock/requests`
-//! shows the last 256 received (never a key).
+//! shows the last 256 received (never a key). `GET /v1/models` lists the
+//! models in the protocol's shape (with the same credentials).
+//!
+//! Faults of the whole instance ([`Faults`], so a test can run two or three
+//! mocks as providers and break one): `--fail-rate P` (every request whose
+//! index crosses a multiple of 1/P answers `--fail-status`, default 500, in
+//! the provider's error shape), `--latency-ms` (before every head),
+//! `--die-after N` (every stream is cut after N units), `--token-interval-ms`
+//! (default pacing), `--down` (every request, `/v1/models` included, 503).
+//! `GET /mock/faults` shows them and `PUT /mock/faults` (a JSON object of the
+//! same names) changes them while the mock runs.
 
 mod hostile;
 mod plan;

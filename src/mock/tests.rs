@@ -1315,3 +1315,134 @@ async fn hostile_answers_are_strict_bounded_and_stop_when_the_peer_leaves() {
     tracker.close();
     tracker.wait().await;
 }
+
+#[tokio::test]
+async fn instance_faults_fail_exactly_their_share_and_can_be_changed_while_running() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let chat = format!("{url}/v1/chat/completions");
+    let messages = format!("{url}/v1/messages");
+    let faults = format!("{url}/mock/faults");
+    let put = |v: Value| http.put(&faults).json(&v).send();
+    assert_eq!(put(json!({"fail_rate": 0.1})).await.unwrap().status(), 200);
+    let req = body(json!({"stream": false, "mock": {"words": 2}}));
+    let mut failed = Vec::new();
+    for i in 0..100 {
+        let r = http
+            .post(&chat)
+            .bearer_auth("k1")
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["type"], "server_error", "{v}");
+            failed.push(i);
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert_eq!(
+        failed,
+        [9, 19, 29, 39, 49, 59, 69, 79, 89, 99],
+        "1 in 10, evenly"
+    );
+    // A 401 stays a 401: the fault comes after the key.
+    let r = http.post(&chat).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Down: every request, the models list too, in the provider's shape.
+    let r = put(json!({"down": true, "fail_rate": null})).await.unwrap();
+    let now: Value = r.json().await.unwrap();
+    assert_eq!(
+        (now["down"].clone(), now["fail_rate"].clone()),
+        (json!(true), Value::Null)
+    );
+    let r = http
+        .post(&messages)
+        .header("x-api-key", "k1")
+        .header("anthropic-version", "2023-06-01")
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "api_error");
+    let models = format!("{url}/v1/models");
+    let r = http.get(&models).bearer_auth("k1").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    // Up again: the models list in both shapes, behind the key.
+    put(json!({"down": false})).await.unwrap();
+    let r = http.get(&models).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = http
+        .get(&models)
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["object"], "model");
+    let v: Value = http
+        .get(&models)
+        .header("x-api-key", "k1")
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][0]["type"], "model");
+    assert_eq!(v["has_more"], false);
+    // Bad faults: 400 with a clear message, nothing changed.
+    for (bad, says) in [
+        (json!({"fail_rate": 1.5}), "from 0 to 1"),
+        (json!({"surprise": 1}), "not a fault"),
+        (json!([1]), "JSON object"),
+    ] {
+        let r = put(bad).await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert!(r.text().await.unwrap().contains(says));
+    }
+    let r = http.put(&faults).body("{").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // die_after cuts a stream mid-way; the counters say what happened.
+    put(json!({"die_after": 3})).await.unwrap();
+    let r = http
+        .post(&chat)
+        .bearer_auth("k1")
+        .json(&body(json!({"mock": {"words": 10}})))
+        .send()
+        .await
+        .unwrap();
+    let (events, _) = read_events(r).await;
+    assert!(!events.iter().any(|e| e.contains("[DONE]")), "{events:?}");
+    let stats: Value = http
+        .get(format!("{url}/mock/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["requests_failed"], 12);
+    assert_eq!(stats["models_requests"], 4);
+    assert_eq!(
+        http.get(&faults)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["die_after"],
+        3
+    );
+    stop.cancel();
+    tracker.close();
+}
