@@ -397,6 +397,16 @@ struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     canaries: Vec<RawCanary>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    otlp_headers_env: Option<String>,
+    service_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -606,6 +616,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routing: RoutingConfig,
     pub canaries: Vec<CanarySpec>,
+    pub telemetry: TelemetryConfig,
     /// Set when no upstream was configured and the built-in mock must be
     /// started in-process (the zero-config demo).
     pub builtin_mock: bool,
@@ -726,6 +737,21 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[telemetry]`: OpenTelemetry traces, off unless an endpoint is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP traces URL, used as written
+    /// (`http://127.0.0.1:4318/v1/traces`); `None`: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Headers every export carries (a vendor's API key): from the
+    /// variable `otlp_headers_env` names, as `name=value,name=value`.
+    pub otlp_headers: Vec<(String, Secret)>,
+    /// Where the headers came from, for `check-config`.
+    pub otlp_headers_env: Option<String>,
+    /// The `service.name` resource attribute (default `tidegate`).
+    pub service_name: String,
+}
+
 /// `[routing]`: retries before the first byte and failover after it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoutingConfig {
@@ -824,6 +850,7 @@ impl Config {
         let upstreams = upstreams(raw.upstreams, env)?;
         let routing = routing(raw.routing)?;
         let canaries = canaries(raw.canaries, &upstreams)?;
+        let telemetry = telemetry(raw.telemetry, env)?;
         let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Config {
             listen,
@@ -842,6 +869,7 @@ impl Config {
             upstreams,
             routing,
             canaries,
+            telemetry,
         })
     }
 
@@ -1071,6 +1099,58 @@ fn auth(raw: RawAuth, env: &dyn Env) -> Result<Option<Vec<Secret>>, ConfigError>
         ));
     }
     Ok(Some(keys))
+}
+
+/// Validates `[telemetry]`: an `http(s)` endpoint, and headers read from
+/// the environment as `name=value` pairs separated by commas.
+fn telemetry(raw: RawTelemetry, env: &dyn Env) -> Result<TelemetryConfig, ConfigError> {
+    if let Some(endpoint) = &raw.otlp_endpoint {
+        let ok = reqwest::Url::parse(endpoint)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(ConfigError::invalid(
+                "telemetry.otlp_endpoint",
+                format!(
+                    "`{endpoint}` is not an http(s) URL (the collector's OTLP/HTTP traces URL, such as http://127.0.0.1:4318/v1/traces)"
+                ),
+            ));
+        }
+    }
+    let mut otlp_headers = Vec::new();
+    if let Some(var) = &raw.otlp_headers_env {
+        let text = secret(env, var, "telemetry.otlp_headers_env")?;
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((name, value)) = pair.split_once('=') else {
+                return Err(ConfigError::invalid(
+                    "telemetry.otlp_headers_env",
+                    format!("${var} must be `name=value` pairs separated by commas"),
+                ));
+            };
+            let name = name.trim();
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_str(value.trim()).is_err()
+            {
+                return Err(ConfigError::invalid(
+                    "telemetry.otlp_headers_env",
+                    format!("${var} holds a header name or value HTTP does not allow"),
+                ));
+            }
+            otlp_headers.push((name.to_owned(), Secret(value.trim().to_owned())));
+        }
+    }
+    let service_name = raw.service_name.unwrap_or_else(|| "tidegate".into());
+    if service_name.is_empty() {
+        return Err(ConfigError::invalid(
+            "telemetry.service_name",
+            "must not be empty",
+        ));
+    }
+    Ok(TelemetryConfig {
+        otlp_endpoint: raw.otlp_endpoint,
+        otlp_headers,
+        otlp_headers_env: raw.otlp_headers_env,
+        service_name,
+    })
 }
 
 /// Resolves the `[admin]` token.
@@ -1735,6 +1815,18 @@ pub fn describe(config: &Config) -> String {
                 .unwrap_or_default(),
         ));
     }
+    let t = &config.telemetry;
+    out.push_str(&match &t.otlp_endpoint {
+        Some(endpoint) => format!(
+            "traces: OTLP/HTTP to {endpoint} as service {}{}\n",
+            t.service_name,
+            t.otlp_headers_env
+                .as_ref()
+                .map(|var| format!(", headers from ${var}"))
+                .unwrap_or_default()
+        ),
+        None => "traces: off (set telemetry.otlp_endpoint)\n".into(),
+    });
     out.push_str(&describe_timeline(&config.drain, config.stop_budget()));
     for warning in warnings(config) {
         out.push_str(&format!("warning: {warning}\n"));
@@ -2345,6 +2437,7 @@ mod tests {
                 "upstreams",
                 "routing",
                 "canaries",
+                "telemetry",
             ]
         );
         let c = Config::from_toml(
@@ -2478,6 +2571,44 @@ mod tests {
             let text = describe(&c);
             assert!(!text.contains("max "), "{text}");
         }
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_its_headers_are_secrets() {
+        let c = Config::from_toml("", &env(&[])).unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        assert!(describe(&c).contains("traces: off"));
+        let text = "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\notlp_headers_env = \"OH\"";
+        let c = Config::from_toml(text, &env(&[("OH", "x-api-key=sekrit-123, x-team = blue")]))
+            .unwrap();
+        assert_eq!(c.telemetry.service_name, "tidegate");
+        assert_eq!(c.telemetry.otlp_headers.len(), 2);
+        assert_eq!(c.telemetry.otlp_headers[1].0, "x-team");
+        assert_eq!(c.telemetry.otlp_headers[1].1.0, "blue");
+        let shown = format!("{}{c:?}", describe(&c));
+        assert!(
+            shown.contains("traces: OTLP/HTTP to http://127.0.0.1:4318/v1/traces as service tidegate, headers from $OH"),
+            "{shown}"
+        );
+        assert!(!shown.contains("sekrit"), "{shown}");
+        for (bad, says) in [
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"",
+                "not an http(s) URL",
+            ),
+            ("[telemetry]\nservice_name = \"\"", "must not be empty"),
+            ("[telemetry]\notlp_headers_env = \"OH\"", "name=value"),
+            ("[telemetry]\nexporter = \"grpc\"", "exporter"),
+        ] {
+            let err = Config::from_toml(bad, &env(&[("OH", "no-equals")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = Config::from_toml("[telemetry]\notlp_headers_env = \"MISSING\"", &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MISSING"), "{err}");
     }
 
     #[test]

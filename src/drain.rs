@@ -57,6 +57,8 @@ pub struct Drain {
     /// Non-streaming requests in flight (streams are counted by the registry).
     in_flight: AtomicUsize,
     started_at: Mutex<Option<Instant>>,
+    /// Streams running when the timeline began, for `/metrics`.
+    active_at_signal: AtomicUsize,
 }
 
 /// What the drain did, for the final log line.
@@ -87,6 +89,7 @@ impl Drain {
             tracker: TaskTracker::new(),
             in_flight: AtomicUsize::new(0),
             started_at: Mutex::new(None),
+            active_at_signal: AtomicUsize::new(0),
         }
     }
 
@@ -164,6 +167,24 @@ impl Drain {
             .unwrap_or_default()
     }
 
+    /// The drain's series for `/metrics`: how long it has run (alert when
+    /// it passes 60 s) and its streams, running at the signal and still.
+    pub fn render(&self, out: &mut String, running: usize) {
+        use std::fmt::Write;
+        let draining = self.requested();
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_drain_seconds Seconds since the drain began (0 while serving).\n# TYPE tidegate_drain_seconds gauge\ntidegate_drain_seconds {:.3}",
+            self.elapsed().as_secs_f64()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidegate_drain_streams The drain's streams: running when it began, and running still (at the deadline they are told to resume: tidegate_streams_aborted_total{{type=\"server_restarting\"}}).\n# TYPE tidegate_drain_streams gauge\ntidegate_drain_streams{{state=\"at_signal\"}} {}\ntidegate_drain_streams{{state=\"running\"}} {}",
+            self.active_at_signal.load(Ordering::Relaxed),
+            if draining { running } else { 0 }
+        );
+    }
+
     /// Count a non-streaming request for as long as the guard lives.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -212,6 +233,8 @@ impl Drain {
             active_at_signal: active(),
             ..Default::default()
         };
+        self.active_at_signal
+            .store(report.active_at_signal, Ordering::Relaxed);
         self.phase.send_replace(Phase::Draining);
         tracing::info!(
             active_streams = report.active_at_signal,

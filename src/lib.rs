@@ -44,4 +44,5 @@ pub mod server;
 pub mod store;
 pub mod stream;
 pub mod token;
+pub mod trace;
 pub mod upstream;

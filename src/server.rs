@@ -38,6 +38,8 @@ pub enum ServeError {
     },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("telemetry: {0}")]
+    Telemetry(String),
 }
 
 /// Options that are not configuration: how this process is run.
@@ -111,14 +113,18 @@ pub async fn run(
         keyed: config.auth_keys.is_some(),
         routing: config.routing,
     };
-    let relay = Arc::new(Relay::new(
+    let traces = crate::trace::Tracing::start(&config.telemetry, tokio::runtime::Handle::current())
+        .map_err(ServeError::Telemetry)?;
+    let mut relay = Relay::new(
         store.clone(),
         Upstreams::with_canaries(upstreams, &config.canaries),
         TokenSigner::new(secret),
         drain.clone(),
         settings,
         random_string(9),
-    ));
+    );
+    relay.tracing = traces.clone();
+    let relay = Arc::new(relay);
     log_startup(&config, &listener, store.name());
     let drain_config = config.drain;
     let limits = config.limits;
@@ -204,6 +210,15 @@ pub async fn run(
         }
         Err(_) => false,
     };
+    // The last spans, in what is left of the exit budget.
+    let traces_exported = match traces {
+        Some(traces) => {
+            let within = exit_by.saturating_duration_since(Instant::now());
+            let export = tokio::task::spawn_blocking(move || traces.shutdown(within));
+            timeout_at(exit_by, export).await.is_ok()
+        }
+        None => true,
+    };
     let dropped = relay.metrics.aborted(AbortKind::ServerRestarting) - aborted_before;
     tracing::info!(
         active_at_signal = report.active_at_signal,
@@ -215,6 +230,7 @@ pub async fn run(
         tasks_done,
         tasks_done_after = ?tasks_after,
         store_flushed = flushed,
+        traces_exported,
         since_signal = ?drain.elapsed(),
         exit_after_deadline = ?deadline.elapsed(),
         "drain complete; exiting"

@@ -46,6 +46,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .relay
         .metrics
         .render(state.relay.registry.len(), state.drain.requested());
+    state.drain.render(&mut body, state.relay.registry.len());
     crate::upstream::health::render(&mut body, state.relay.upstreams.all());
     crate::upstream::rollout::render(&mut body, state.relay.upstreams.rollouts());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

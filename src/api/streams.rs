@@ -115,7 +115,14 @@ pub async fn resume(
     let result = async {
         let cursor = cursor(&headers, query.after.as_deref())?;
         let mut owner = String::new();
-        let (access, credential) = token_and_credential(&state, &mut owner, &headers, &query)?;
+        let (access, mut credential) = token_and_credential(&state, &mut owner, &headers, &query)?;
+        // The client's trace: the resume's span, and a continuation's
+        // provider request, hang under it.
+        for name in &crate::trace::TRACE_HEADERS {
+            if let Some(value) = headers.get(name) {
+                credential.insert(name.clone(), value.clone());
+            }
+        }
         let attached = state
             .relay
             .resume(&id, access, cursor, true, &credential)

@@ -511,6 +511,7 @@ async fn respond(
             "anthropic-beta": header_text("anthropic-beta"),
             "openai-organization": header_text("openai-organization"),
             "openai-project": header_text("openai-project"),
+            "traceparent": header_text("traceparent"),
         },
     });
     let request = stats.request_ids.fetch_add(1, Ordering::Relaxed);

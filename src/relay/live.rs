@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::end::StreamIdentity;
 use crate::config::DisconnectPolicy;
@@ -70,6 +70,9 @@ struct LiveState {
     headers: axum::http::HeaderMap,
     /// This run's place under the stream limits, given back at its end.
     permit: Option<StreamPermit>,
+    /// Upstreams that took over mid-answer: the first event each sent, and
+    /// the SSE comment that goes out with it (at most `max_failovers`).
+    notes: Vec<(u64, Bytes)>,
 }
 
 impl LiveStream {
@@ -158,6 +161,16 @@ impl LiveStream {
     }
 
     /// Forget the detail (the stream went on after all: a failover).
+    /// From event `seq` on, upstream `name` answers (a failover): that
+    /// event goes out after `: tidegate-upstream <name>`, a comment every
+    /// SSE parser skips, so SDKs see one answer and a person reading the
+    /// stream sees who finished it. Live clients only: a replay from the
+    /// store does not carry it.
+    pub fn note_upstream(&self, seq: u64, name: &str) {
+        let note = Bytes::from(format!(": tidegate-upstream {name}\n"));
+        self.lock().notes.push((seq, note));
+    }
+
     pub fn clear_detail(&self) {
         self.lock().detail = None;
     }
@@ -190,6 +203,9 @@ impl LiveStream {
             let events = state.events.range(skip..);
             out.reserve(events.clone().map(frame_size).sum());
             for event in events {
+                if let Some((_, note)) = state.notes.iter().find(|(seq, _)| *seq == event.seq) {
+                    out.extend_from_slice(note);
+                }
                 write_frame(out, event);
             }
             if let Some(last) = state.events.back() {

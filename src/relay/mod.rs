@@ -83,6 +83,8 @@ pub struct Relay {
     /// Continuations started per stream since it last made progress: a
     /// provider that keeps failing is not re-asked forever.
     attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Where spans go, when traces are exported.
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 /// Why the relay could not serve a request.
@@ -216,6 +218,7 @@ impl Relay {
             settings,
             instance,
             attempts: Default::default(),
+            tracing: None,
         }
     }
 

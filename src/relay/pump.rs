@@ -20,6 +20,7 @@ use crate::protocol::sse::{Overflow, SseDecoder, SseEvent};
 use crate::protocol::{Continuation, Hold, Leg, Plan, Protocol, Splice, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Status};
+use crate::trace::RunTrace;
 use crate::upstream::health::Outcome;
 use crate::upstream::{
     StreamBody, StreamResponse, TransportError, Upstream, UpstreamError, is_event_stream,
@@ -158,6 +159,11 @@ fn provider_message(protocol: Protocol, body: &Bytes) -> String {
 /// does while it waits for the provider's head.
 pub type Recording = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// The response header naming the upstream that answered first (a failover
+/// later says so in-band, in an SSE comment: [`LiveStream::note_upstream`]).
+const UPSTREAM_HEADER: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-tidegate-upstream");
+
 pub struct Pump {
     pub live: Arc<LiveStream>,
     pub upstream: Arc<Upstream>,
@@ -175,6 +181,8 @@ pub struct Pump {
     pub sent_at: tokio::time::Instant,
     /// Times this run moved to another upstream mid-answer.
     pub failovers: u32,
+    /// This run's spans, when traces are exported.
+    pub trace: Option<Box<RunTrace>>,
     pub relay: Arc<Relay>,
 }
 
@@ -198,7 +206,12 @@ impl Pump {
     /// and a failed write drops the provider call.
     pub async fn run(mut self, started: Started, recording: Option<Recording>) {
         self.relay.metrics.upstream_requests.inc();
-        let sent = self.send_cancellable(recording).await;
+        let first = if self.continued.is_some() {
+            "continuation"
+        } else {
+            "first"
+        };
+        let sent = self.send_cancellable(recording, first).await;
         let sent = self.retried(sent).await;
         let sent = self.fallen_back(sent).await;
         let response = match self.check_stream(sent) {
@@ -216,7 +229,11 @@ impl Pump {
             released: Vec::new(),
             spliced: Vec::new(),
         };
-        self.live.set_headers(response.headers);
+        let mut headers = response.headers;
+        if let Ok(name) = axum::http::HeaderValue::from_str(&self.upstream.config.name) {
+            headers.insert(UPSTREAM_HEADER, name);
+        }
+        self.live.set_headers(headers);
         let mut body = response.body;
         loop {
             let (stop, recorded) = self.relay(&mut body, &mut started, &mut flow).await;
@@ -371,7 +388,7 @@ impl Pump {
             }
             self.upstream = next;
             self.relay.metrics.upstream_requests.inc();
-            sent = self.send_cancellable(None).await;
+            sent = self.send_cancellable(None, "retry").await;
             backoff = backoff.mul_f64(routing.backoff_multiplier);
         }
         sent
@@ -404,7 +421,7 @@ impl Pump {
                 continued.legs = legs;
                 self.body = leg_body(&first.body);
                 self.relay.metrics.upstream_requests.inc();
-                return self.send_cancellable(None).await;
+                return self.send_cancellable(None, "fallback").await;
             }
         }
         sent
@@ -457,6 +474,9 @@ impl Pump {
             }
         });
         self.outcome(End::Abort(AbortKind::UpstreamFailed), flow.ttft);
+        if let Some(trace) = &mut self.trace {
+            trace.attempt_failed(format!("{}: failed mid-answer", failed.config.name));
+        }
         failed.stats.failovers.inc();
         relay.metrics.failovers.inc();
         tracing::warn!(alert = "failover", stream = %id, from = %failed.config.name, to = %next.config.name, after = partial.last_seq, style = style.as_str(), "the provider failed mid-answer; the stream goes on on another upstream");
@@ -484,8 +504,10 @@ impl Pump {
             fallback,
         });
         self.live.clear_detail();
+        self.live
+            .note_upstream(self.live.last_seq() + 1, &self.upstream.config.name);
         relay.metrics.upstream_requests.inc();
-        let sent = self.send_cancellable(None).await;
+        let sent = self.send_cancellable(None, "failover").await;
         let sent = self.fallen_back(sent).await;
         flow.first_event = Some(self.sent_at);
         flow.ttft = None;
@@ -499,19 +521,36 @@ impl Pump {
         }
     }
 
-    /// Send the request unless the stream is cancelled first.
+    /// Send the request unless the stream is cancelled first. `why`: what
+    /// this request is, for its span.
     async fn send_cancellable(
         &mut self,
         recording: Option<Recording>,
+        why: &'static str,
     ) -> Result<StreamResponse, StartError> {
         self.sent_at = tokio::time::Instant::now();
         self.upstream.stats.requests.inc();
+        if let Some(trace) = &mut self.trace {
+            trace.attempt(&self.upstream.config.name, why, &mut self.client_headers);
+        }
         let token = self.live.token.clone();
-        tokio::select! {
+        let sent = tokio::select! {
             biased;
             _ = token.cancelled() => Err(StartError::Cancelled(self.live.cancel_reason())),
             r = self.send_recorded(recording) => r,
+        };
+        if let (Err(e), Some(trace)) = (&sent, &mut self.trace) {
+            let detail = match e {
+                StartError::Upstream(e) => e.to_string(),
+                StartError::NotAStream { content_type, .. } => {
+                    format!("not an event stream: {content_type}")
+                }
+                StartError::Cancelled(kind) => kind.as_str().to_owned(),
+                StartError::Store(e) => format!("store: {e}"),
+            };
+            trace.attempt_failed(detail);
         }
+        sent
     }
 
     /// A 2xx answer is only a stream when it says it is one.
@@ -544,7 +583,7 @@ impl Pump {
         flow.splice = Some(leg.splice);
         flow.more_legs = self.continued.as_ref().is_some_and(|c| !c.legs.is_empty());
         self.relay.metrics.upstream_requests.inc();
-        let sent = self.send_cancellable(None).await;
+        let sent = self.send_cancellable(None, "next_leg").await;
         flow.first_event = Some(self.sent_at);
         flow.ttft = None;
         match self.check_stream(sent) {
@@ -606,7 +645,7 @@ impl Pump {
         }
     }
 
-    async fn start_failed(&self, error: StartError, started: Started) {
+    async fn start_failed(&mut self, error: StartError, started: Started) {
         self.start_outcome(&error);
         if self.continued.is_some() {
             // Nobody waits on a continuation's start: its clients learn
@@ -734,6 +773,9 @@ impl Pump {
                 }
                 self.relay.metrics.events_relayed.add(batch.len() as u64);
                 self.upstream.stats.events.add(batch.len() as u64);
+                if self.live.subscribers() == 0 {
+                    self.upstream.stats.unattended.add(batch.len() as u64);
+                }
                 if let Some(at) = flow.first_event.take() {
                     let ttft = at.elapsed();
                     self.upstream.stats.ttft.observe(ttft);
@@ -907,7 +949,15 @@ impl Pump {
     /// Every exit: record the status (unless `recorded` with the last
     /// events), release the lease, wake subscribers.
     /// `status` overrides the status `end` is recorded with.
-    async fn finish(&self, end: End, status: Option<Status>, recorded: bool) {
+    async fn finish(&mut self, end: End, status: Option<Status>, recorded: bool) {
+        if let Some(trace) = &mut self.trace {
+            let name = match end {
+                End::Done => "done",
+                End::Abort(kind) => kind.as_str(),
+            };
+            let events = self.live.last_seq().saturating_sub(self.live.base);
+            trace.end(name, events, end == End::Done);
+        }
         let (status, reason) = self.recorded_end(end, status);
         let id = &self.live.who.id;
         // A run that ended for good, or said something new, restarts the

@@ -16,6 +16,7 @@ use super::pump::{Continued, Pump, Route};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
 use crate::protocol::Plan;
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
+use crate::trace::{RunTrace, Scope};
 use crate::upstream::has_credential;
 
 /// Continuations a stream gets in a row without progress before the
@@ -36,6 +37,10 @@ impl Relay {
         is_resume: bool,
         credential: &HeaderMap,
     ) -> Result<Attached, RelayError> {
+        let scope = self
+            .tracing
+            .as_ref()
+            .map(|t| t.resume(credential, id, cursor));
         if let Some(live) = self.registry.get(id) {
             self.allows(access, id, &live.owner)?;
             self.count_resume(is_resume);
@@ -66,7 +71,7 @@ impl Relay {
             }
             Status::Running | Status::Interrupted => {
                 self.admit()?;
-                self.continue_stream(record, who, cursor, is_resume, credential)
+                self.continue_stream(record, who, cursor, is_resume, credential, scope.as_ref())
                     .await
             }
         }
@@ -125,6 +130,7 @@ impl Relay {
         cursor: u64,
         is_resume: bool,
         credential: &HeaderMap,
+        scope: Option<&Scope>,
     ) -> Result<Attached, RelayError> {
         let id = record.id.as_str();
         let ended = |who: &StreamIdentity, end: End, stored: Option<Vec<Event>>| {
@@ -262,6 +268,17 @@ impl Relay {
             },
             sent_at: tokio::time::Instant::now(),
             failovers: 0,
+            trace: self.tracing.as_ref().map(|t| {
+                let parent = scope.map(Scope::context).cloned().unwrap_or_default();
+                Box::new(RunTrace::new(
+                    t,
+                    "tidegate.continuation",
+                    &parent,
+                    id,
+                    model,
+                    who.protocol.as_str(),
+                ))
+            }),
             upstream,
             protocol: who.protocol,
             body: body.into(),

@@ -13,6 +13,7 @@ use super::{Access, Attached, Relay, RelayError};
 use crate::protocol::Protocol;
 use crate::stream::{End, IdempotencyEntry, Status, StreamRecord, now_ms};
 use crate::token::{hash_hex, random_string};
+use crate::trace::RunTrace;
 use crate::upstream::{Upstream, forwardable, has_credential, non_secret};
 
 /// A validated streaming request, routed.
@@ -126,6 +127,16 @@ impl Relay {
         self.metrics.streams_started.inc();
         let (started_tx, started_rx) = oneshot::channel();
         let pinned = new.upstream.config.api_key.is_none() && has_credential(new.client_headers);
+        let trace = self.tracing.as_ref().map(|t| {
+            Box::new(RunTrace::new(
+                t,
+                "tidegate.stream",
+                &t.parent(new.client_headers),
+                &id,
+                &new.model,
+                new.protocol.as_str(),
+            ))
+        });
         let pump = Pump {
             live: live.clone(),
             upstream: new.upstream,
@@ -142,6 +153,7 @@ impl Relay {
             continued: None,
             sent_at: tokio::time::Instant::now(),
             failovers: 0,
+            trace,
             relay: self.clone(),
         };
         self.drain

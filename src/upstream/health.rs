@@ -201,6 +201,10 @@ pub struct UpstreamStats {
     pub ejections: Counter,
     /// Events relayed from this upstream.
     pub events: Counter,
+    /// Of those, events that came while no client was attached: generated
+    /// for nobody unless a client resumes (the cost of a late drop, or of
+    /// `on_client_disconnect = "keep"`).
+    pub unattended: Counter,
     pub ttft: Histogram,
     pub duration: Histogram,
 }
@@ -269,6 +273,13 @@ pub fn render(out: &mut String, upstreams: &[std::sync::Arc<super::Upstream>]) {
         "tidegate_upstream_events_total",
         "Events relayed from the upstream.",
         &mut upstreams.iter().map(|u| (label(u), u.stats.events.get())),
+    );
+    counter(
+        "tidegate_upstream_events_unattended_total",
+        "Events relayed from the upstream while no client was attached (generated for nobody unless one resumes).",
+        &mut upstreams
+            .iter()
+            .map(|u| (label(u), u.stats.unattended.get())),
     );
     let _ = writeln!(
         out,

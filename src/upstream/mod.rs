@@ -405,6 +405,9 @@ impl Upstream {
             }
         };
         copied(&FORWARDED, &mut out);
+        // The client's trace context, or with traces on, the span of this
+        // very request (the pump writes it before each send).
+        copied(&crate::trace::TRACE_HEADERS, &mut out);
         for (name, value) in self.config.protocol.wire().required_headers() {
             if !client_headers.contains_key(name) {
                 out.push((name.clone(), value.clone()));
@@ -628,7 +631,11 @@ pub fn non_secret(headers: &HeaderMap) -> Vec<(String, String)> {
 /// ones and the client's own credential (used only without `api_key_env`).
 pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
-    for name in FORWARDED.iter().chain(&CLIENT_CREDENTIAL) {
+    for name in FORWARDED
+        .iter()
+        .chain(&CLIENT_CREDENTIAL)
+        .chain(&crate::trace::TRACE_HEADERS)
+    {
         if let Some(v) = headers.get(name) {
             out.insert(name.clone(), v.clone());
         }

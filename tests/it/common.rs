@@ -232,6 +232,18 @@ impl Mock {
         format!("{}/v1", self.proc.url())
     }
 
+    /// The last requests it received (`GET /mock/requests`).
+    pub async fn requests(&self) -> Vec<Value> {
+        client()
+            .get(format!("{}/mock/requests", self.proc.url()))
+            .send()
+            .await
+            .expect("requests")
+            .json()
+            .await
+            .expect("requests json")
+    }
+
     pub async fn stats(&self) -> Value {
         client()
             .get(format!("{}/mock/stats", self.proc.url()))

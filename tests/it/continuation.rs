@@ -207,14 +207,7 @@ async fn claude_4_6(dir: &std::path::Path, styles: &str) -> (Mock, Gateway, Valu
 }
 
 async fn requests_seen(mock: &Mock) -> Vec<Value> {
-    client()
-        .get(format!("{}/mock/requests", mock.proc.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    mock.requests().await
 }
 
 fn anthropic_text(events: &[SseEvent]) -> String {

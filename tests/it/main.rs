@@ -26,4 +26,5 @@ mod relay;
 mod replicas;
 mod resume;
 mod routing;
+mod telemetry;
 mod tokens;
