@@ -503,3 +503,50 @@ async fn operators_advance_hold_and_roll_back_and_the_state_survives_a_restart()
     assert_eq!(b.stat("requests_started").await, 0);
     gw.proc.kill().await;
 }
+
+#[tokio::test]
+async fn replicas_on_redis_share_the_canary_state() {
+    let dir = tempdir();
+    let (a, b) = (
+        Mock::with_args(&dir.join("a"), &[]).await,
+        Mock::with_args(&dir.join("b"), &[]).await,
+    );
+    let redis = crate::replicas::Redis::start(&dir).await;
+    let store = format!(
+        "kind = \"redis\"\nurl = \"{}\"\n[resume]\nsecret_env = \"TG_TEST_RESUME_SECRET\"",
+        redis.url()
+    );
+    let config = canary_config(&a, &b, "hold = \"1h\"\n", &store);
+    let env = [ADMIN, ("TG_TEST_RESUME_SECRET", "shared-secret-for-tests")];
+    let one = Gateway::start_with(&dir, &config, &[], &env).await;
+    let two = Gateway::start_with(&dir, &config, &[], &env).await;
+    assert_eq!(canary_state(&two).await["percent"], 1.0);
+
+    // What an operator does on one replica, the other adopts (it looks at
+    // the store at least once a second).
+    let (status, after) = canary_action(&one, "advance").await;
+    assert_eq!((status, after["percent"].clone()), (200, json!(5.0)));
+    let adopted = eventually(Duration::from_secs(5), || async {
+        canary_state(&two).await["percent"] == 5.0
+    })
+    .await;
+    assert!(adopted, "{}", canary_state(&two).await);
+    let (status, after) = canary_action(&two, "rollback").await;
+    assert_eq!(
+        (status, after["state"].clone()),
+        (200, json!("rolled_back"))
+    );
+    let adopted = eventually(Duration::from_secs(5), || async {
+        let state = canary_state(&one).await;
+        state["state"] == "rolled_back" && state["percent"] == 0.0
+    })
+    .await;
+    assert!(adopted, "{}", canary_state(&one).await);
+    // Rolled back everywhere: neither replica sends the canary anything.
+    for (i, gw) in [&one, &two].into_iter().enumerate() {
+        for j in 0..5 {
+            assert_whole(&stream(gw, &ask(2, &format!("shared {i} {j}")), &[]).await);
+        }
+    }
+    assert_eq!(b.stat("requests_started").await, 0);
+}
