@@ -63,6 +63,14 @@ async fn sigterm_under_load_ends_every_stream_on_purpose() {
     assert_eq!(refused.headers()["connection"], "close");
     let v: Value = refused.json().await.unwrap();
     assert_eq!(v["error"]["code"], "draining");
+    // The drain's own series, for the alert on a shutdown that runs long.
+    assert_eq!(
+        gw.metric("tidegate_drain_streams{state=\"at_signal\"}")
+            .await,
+        24.0
+    );
+    assert!(gw.metric("tidegate_drain_seconds").await > 0.0);
+    assert_eq!(gw.metric("tidegate_draining").await, 1.0);
 
     let status = gw.proc.exit(Duration::from_secs(10)).await;
     let took = signalled.elapsed();
