@@ -197,6 +197,8 @@ pub struct Route {
     /// The client presented its own provider credential (the upstream has
     /// none): it is never sent to another upstream.
     pub pinned: bool,
+    /// The upstream the stream's record names (where a continuation goes).
+    pub recorded: String,
 }
 
 impl Pump {
@@ -218,6 +220,7 @@ impl Pump {
             Ok(r) => r,
             Err(e) => return self.start_failed(e, started).await,
         };
+        self.record_upstream().await;
         let mut started = Some(started);
         let mut flow = Flow {
             seq: self.live.base,
@@ -512,11 +515,36 @@ impl Pump {
         flow.first_event = Some(self.sent_at);
         flow.ttft = None;
         match self.check_stream(sent) {
-            Ok(r) => Some(r.body),
+            Ok(r) => {
+                self.record_upstream().await;
+                Some(r.body)
+            }
             Err(e) => {
                 self.start_outcome(&e);
                 tracing::warn!(stream = %id, upstream = %self.upstream.config.name, error = ?e, "the failover's request did not start");
                 None
+            }
+        }
+    }
+
+    /// The upstream answering is not the one the record names (a retry went
+    /// elsewhere, a failover, a continuation routed anew): record it, so a
+    /// continuation after a restart goes where the answer is being made.
+    async fn record_upstream(&mut self) {
+        let name = &self.upstream.config.name;
+        if *name == self.route.recorded {
+            return;
+        }
+        let relay = &self.relay;
+        match relay
+            .store
+            .set_upstream(&self.live.who.id, name, &relay.instance)
+            .await
+        {
+            Ok(()) => self.route.recorded = name.clone(),
+            Err(e) => {
+                relay.metrics.store_errors.inc();
+                tracing::warn!(stream = %self.live.who.id, upstream = %name, error = %e, "could not record the stream's new upstream");
             }
         }
     }

@@ -265,6 +265,7 @@ impl Relay {
                     .map(Into::into),
                 original: record.request.clone().into(),
                 pinned,
+                recorded: record.upstream.clone(),
             },
             sent_at: tokio::time::Instant::now(),
             failovers: 0,

@@ -55,6 +55,14 @@ impl Store for Counting {
     ) -> Result<(), StoreError> {
         self.inner.set_status(id, status, reason, instance).await
     }
+    async fn set_upstream(
+        &self,
+        id: &str,
+        upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.set_upstream(id, upstream, instance).await
+    }
     async fn get(&self, id: &str) -> Result<Option<StreamRecord>, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id).await

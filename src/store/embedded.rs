@@ -64,6 +64,9 @@ struct StatusRecord {
     reason: Option<String>,
     updated_ms: u64,
     instance: String,
+    /// The upstream serving it, once it is not the one created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
 }
 
 const RECORD: u8 = 1;
@@ -1064,6 +1067,7 @@ fn status_record(status: Status, reason: Option<&str>, instance: &str) -> Status
         reason: reason.map(str::to_owned),
         updated_ms: now_ms(),
         instance: instance.to_owned(),
+        upstream: None,
     }
 }
 
@@ -1108,10 +1112,22 @@ impl EmbeddedStore {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        if !log.streams.contains_key(stream_id) {
+        let Some(stream) = log.streams.get(stream_id) else {
             return Ok(());
-        }
-        let latest = status_record(status, reason, instance);
+        };
+        let mut latest = status_record(status, reason, instance);
+        latest.upstream = stream.status.as_ref().and_then(|s| s.upstream.clone());
+        self.write_status(log, stream_id, latest)
+    }
+
+    /// Append `latest` as `stream_id`'s status entry and make it current.
+    fn write_status(
+        &self,
+        log: &mut Log,
+        stream_id: &str,
+        latest: StatusRecord,
+    ) -> Result<(), StoreError> {
+        let status = latest.status;
         let value = serde_json::to_vec(&latest).map_err(StoreError::Encode)?;
         let mut entry = Entry::new(STATUS, value.len() + stream_id.len() + 2);
         entry.name(stream_id.as_bytes())?.bytes(&value);
@@ -1217,6 +1233,26 @@ impl Store for EmbeddedStore {
         self.status_locked(&mut log, stream_id, status, reason, instance)
     }
 
+    async fn set_upstream(
+        &self,
+        stream_id: &str,
+        upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let mut log = self.shared.lock();
+        let Some(stream) = log.streams.get(stream_id) else {
+            return Ok(());
+        };
+        // The status stays what it is; only the upstream changes.
+        let mut latest = match &stream.status {
+            Some(current) => current.clone(),
+            None => status_record(Status::Running, None, instance),
+        };
+        latest.updated_ms = now_ms();
+        latest.upstream = Some(upstream.to_owned());
+        self.write_status(&mut log, stream_id, latest)
+    }
+
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
         let found = {
             let log = self.shared.lock();
@@ -1241,6 +1277,9 @@ impl Store for EmbeddedStore {
             record.reason = latest.reason;
             record.updated_ms = latest.updated_ms;
             record.instance = latest.instance;
+            if let Some(upstream) = latest.upstream {
+                record.upstream = upstream;
+            }
         }
         Ok(Some(record))
     }
@@ -1509,6 +1548,39 @@ mod tests {
     /// What was acknowledged is what a new process reads: records, the
     /// latest status, every batch, idempotency keys; a torn last entry is
     /// cut and the store goes on after it.
+    #[tokio::test]
+    async fn a_new_upstream_is_kept_through_later_statuses_and_a_reopen() {
+        let dir = tempdir();
+        {
+            let store = open(&dir, Duration::from_secs(60));
+            store.create(&record("moved")).await.unwrap();
+            store.set_upstream("moved", "next", "i1").await.unwrap();
+            let got = store.get("moved").await.unwrap().unwrap();
+            assert_eq!(
+                (got.upstream.as_str(), got.status),
+                ("next", Status::Running)
+            );
+            assert_eq!(got.instance, "i1");
+            store
+                .set_status(
+                    "moved",
+                    Status::Interrupted,
+                    Some("server_restarting"),
+                    "i1",
+                )
+                .await
+                .unwrap();
+            store.set_upstream("nowhere", "next", "i1").await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = open(&dir, Duration::from_secs(60));
+        let got = store.get("moved").await.unwrap().unwrap();
+        assert_eq!(got.upstream, "next");
+        assert_eq!(got.status, Status::Interrupted);
+        assert_eq!(got.reason.as_deref(), Some("server_restarting"));
+        assert!(store.get("nowhere").await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn a_reopened_store_reads_what_was_acknowledged() {
         let dir = tempdir();

@@ -212,6 +212,20 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn set_upstream(
+        &self,
+        stream_id: &str,
+        upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if let Some(entry) = inner.streams.get_mut(stream_id) {
+            entry.record.upstream = upstream.to_owned();
+            entry.record.instance = instance.to_owned();
+        }
+        Ok(())
+    }
+
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
         let inner = self.lock()?;
         Ok(inner

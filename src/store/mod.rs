@@ -169,6 +169,14 @@ pub trait Store: Send + Sync {
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError>;
+    /// Record that upstream `upstream` now serves the stream (a retry went
+    /// elsewhere, or a failover moved it): a later continuation goes there.
+    async fn set_upstream(
+        &self,
+        stream_id: &str,
+        upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError>;
     /// The record, unless it does not exist or has expired.
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError>;
     /// Events with `seq > after`, in order.

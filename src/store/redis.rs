@@ -288,6 +288,30 @@ where
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
 
+    async fn set_upstream(
+        &self,
+        stream_id: &str,
+        upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        // The pump that runs the stream is the record's only writer.
+        let Some(mut record) = self.get(stream_id).await? else {
+            return Ok(());
+        };
+        record.upstream = upstream.to_owned();
+        record.instance = instance.to_owned();
+        let value = serde_json::to_string(&record).map_err(StoreError::Encode)?;
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(record_key(stream_id))
+            .arg(value)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .ignore();
+        self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
         let mut conn = self.conn.clone();
         let value: Option<String> = self.run(conn.get(record_key(stream_id))).await?;

@@ -550,3 +550,58 @@ async fn replicas_on_redis_share_the_canary_state() {
     }
     assert_eq!(b.stat("requests_started").await, 0);
 }
+
+#[tokio::test]
+async fn after_a_failover_and_a_restart_the_stream_continues_where_it_was_moved() {
+    let dir = tempdir();
+    let a = Mock::with_args(&dir.join("a"), &["--die-after", "6"]).await;
+    let b = Mock::with_args(&dir.join("b"), &["--token-interval-ms", "40"]).await;
+    let config = pair(
+        &a,
+        &b,
+        (1, 0),
+        "eject_after = 100",
+        "[drain]\npre_stop_delay = \"0s\"\ngrace = \"300ms\"\nexit_timeout = \"2s\"\n",
+    )
+    .replace("kind = \"memory\"", &embedded(&dir));
+    let mut gw = Gateway::start(&dir, &config).await;
+    let request = ask(60, "moved and restarted");
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
+    let (id, token) = (
+        sse.header("x-tidegate-stream-id"),
+        sse.header("x-tidegate-resume-token"),
+    );
+    // Past the failover (b answers from the 7th unit on), then a restart.
+    let mut events = sse.take(10).await;
+    assert_eq!(b.stat("requests_started").await, 1);
+    gw.proc.signal("TERM");
+    events.extend(sse.rest().await);
+    let abort = events
+        .last()
+        .and_then(SseEvent::error)
+        .expect("told to resume");
+    assert_eq!(abort["type"], "server_restarting");
+    assert!(gw.proc.exit(Duration::from_secs(10)).await.success());
+
+    let gw = Gateway::start(&dir, &config).await;
+    let last = ids_of(&events).last().copied().unwrap_or(0).to_string();
+    let mut resumed = Sse::get(
+        &gw.url(&format!("/v1/streams/{id}")),
+        &[
+            ("x-tidegate-resume-token", &token),
+            ("last-event-id", &last),
+        ],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    events.pop();
+    events.extend(resumed.rest().await);
+    assert_whole(&events);
+    assert_eq!(a.stat("requests_started").await, 1, "never asked again");
+    assert_eq!(
+        b.stat("requests_started").await,
+        2,
+        "the continuation went to b"
+    );
+    assert_eq!(text_of(&events), b.answer(&request).await);
+}
