@@ -142,8 +142,9 @@ class Proc:
 
 
 class Mock:
-    def __init__(self, tmp: Path) -> None:
-        self.proc = Proc("mock-upstream", [str(tidegate_bin()), "mock-upstream", "--listen", "127.0.0.1:0"], tmp / "mock.log")
+    def __init__(self, tmp: Path, args: list[str] | None = None, name: str = "mock") -> None:
+        command = [str(tidegate_bin()), "mock-upstream", "--listen", "127.0.0.1:0", *(args or [])]
+        self.proc = Proc(name, command, tmp / f"{name}.log")
         self.url = self.proc.url
 
     def complete(self, body: dict[str, Any]) -> str:
@@ -170,7 +171,14 @@ class Gateway:
     """A gateway "service": successive processes on one port and one store path."""
 
     def __init__(
-        self, tmp: Path, mock_url: str, *, grace: str = "1s", exit_timeout: str = "2s", extra: str = ""
+        self,
+        tmp: Path,
+        mock_url: str,
+        *,
+        grace: str = "1s",
+        exit_timeout: str = "2s",
+        extra: str = "",
+        upstream: str = "",
     ) -> None:
         self.tmp = tmp
         self.port = free_port()
@@ -194,6 +202,7 @@ protocol = "openai"
 base_url = "{mock_url}/v1"
 models = ["*"]
 continuation = "continue_final_message"
+{upstream}
 {extra}"""
         )
         self.generations: list[Proc] = []

@@ -320,3 +320,44 @@ def test_openai_sdk_reads_heartbeats_and_the_retry_hint(tmp_path: Any, mock: Moc
         client.close()
     finally:
         gw.stop_all()
+
+
+def test_openai_sdk_reads_one_answer_across_a_failover(tmp_path: Any, mock: Mock, monkeypatch: Any) -> None:
+    """The first upstream dies mid-answer; the stream goes on on the second.
+
+    The official SDK's own accumulation helper sees one normal stream: the
+    failover is said only in an SSE comment, which its decoder skips. (The
+    upstreams hold their own key: a client's own key never moves.)
+    """
+    monkeypatch.setenv("TG_PY_UPSTREAM_KEY", "sk-upstream")
+    dying = Mock(tmp_path, ["--die-after", "6"], name="dying-mock")
+    extra = f"""
+[[upstreams]]
+name = "next"
+protocol = "openai"
+base_url = "{mock.url}/v1"
+models = ["*"]
+weight = 0
+continuation = "continue_final_message"
+api_key_env = "TG_PY_UPSTREAM_KEY"
+"""
+    gw = Gateway(tmp_path, dying.url, extra=extra, upstream='api_key_env = "TG_PY_UPSTREAM_KEY"')
+    gw.start()
+    try:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-test", max_retries=0, timeout=30)
+        body = chat_body("failed over", max_tokens=16)
+        expected = mock.complete(body)
+        kwargs = {k: v for k, v in sdk_kwargs(body, interval_ms=5).items() if k != "stream"}
+        with client.chat.completions.stream(**kwargs) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        assert final.choices[0].message.content == expected
+        assert final.choices[0].finish_reason == "stop"
+        assert dying.stats()["requests_started"] == 1
+        raw_stats = httpx.get(f"{gw.url}/metrics", timeout=10).text
+        assert "tidegate_failovers_total 1" in raw_stats
+        client.close()
+    finally:
+        gw.stop_all()
+        dying.stop()
