@@ -301,3 +301,68 @@ async fn without_telemetry_the_clients_traceparent_reaches_the_provider_untouche
     assert!(sse.rest().await.last().is_some_and(SseEvent::is_done));
     assert_eq!(traceparent_seen(&a).await, parent);
 }
+
+#[tokio::test]
+async fn a_continuation_is_traced_under_the_resume_that_started_it() {
+    let dir = tempdir();
+    let otlp = collector().await;
+    let mock = Mock::start(&dir).await;
+    let telemetry = format!("[telemetry]\notlp_endpoint = \"{}/v1/traces\"", otlp.url);
+    let gw = Gateway::start_with(
+        &dir,
+        &config(&mock, "127.0.0.1:0", "kind = \"memory\"", &telemetry),
+        &[],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    let mut request = chat(12, 0, "cut and continued");
+    request["mock"]["cut_after_events"] = json!(5);
+    request["mock"]["fail_id"] = json!("traced-cut");
+    let mut sse = Sse::post(&gw.url("/v1/chat/completions"), &request).await;
+    let (id, token) = (
+        sse.header("x-tidegate-stream-id"),
+        sse.header("x-tidegate-resume-token"),
+    );
+    let mut events = sse.rest().await;
+    let abort = events.last().and_then(SseEvent::error).expect("cut");
+    assert_eq!(abort["resume"], true, "{abort}");
+    let last = ids_of(&events).last().copied().unwrap_or(0).to_string();
+    events.pop();
+    let parent = format!("00-{RESUME_TRACE}-{RESUME_SPAN}-01");
+    let mut resumed = Sse::get(
+        &gw.url(&format!("/v1/streams/{id}")),
+        &[
+            ("x-tidegate-resume-token", token.as_str()),
+            ("last-event-id", last.as_str()),
+            ("traceparent", parent.as_str()),
+        ],
+    )
+    .await;
+    events.extend(resumed.rest().await);
+    assert!(events.last().is_some_and(SseEvent::is_done), "{events:?}");
+    assert_eq!(text_of(&events), mock.answer(&request).await);
+
+    let spans = otlp.trace(RESUME_TRACE, 3).await;
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {spans:#?}"))
+    };
+    let (resume, run, request) = (
+        find("tidegate.resume"),
+        find("tidegate.continuation"),
+        find("tidegate.upstream"),
+    );
+    assert_eq!(resume.parent, RESUME_SPAN);
+    assert_eq!(
+        run.parent, resume.id,
+        "the continuation hangs under the resume"
+    );
+    assert_eq!(request.parent, run.id);
+    assert_eq!(request.attributes["tidegate.reason"], "continuation");
+    assert_eq!(run.attributes["tidegate.end"], "done");
+    for span in [resume, run, request] {
+        assert_eq!(span.attributes["tidegate.stream_id"], id);
+    }
+}
