@@ -215,7 +215,7 @@ pub async fn run(
         Some(traces) => {
             let within = exit_by.saturating_duration_since(Instant::now());
             let export = tokio::task::spawn_blocking(move || traces.shutdown(within));
-            timeout_at(exit_by, export).await.is_ok()
+            matches!(timeout_at(exit_by, export).await, Ok(Ok(true)))
         }
         None => true,
     };

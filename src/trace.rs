@@ -131,11 +131,16 @@ impl Tracing {
             .inject_context(&cx, &mut HeaderInjector(headers));
     }
 
-    /// Export what is queued and stop, waiting at most `within`.
+    /// Export what is queued and stop, waiting at most `within`; whether
+    /// the last spans went out.
     /// Blocking: call it off the runtime's workers.
-    pub fn shutdown(&self, within: Duration) {
-        if let Err(e) = self.provider.shutdown_with_timeout(within) {
-            tracing::warn!(error = %e, "could not export the last spans");
+    pub fn shutdown(&self, within: Duration) -> bool {
+        match self.provider.shutdown_with_timeout(within) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not export the last spans");
+                false
+            }
         }
     }
 }

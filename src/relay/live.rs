@@ -202,8 +202,11 @@ impl LiveStream {
         if skip < state.events.len() {
             let events = state.events.range(skip..);
             out.reserve(events.clone().map(frame_size).sum());
+            let notes = &state.notes;
             for event in events {
-                if let Some((_, note)) = state.notes.iter().find(|(seq, _)| *seq == event.seq) {
+                if !notes.is_empty()
+                    && let Some((_, note)) = notes.iter().find(|(seq, _)| *seq == event.seq)
+                {
                     out.extend_from_slice(note);
                 }
                 write_frame(out, event);

@@ -197,8 +197,9 @@ pub struct Route {
     /// The client presented its own provider credential (the upstream has
     /// none): it is never sent to another upstream.
     pub pinned: bool,
-    /// The upstream the stream's record names (where a continuation goes).
-    pub recorded: String,
+    /// The upstream answering is not the one the stream's record names
+    /// (where a continuation goes): set when the stream moves.
+    pub moved: bool,
 }
 
 impl Pump {
@@ -233,8 +234,8 @@ impl Pump {
             spliced: Vec::new(),
         };
         let mut headers = response.headers;
-        if let Ok(name) = axum::http::HeaderValue::from_str(&self.upstream.config.name) {
-            headers.insert(UPSTREAM_HEADER, name);
+        if let Some(name) = &self.upstream.name_header {
+            headers.insert(UPSTREAM_HEADER, name.clone());
         }
         self.live.set_headers(headers);
         let mut body = response.body;
@@ -389,6 +390,7 @@ impl Pump {
                 _ = token.cancelled() => return Err(StartError::Cancelled(self.live.cancel_reason())),
                 _ = tokio::time::sleep(wait) => {}
             }
+            self.route.moved |= next.config.name != self.upstream.config.name;
             self.upstream = next;
             self.relay.metrics.upstream_requests.inc();
             sent = self.send_cancellable(None, "retry").await;
@@ -493,6 +495,7 @@ impl Pump {
             return None;
         }
         self.failovers += 1;
+        self.route.moved = true;
         self.upstream = next;
         let first = legs.remove(0);
         self.body = leg_body(&first.body);
@@ -531,17 +534,17 @@ impl Pump {
     /// elsewhere, a failover, a continuation routed anew): record it, so a
     /// continuation after a restart goes where the answer is being made.
     async fn record_upstream(&mut self) {
-        let name = &self.upstream.config.name;
-        if *name == self.route.recorded {
+        if !self.route.moved {
             return;
         }
+        let name = &self.upstream.config.name;
         let relay = &self.relay;
         match relay
             .store
             .set_upstream(&self.live.who.id, name, &relay.instance)
             .await
         {
-            Ok(()) => self.route.recorded = name.clone(),
+            Ok(()) => self.route.moved = false,
             Err(e) => {
                 relay.metrics.store_errors.inc();
                 tracing::warn!(stream = %self.live.who.id, upstream = %name, error = %e, "could not record the stream's new upstream");

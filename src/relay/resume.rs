@@ -265,7 +265,7 @@ impl Relay {
                     .map(Into::into),
                 original: record.request.clone().into(),
                 pinned,
-                recorded: record.upstream.clone(),
+                moved: upstream.config.name != record.upstream,
             },
             sent_at: tokio::time::Instant::now(),
             failovers: 0,

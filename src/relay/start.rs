@@ -127,7 +127,6 @@ impl Relay {
         self.metrics.streams_started.inc();
         let (started_tx, started_rx) = oneshot::channel();
         let pinned = new.upstream.config.api_key.is_none() && has_credential(new.client_headers);
-        let recorded = new.upstream.config.name.clone();
         let trace = self.tracing.as_ref().map(|t| {
             Box::new(RunTrace::new(
                 t,
@@ -147,7 +146,7 @@ impl Relay {
                 key: new.route_key.map(Into::into),
                 original: new.body.clone(),
                 pinned,
-                recorded,
+                moved: false,
             },
             body: new.body,
             client_headers: forwardable(new.client_headers),

@@ -40,6 +40,8 @@ pub struct Upstream {
     weight_override: std::sync::atomic::AtomicU64,
     /// `GET base_url + health.path`.
     health_url: reqwest::Url,
+    /// Its name as a header value (`x-tidegate-upstream`), made once.
+    pub name_header: Option<HeaderValue>,
 }
 
 /// A provider's streaming answer whose head said 2xx.
@@ -318,6 +320,7 @@ impl Upstream {
             stats: health::UpstreamStats::default(),
             weight_override: std::sync::atomic::AtomicU64::new(f64::NAN.to_bits()),
             health_url,
+            name_header: HeaderValue::from_str(&config.name).ok(),
             config,
             client,
             url,

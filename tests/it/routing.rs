@@ -91,6 +91,7 @@ async fn weights_split_the_traffic_and_a_route_key_keeps_a_conversation_on_one_u
     // 3:1 → 75 %; a binomial over 160 has a standard deviation of 3.4
     // points: ±13 points is nearly 4 of them.
     let share = on_a as f64 / n as f64;
+    println!("weights 3:1 over {n} streams: a {on_a}, b {on_b}");
     assert!((share - 0.75).abs() <= 0.13, "a got {on_a} of {n}");
 
     // One conversation, one upstream: by header, and by the body's `user`.
@@ -382,6 +383,10 @@ async fn a_canary_whose_provider_fails_ten_percent_is_rolled_back_within_its_sam
     // The verdict came with the minimum sample (the tick follows the
     // outcomes within 50 ms; sequential streams add a few more).
     let at_verdict = asked(&b).await;
+    println!(
+        "rolled back after {i} streams; b asked {at_verdict} times, {} of them failed",
+        b.stat("requests_failed").await
+    );
     assert!(
         (20..=40).contains(&at_verdict),
         "b was asked {at_verdict} times by the verdict"
