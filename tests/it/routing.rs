@@ -610,3 +610,71 @@ async fn after_a_failover_and_a_restart_the_stream_continues_where_it_was_moved(
     );
     assert_eq!(text_of(&events), b.answer(&request).await);
 }
+
+#[tokio::test]
+async fn a_429_is_retried_after_the_providers_retry_after_and_within_the_budget() {
+    let dir = tempdir();
+    let (a, b) = (
+        Mock::with_args(&dir.join("a"), &[]).await,
+        Mock::with_args(&dir.join("b"), &[]).await,
+    );
+    // The retries go to the other upstream of the group (then to the last
+    // one tried); both answer this body with 429 and `Retry-After: 1`.
+    let gw = Gateway::start(
+        &dir,
+        &pair(
+            &a,
+            &b,
+            (1, 0),
+            "eject_after = 100",
+            "[routing]\nretry_within = \"10s\"\n",
+        ),
+    )
+    .await;
+    let mut body = ask(3, "rate limited");
+    body["mock"] = json!({"status": 429});
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        r.status(),
+        429,
+        "the provider's status, after the last attempt"
+    );
+    let asked = a.stat("requests_rejected").await + b.stat("requests_rejected").await;
+    assert_eq!(asked, 3, "routing.attempts in all");
+    // The mock says `Retry-After: 1`: two waits of at least a second each
+    // (the backoff alone would be 200 ms, then 300 ms).
+    assert!(took >= Duration::from_secs(2), "retried after {took:?}");
+
+    // A Retry-After past what is left of `retry_within` ends the retries.
+    let gw = Gateway::start(
+        &dir,
+        &pair(
+            &a,
+            &b,
+            (1, 0),
+            "eject_after = 100",
+            "[routing]\nretry_within = \"1500ms\"\n",
+        ),
+    )
+    .await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let asked_again = a.stat("requests_rejected").await + b.stat("requests_rejected").await;
+    assert_eq!(
+        asked_again - asked,
+        2,
+        "one wait fits in 1.5 s, a second does not"
+    );
+}
