@@ -229,6 +229,39 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Read a stream's record, `change` it, and write it back with a fresh
+    /// TTL (its events' too). The pump that runs the stream is the record's
+    /// only writer.
+    async fn rewrite(
+        &self,
+        stream_id: &str,
+        change: impl FnOnce(&mut StreamRecord) + Send,
+    ) -> Result<(), StoreError> {
+        let Some(mut record) = self.get(stream_id).await? else {
+            return Ok(());
+        };
+        change(&mut record);
+        let value = serde_json::to_string(&record).map_err(StoreError::Encode)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(record_key(stream_id))
+            .arg(value)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(events_key(stream_id))
+            .arg(self.ttl_ms)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+}
+
 #[async_trait]
 impl<C> Store for RedisStore<C>
 where
@@ -265,27 +298,13 @@ where
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let Some(mut record) = self.get(stream_id).await? else {
-            return Ok(());
-        };
-        record.status = status;
-        record.reason = reason.map(str::to_owned);
-        record.updated_ms = now_ms();
-        record.instance = instance.to_owned();
-        let value = serde_json::to_string(&record).map_err(StoreError::Encode)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(record_key(stream_id))
-            .arg(value)
-            .arg("PX")
-            .arg(self.ttl_ms)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(events_key(stream_id))
-            .arg(self.ttl_ms)
-            .ignore();
-        let mut conn = self.conn.clone();
-        self.run(pipe.query_async::<()>(&mut conn)).await
+        self.rewrite(stream_id, |record| {
+            record.status = status;
+            record.reason = reason.map(str::to_owned);
+            record.updated_ms = now_ms();
+            record.instance = instance.to_owned();
+        })
+        .await
     }
 
     async fn set_upstream(
@@ -294,22 +313,11 @@ where
         upstream: &str,
         instance: &str,
     ) -> Result<(), StoreError> {
-        // The pump that runs the stream is the record's only writer.
-        let Some(mut record) = self.get(stream_id).await? else {
-            return Ok(());
-        };
-        record.upstream = upstream.to_owned();
-        record.instance = instance.to_owned();
-        let value = serde_json::to_string(&record).map_err(StoreError::Encode)?;
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(record_key(stream_id))
-            .arg(value)
-            .arg("PX")
-            .arg(self.ttl_ms)
-            .ignore();
-        self.run(pipe.query_async::<()>(&mut conn)).await
+        self.rewrite(stream_id, |record| {
+            record.upstream = upstream.to_owned();
+            record.instance = instance.to_owned();
+        })
+        .await
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {

@@ -620,60 +620,40 @@ async fn a_429_is_retried_after_the_providers_retry_after_and_within_the_budget(
     );
     // The retries go to the other upstream of the group (then to the last
     // one tried); both answer this body with 429 and `Retry-After: 1`.
-    let gw = Gateway::start(
-        &dir,
-        &pair(
-            &a,
-            &b,
-            (1, 0),
-            "eject_after = 100",
-            "[routing]\nretry_within = \"10s\"\n",
-        ),
-    )
-    .await;
     let mut body = ask(3, "rate limited");
     body["mock"] = json!({"status": 429});
-    let started = std::time::Instant::now();
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    assert_eq!(
-        r.status(),
-        429,
-        "the provider's status, after the last attempt"
-    );
-    let asked = a.stat("requests_rejected").await + b.stat("requests_rejected").await;
+    let rejected =
+        || async { a.stat("requests_rejected").await + b.stat("requests_rejected").await };
+    // Through a gateway with `retry_within`: the status and how long it took.
+    let ask_with = |retry_within: &'static str| {
+        let (a, b, dir, body) = (&a, &b, &dir, &body);
+        async move {
+            let routing = format!("[routing]\nretry_within = \"{retry_within}\"\n");
+            let gw = Gateway::start(dir, &pair(a, b, (1, 0), "eject_after = 100", &routing)).await;
+            let started = std::time::Instant::now();
+            let r = client()
+                .post(gw.url("/v1/chat/completions"))
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), started.elapsed())
+        }
+    };
+
+    let (status, took) = ask_with("10s").await;
+    assert_eq!(status, 429, "the provider's status, after the last attempt");
+    let asked = rejected().await;
     assert_eq!(asked, 3, "routing.attempts in all");
     // The mock says `Retry-After: 1`: two waits of at least a second each
     // (the backoff alone would be 200 ms, then 300 ms).
     assert!(took >= Duration::from_secs(2), "retried after {took:?}");
 
     // A Retry-After past what is left of `retry_within` ends the retries.
-    let gw = Gateway::start(
-        &dir,
-        &pair(
-            &a,
-            &b,
-            (1, 0),
-            "eject_after = 100",
-            "[routing]\nretry_within = \"1500ms\"\n",
-        ),
-    )
-    .await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 429);
-    let asked_again = a.stat("requests_rejected").await + b.stat("requests_rejected").await;
+    let (status, _) = ask_with("1500ms").await;
+    assert_eq!(status, 429);
     assert_eq!(
-        asked_again - asked,
+        rejected().await - asked,
         2,
         "one wait fits in 1.5 s, a second does not"
     );
