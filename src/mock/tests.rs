@@ -830,6 +830,11 @@ fn plan_glob(p: &str, t: &str) -> bool {
 
 // ------------------------------------------------------------ over HTTP
 
+/// `GET url`, as JSON.
+async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 async fn serve_mock(
     key: Option<&str>,
 ) -> (
@@ -1024,14 +1029,7 @@ async fn credentials_headers_cuts_errors_and_the_request_log() {
     );
 
     // What was received, never the key.
-    let log: Value = http
-        .get(format!("{url}/mock/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log: Value = get_json(&http, format!("{url}/mock/requests")).await;
     let log = log.as_array().unwrap();
     assert_eq!(log[0]["has_credential"], false);
     assert_eq!(log[0]["status"], 401);
@@ -1042,14 +1040,7 @@ async fn credentials_headers_cuts_errors_and_the_request_log() {
         .unwrap();
     assert_eq!(anthropic_ok["headers"]["anthropic-version"], "2023-06-01");
     assert_eq!(anthropic_ok["has_credential"], true);
-    let stats: Value = http
-        .get(format!("{url}/mock/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&http, format!("{url}/mock/stats")).await;
     assert_eq!(stats["requests_unauthorized"], 3);
     assert_eq!(stats["requests_rejected"], 5, "401s, the 400 and the 429");
     let r = http
@@ -1058,14 +1049,7 @@ async fn credentials_headers_cuts_errors_and_the_request_log() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    let log: Value = http
-        .get(format!("{url}/mock/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log: Value = get_json(&http, format!("{url}/mock/requests")).await;
     assert_eq!(log, json!([]));
     stop.cancel();
     tracker.close();
@@ -1115,14 +1099,7 @@ async fn read_until(response: &mut reqwest::Response, want: &str, limit: usize) 
 }
 
 async fn stat(http: &reqwest::Client, url: &str, name: &str) -> u64 {
-    let v: Value = http
-        .get(format!("{url}/mock/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&http, format!("{url}/mock/stats")).await;
     v[name].as_u64().unwrap()
 }
 
@@ -1423,26 +1400,10 @@ async fn instance_faults_fail_exactly_their_share_and_can_be_changed_while_runni
         .unwrap();
     let (events, _) = read_events(r).await;
     assert!(!events.iter().any(|e| e.contains("[DONE]")), "{events:?}");
-    let stats: Value = http
-        .get(format!("{url}/mock/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&http, format!("{url}/mock/stats")).await;
     assert_eq!(stats["requests_failed"], 12);
     assert_eq!(stats["models_requests"], 4);
-    assert_eq!(
-        http.get(&faults)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()["die_after"],
-        3
-    );
+    assert_eq!(get_json(&http, &faults).await["die_after"], 3);
     stop.cancel();
     tracker.close();
 }
