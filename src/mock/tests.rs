@@ -1099,7 +1099,7 @@ async fn read_until(response: &mut reqwest::Response, want: &str, limit: usize) 
 }
 
 async fn stat(http: &reqwest::Client, url: &str, name: &str) -> u64 {
-    let v: Value = get_json(&http, format!("{url}/mock/stats")).await;
+    let v: Value = get_json(http, format!("{url}/mock/stats")).await;
     v[name].as_u64().unwrap()
 }
 
