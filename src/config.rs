@@ -183,6 +183,20 @@ const BUILTIN_MOCK_UPSTREAM: UpstreamDefaults = UpstreamDefaults {
     ..UPSTREAM_DEFAULTS
 };
 
+/// The name of the built-in mock's OpenAI Responses upstream.
+const BUILTIN_MOCK_RESPONSES_NAME: &str = "builtin-mock-responses";
+/// The built-in mock's Responses API, which has no prefill: a partial answer
+/// is continued by re-asking with it as context.
+const BUILTIN_MOCK_RESPONSES: UpstreamDefaults = UpstreamDefaults {
+    protocol: Protocol::OpenAiResponses,
+    continuation: &[Continuation::Instruct],
+    ..UPSTREAM_DEFAULTS
+};
+
+/// The name of api.openai.com's Responses upstream, configured beside
+/// [`OPENAI_NAME`] by [`OPENAI_KEY_ENV`].
+const OPENAI_RESPONSES_NAME: &str = "openai-responses";
+
 /// Per-model continuation styles as constants: (model globs, styles).
 type RuleTable = &'static [(&'static [&'static str], &'static [Continuation])];
 
@@ -303,6 +317,19 @@ fn styles(raw: RawStyles, protocol: Protocol, at: &str) -> Result<Vec<Continuati
         return Err(ConfigError::invalid(
             at.to_owned(),
             "\"none\" means no continuation: it cannot be combined with other styles",
+        ));
+    }
+    if protocol == Protocol::OpenAiResponses
+        && let Some(style) = list
+            .iter()
+            .find(|s| !matches!(s, Continuation::Instruct | Continuation::None))
+    {
+        return Err(ConfigError::invalid(
+            at.to_owned(),
+            format!(
+                "\"{}\" continues a trailing assistant message, which the Responses API does not take; \"openai_responses\" upstreams take \"instruct\" or \"none\"",
+                style.as_str()
+            ),
         ));
     }
     if protocol == Protocol::Anthropic
@@ -674,6 +701,9 @@ pub enum DisconnectPolicy {
     /// Keep generating into the store this long so a reconnecting client
     /// resumes without a continuation call.
     Grace(Duration),
+    /// Generate to the end whoever is attached: a background response
+    /// (OpenAI Responses `background: true`). Not a config value.
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -796,6 +826,11 @@ impl UpstreamConfig {
     /// The built-in mock provider of the zero-config demo, at `base_url`.
     pub fn builtin_mock(base_url: String) -> UpstreamConfig {
         BUILTIN_MOCK_UPSTREAM.upstream(BUILTIN_MOCK_NAME, base_url, None, None)
+    }
+
+    /// The built-in mock's Responses API, at `base_url`.
+    pub fn builtin_mock_responses(base_url: String) -> UpstreamConfig {
+        BUILTIN_MOCK_RESPONSES.upstream(BUILTIN_MOCK_RESPONSES_NAME, base_url, None, None)
     }
 }
 
@@ -1321,8 +1356,20 @@ fn upstreams(raw: Vec<RawUpstream>, env: &dyn Env) -> Result<Vec<UpstreamConfig>
             OPENAI_NAME,
             OPENAI_BASE_URL.to_owned(),
             Some(OPENAI_KEY_ENV.to_owned()),
-            Some(Secret(key)),
+            Some(Secret(key.clone())),
         ));
+        upstreams.push(
+            UpstreamDefaults {
+                protocol: Protocol::OpenAiResponses,
+                ..OPENAI_UPSTREAM
+            }
+            .upstream(
+                OPENAI_RESPONSES_NAME,
+                OPENAI_BASE_URL.to_owned(),
+                Some(OPENAI_KEY_ENV.to_owned()),
+                Some(Secret(key)),
+            ),
+        );
     }
     Ok(upstreams)
 }

@@ -71,6 +71,11 @@ pub async fn run(
         config
             .upstreams
             .push(UpstreamConfig::builtin_mock(format!("http://{address}/v1")));
+        config
+            .upstreams
+            .push(UpstreamConfig::builtin_mock_responses(format!(
+                "http://{address}/v1"
+            )));
         let stop = drain.close_listener.clone();
         drain.tracker.spawn(async move {
             crate::mock::serve(

@@ -1,6 +1,7 @@
-//! `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic):
-//! authenticate, read and validate the body in its protocol's terms, route
-//! it, then start a relayed stream or pass a non-streaming request through.
+//! `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` (Anthropic) and
+//! `POST /v1/responses` (OpenAI Responses): authenticate, read and validate
+//! the body in its protocol's terms, route it, then start a relayed stream
+//! (or a background response) or pass a non-streaming request through.
 
 use std::sync::Arc;
 
@@ -34,13 +35,27 @@ pub async fn anthropic(
         .unwrap_or_else(|e| e.render(Protocol::Anthropic))
 }
 
+pub async fn responses(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Protocol::OpenAiResponses, headers, body)
+        .await
+        .unwrap_or_else(|e| e.render(Protocol::OpenAiResponses))
+}
+
 async fn handle(
     state: Arc<AppState>,
     protocol: Protocol,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let owner = state.owner(&headers)?;
+    let owner = if protocol == Protocol::OpenAiResponses {
+        state.responses_owner(&headers)?
+    } else {
+        state.owner(&headers)?
+    };
     let limits = &state.config.limits;
     let bytes = super::read_body(
         &headers,
@@ -65,7 +80,8 @@ async fn handle(
         .clone();
     let continuable = upstream.continues(&request.model);
     let tools = request.tools;
-    if !request.stream {
+    let background = request.background;
+    if !request.stream && !background {
         let answer = relay
             .passthrough(&upstream, bytes, &headers, &owner)
             .await?;
@@ -79,6 +95,15 @@ async fn handle(
         return Ok(response);
     }
     let model: Box<str> = request.model.as_ref().into();
+    let stream = request.stream;
+    // tidegate generates a background response itself: the provider is
+    // asked for an ordinary stream.
+    let upstream_body = if background {
+        Some(crate::protocol::responses::foreground(&bytes)?)
+    } else {
+        None
+    };
+    let original = background.then(|| bytes.clone());
     let attached = relay
         .start(NewStream {
             protocol,
@@ -91,7 +116,17 @@ async fn handle(
             tools,
             model,
             route_key,
+            background,
+            upstream_body,
         })
         .await?;
+    if let Some(original) = original
+        && !stream
+    {
+        // The response at once, queued; it goes on with no client.
+        let request: serde_json::Value = serde_json::from_slice(&original).unwrap_or_default();
+        let queued = crate::protocol::responses::skeleton(&attached.who().id, &request, "queued");
+        return Ok(axum::Json(queued).into_response());
+    }
     Ok(super::sse::response(attached))
 }

@@ -2,7 +2,10 @@
 //! concerns (authentication, body limits). Handlers read the request, call
 //! into [`crate::relay`], and turn what it returns into a response.
 //!
-//! - [`chat`]: `POST /v1/chat/completions` and `POST /v1/messages`;
+//! - [`chat`]: `POST /v1/chat/completions`, `POST /v1/messages` and
+//!   `POST /v1/responses`;
+//! - [`responses`]: the OpenAI Responses API's own resume, state and
+//!   cancel (`GET /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`);
 //! - [`streams`]: resume, state and cancel of a stream by id;
 //! - [`ops`]: health, metrics, `/admin/drain`, and the demo page;
 //! - [`sse`]: the head of every event-stream answer;
@@ -11,6 +14,7 @@
 pub mod chat;
 pub mod error;
 pub mod ops;
+pub mod responses;
 pub mod sse;
 pub mod streams;
 
@@ -65,6 +69,24 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Who asks, on the OpenAI Responses routes: [`owner`](Self::owner) on
+    /// a gateway with client keys; on an open one, a hash of the key the
+    /// client presents (its own provider key), so that the SDKs' own
+    /// `GET /v1/responses/{id}` with another key finds nothing, as on
+    /// OpenAI's API. No key at all is `anonymous`.
+    pub fn responses_owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        if self.key_hashes.is_some() {
+            return self.owner(headers);
+        }
+        let presented = bearer(headers)
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        Ok(presented.map_or_else(|| "anonymous".into(), |k| hash_hex(k.as_bytes())))
+    }
+}
+
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -110,6 +132,9 @@ pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/v1/chat/completions", post(chat::openai))
         .route("/v1/messages", post(chat::anthropic))
+        .route("/v1/responses", post(chat::responses))
+        .route("/v1/responses/{id}", get(responses::retrieve))
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route(
             "/v1/streams/{id}",
             get(streams::resume).delete(streams::cancel),

@@ -127,6 +127,7 @@ impl Wire for AnthropicMessages {
                         signature: Some(field("signature")).filter(|s| !s.is_empty()),
                         start,
                         stopped: false,
+                        parts: 0,
                     });
                 }
                 Some("content_block_delta") => {

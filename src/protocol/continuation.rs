@@ -60,6 +60,9 @@ pub struct Block {
     pub text: String,
     pub signature: Option<String>,
     pub stopped: bool,
+    /// Content parts opened (OpenAI Responses: a message's
+    /// `content_part.added`, a reasoning item's `summary_part.added`).
+    pub parts: u32,
 }
 
 /// What was already said, read back from the stored events.
@@ -77,6 +80,9 @@ pub struct Partial {
     pub last_seq: u64,
     /// The answer's own last event was stored (Anthropic `message_stop`).
     pub ended: bool,
+    /// The response object of the last lifecycle event stored (OpenAI
+    /// Responses `response.created`, `response.in_progress`, …).
+    pub response: Option<Value>,
 }
 
 impl Partial {

@@ -9,6 +9,7 @@
 //! - [`openai`]: OpenAI chat completions (`POST /v1/chat/completions`), and
 //!   every server that speaks it (vLLM, SGLang, Ollama, llama.cpp, DeepSeek);
 //! - [`anthropic`]: Anthropic Messages (`POST /v1/messages`);
+//! - [`responses`]: OpenAI Responses (`POST /v1/responses`);
 //! - [`sse`]: `text/event-stream` decoding and framing, shared by all;
 //! - [`request`]: reading the few request fields the gateway checks;
 //! - [`continuation`]: what all protocols share when an answer is continued.
@@ -20,10 +21,11 @@ pub mod anthropic;
 pub mod continuation;
 pub mod openai;
 pub mod request;
+pub mod responses;
 pub mod sse;
 
 use axum::http::{HeaderName, HeaderValue};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -40,16 +42,23 @@ pub enum Protocol {
     OpenAi,
     #[serde(rename = "anthropic")]
     Anthropic,
+    #[serde(rename = "openai_responses")]
+    OpenAiResponses,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 2] = [Protocol::OpenAi, Protocol::Anthropic];
+    pub const ALL: [Protocol; 3] = [
+        Protocol::OpenAi,
+        Protocol::Anthropic,
+        Protocol::OpenAiResponses,
+    ];
 
     /// What this protocol's bytes mean.
     pub fn wire(self) -> &'static dyn Wire {
         match self {
             Protocol::OpenAi => &openai::OpenAiChat,
             Protocol::Anthropic => &anthropic::AnthropicMessages,
+            Protocol::OpenAiResponses => &responses::OpenAiResponses,
         }
     }
 
@@ -198,6 +207,18 @@ pub trait Wire: Sync {
 
     /// The message of a provider's error body in this protocol's shape.
     fn error_message(&self, body: &Value) -> Option<String>;
+
+    /// Whether events are rewritten once numbered ([`stamp`](Self::stamp)):
+    /// checked once per run, so other protocols pay nothing per event.
+    fn stamps(&self) -> bool {
+        false
+    }
+
+    /// Event `seq` (named `name`) of stream `id` as its clients see it
+    /// (OpenAI Responses: numbered `seq - 1`, its response named `id`).
+    fn stamp(&self, _id: &str, _seq: u64, _name: Option<&str>, data: Bytes) -> Bytes {
+        data
+    }
 }
 
 /// The header a client names its conversation with, so that routing keeps

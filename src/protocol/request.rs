@@ -14,6 +14,9 @@ pub struct Summary<'a> {
     /// The request declares tools (`tools`, or the older `functions`): its
     /// answer may call one, so its stream is read for tool calls.
     pub tools: bool,
+    /// `background: true` (OpenAI Responses): generated whether or not a
+    /// client is attached.
+    pub background: bool,
 }
 
 /// Why a request body is refused (a 400 in the protocol's shape).
@@ -97,6 +100,40 @@ pub fn chat(body: &[u8], max_tokens_required: bool) -> Result<Summary<'_>, Reque
         model,
         stream,
         tools,
+        background: false,
+    })
+}
+
+/// An OpenAI Responses request: `model`, and `input` as a non-empty
+/// string or a non-empty array of items; `background` a boolean.
+pub fn responses(body: &[u8]) -> Result<Summary<'_>, RequestError> {
+    let mut fields = read(body)?;
+    let model = fields.take_model()?;
+    match fields.input {
+        Some(Shape::Array { empty: false }) => {}
+        Some(Shape::Str(ref s)) if !s.is_empty() => {}
+        Some(Shape::Array { empty: true }) | Some(Shape::Str(_)) => {
+            return Err(RequestError::Invalid("`input` must not be empty"));
+        }
+        Some(_) => {
+            return Err(RequestError::Invalid(
+                "`input` must be a string or an array of input items",
+            ));
+        }
+        None => return Err(RequestError::Invalid("missing required field `input`")),
+    }
+    let stream = fields.stream()?;
+    let background = match fields.background {
+        None | Some(Shape::Null) => false,
+        Some(Shape::Bool(b)) => b,
+        Some(_) => return Err(RequestError::Invalid("`background` must be a boolean")),
+    };
+    let tools = matches!(fields.tools, Some(Shape::Array { empty: false }));
+    Ok(Summary {
+        model,
+        stream,
+        tools,
+        background,
     })
 }
 
@@ -140,7 +177,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The request body as validation reads it: an object's four checked
+/// The request body as validation reads it: an object's checked
 /// fields, each reduced to its [`Shape`], and nothing else kept. Rule: no
 /// JSON tree of the whole body (benches/OPTIMISATIONS.md, "validation").
 /// A repeated key counts by its last value, as it would in a parsed object.
@@ -153,6 +190,8 @@ pub struct Fields<'a> {
     max_tokens: Option<Shape<'a>>,
     stream: Option<Shape<'a>>,
     tools: Option<Shape<'a>>,
+    input: Option<Shape<'a>>,
+    background: Option<Shape<'a>>,
 }
 
 /// What validation needs to know of a JSON value.
@@ -189,6 +228,8 @@ enum Key {
     MaxTokens,
     Stream,
     Tools,
+    Input,
+    Background,
     Other,
 }
 
@@ -207,6 +248,8 @@ impl<'de> Deserialize<'de> for Key {
                     "max_tokens" => Key::MaxTokens,
                     "stream" => Key::Stream,
                     "tools" | "functions" => Key::Tools,
+                    "input" => Key::Input,
+                    "background" => Key::Background,
                     _ => Key::Other,
                 })
             }
@@ -268,6 +311,8 @@ impl<'de> Visitor<'de> for ShapeVisitor {
                 Key::MaxTokens => &mut fields.max_tokens,
                 Key::Stream => &mut fields.stream,
                 Key::Tools => &mut fields.tools,
+                Key::Input => &mut fields.input,
+                Key::Background => &mut fields.background,
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;

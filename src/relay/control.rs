@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{Access, Relay, RelayError, protocol_of};
 use crate::protocol::continuation::ToolCall;
-use crate::stream::{AbortKind, Status};
+use crate::stream::{AbortKind, Event, Status, StreamRecord};
 
 /// What `GET /v1/streams/{id}/state` answers.
 #[derive(Debug, Serialize)]
@@ -49,9 +49,17 @@ pub struct ChoiceState {
 /// read right after its answer agrees.
 const CANCEL_SETTLE: Duration = Duration::from_secs(2);
 
+/// A stream as the store holds it.
+pub struct Stored {
+    pub record: StreamRecord,
+    /// Where it stands: `Running` only while a process runs it.
+    pub status: Status,
+    pub events: Vec<Event>,
+}
+
 impl Relay {
-    /// The stream's record and what its stored events say so far.
-    pub async fn state(&self, id: &str, access: Access<'_>) -> Result<StreamState, RelayError> {
+    /// The stream's record, where it stands, and its stored events.
+    pub async fn stored(&self, id: &str, access: Access<'_>) -> Result<Stored, RelayError> {
         let record = self
             .store
             .get(id)
@@ -59,12 +67,26 @@ impl Relay {
             .ok_or_else(|| self.unknown(id, access))?;
         self.allows(access, id, &record.owner)?;
         let events = self.store.events_after(id, 0).await?;
-        let partial = protocol_of(&record).wire().partial(&events);
         let local = self.registry.get(id).is_some();
         let status = match record.status {
             Status::Running if !local && !self.store.lease_alive(id).await? => Status::Interrupted,
             other => other,
         };
+        Ok(Stored {
+            record,
+            status,
+            events,
+        })
+    }
+
+    /// The stream's record and what its stored events say so far.
+    pub async fn state(&self, id: &str, access: Access<'_>) -> Result<StreamState, RelayError> {
+        let Stored {
+            record,
+            status,
+            events,
+        } = self.stored(id, access).await?;
+        let partial = protocol_of(&record).wire().partial(&events);
         Ok(StreamState {
             id: record.id,
             status: status.as_str(),

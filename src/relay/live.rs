@@ -266,6 +266,7 @@ impl Drop for Subscription {
         }
         match live.policy {
             DisconnectPolicy::Cancel => live.cancel(AbortKind::ClientGone),
+            DisconnectPolicy::Keep => {}
             DisconnectPolicy::Grace(wait) => {
                 tracing::info!(stream = %live.who.id, grace = ?wait, "the stream's last client left; generating on for its return");
                 let live = live.clone();

@@ -306,14 +306,26 @@ impl Relay {
     }
 
     /// A run of stream `who` in this process, for events after `base`: its
-    /// token a child of the drain's, its disconnect policy the config's.
-    fn new_live(&self, who: StreamIdentity, owner: &str, base: u64) -> Arc<LiveStream> {
+    /// token a child of the drain's, its disconnect policy the config's
+    /// (`background`: generated to the end, attached or not).
+    fn new_live(
+        &self,
+        who: StreamIdentity,
+        owner: &str,
+        base: u64,
+        background: bool,
+    ) -> Arc<LiveStream> {
+        let policy = if background {
+            DisconnectPolicy::Keep
+        } else {
+            self.settings.on_client_disconnect
+        };
         Arc::new(LiveStream::new(
             who,
             owner.to_owned(),
             base,
             self.drain.streams.child_token(),
-            self.settings.on_client_disconnect,
+            policy,
             self.drain.tracker.clone(),
             self.settings.limits.live_buffer_bytes,
         ))

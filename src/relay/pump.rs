@@ -128,6 +128,8 @@ struct Flow {
     /// Scratch: events the hold lets through, a splice's output.
     released: Vec<SseEvent>,
     spliced: Vec<crate::protocol::continuation::Out>,
+    /// The protocol rewrites each event once numbered (`Wire::stamp`).
+    stamp: bool,
 }
 
 /// An SSE event name as stored (none for the default `message`).
@@ -232,6 +234,7 @@ impl Pump {
             ttft: None,
             released: Vec::new(),
             spliced: Vec::new(),
+            stamp: self.protocol.wire().stamps(),
         };
         let mut headers = response.headers;
         if let Some(name) = &self.upstream.name_header {
@@ -917,10 +920,16 @@ impl Pump {
         if flow.splice.is_none() && flow.hold.is_none() {
             // Most streams: every event goes to the client as it comes.
             flow.seq += 1;
+            let name = stored_name(event.name.as_deref());
+            let data = if flow.stamp {
+                wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
+            } else {
+                event.data
+            };
             batch.push(Event {
                 seq: flow.seq,
-                name: stored_name(event.name.as_deref()),
-                data: event.data,
+                name,
+                data,
             });
             return terminal.map(|_| Stop::End(End::Done));
         }
@@ -951,12 +960,19 @@ impl Pump {
 
     /// Number what the hold released into `batch`.
     fn number(&self, flow: &mut Flow, batch: &mut Vec<Event>) {
+        let wire = self.protocol.wire();
         for event in flow.released.drain(..) {
             flow.seq += 1;
+            let name = stored_name(event.name.as_deref());
+            let data = if flow.stamp {
+                wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
+            } else {
+                event.data
+            };
             batch.push(Event {
                 seq: flow.seq,
-                name: stored_name(event.name.as_deref()),
-                data: event.data,
+                name,
+                data,
             });
         }
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::live::LiveStream;
 use super::pump::{Continued, Pump, Route};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
-use crate::protocol::Plan;
+use crate::protocol::{Plan, Protocol};
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
 use crate::trace::{RunTrace, Scope};
 use crate::upstream::has_credential;
@@ -111,7 +111,7 @@ impl Relay {
         cursor: u64,
         is_resume: bool,
     ) -> Attached {
-        let live = self.new_live(who, owner, 0);
+        let live = self.new_live(who, owner, 0, false);
         let (live, created) = self.registry.get_or_insert(&live.who.id.clone(), || live);
         if created {
             self.drain
@@ -171,7 +171,10 @@ impl Relay {
                     .closing(&partial)
                     .into_iter()
                     .zip(partial.last_seq + 1..)
-                    .map(|((name, data), seq)| Event { seq, name, data })
+                    .map(|((name, data), seq)| {
+                        let data = wire.stamp(id, seq, name.as_deref(), data);
+                        Event { seq, name, data }
+                    })
                     .collect();
                 if closing.is_empty() {
                     self.store
@@ -232,7 +235,9 @@ impl Relay {
         // limits of the stream's owner like the run it continues (a place
         // taken by a resume that then joins another's run is given back).
         let permit = self.stream_permit(&record.owner)?;
-        let live = self.new_live(who.clone(), &record.owner, partial.last_seq);
+        let background = who.protocol == Protocol::OpenAiResponses
+            && original.get("background").and_then(Value::as_bool) == Some(true);
+        let live = self.new_live(who.clone(), &record.owner, partial.last_seq, background);
         let (live, created) = self.registry.get_or_insert(id, || live);
         if !created {
             // Another resume started it a moment ago: follow that run.

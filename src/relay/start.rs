@@ -36,6 +36,12 @@ pub struct NewStream<'a> {
     pub model: Box<str>,
     /// The client's route key, if it gave one.
     pub route_key: Option<String>,
+    /// Generated to the end whether or not a client is attached (OpenAI
+    /// Responses `background: true`).
+    pub background: bool,
+    /// What the provider is sent, when it is not `body` (a background
+    /// request streams from the provider like any other).
+    pub upstream_body: Option<Bytes>,
 }
 
 /// How long an idempotent retry waits for the stream its key started to
@@ -53,7 +59,11 @@ impl Relay {
     /// into this one's whole, and that copy is paid for every stream.
     pub async fn start(self: &Arc<Self>, new: NewStream<'_>) -> Result<Attached, RelayError> {
         self.admit()?;
-        let id = format!("tg_{}", random_string(15));
+        let id = match new.protocol {
+            // The id the SDKs resume by (`responses.retrieve`).
+            Protocol::OpenAiResponses => format!("resp_{}", random_string(15)),
+            _ => format!("tg_{}", random_string(15)),
+        };
         if let Some(key) = new.idempotency_key {
             let entry = IdempotencyEntry {
                 stream_id: id.clone(),
@@ -111,7 +121,7 @@ impl Relay {
             instance: self.instance.clone(),
         };
         let who = self.identity(&id, &new.owner, new.protocol, new.continuable);
-        let live = self.new_live(who.clone(), &new.owner, 0);
+        let live = self.new_live(who.clone(), &new.owner, 0, new.background);
         live.hold(permit);
         // In the registry before the record exists: whoever finds the record
         // (an idempotent retry) finds this run too, and never starts another.
@@ -148,7 +158,7 @@ impl Relay {
                 pinned,
                 moved: false,
             },
-            body: new.body,
+            body: new.upstream_body.unwrap_or(new.body),
             client_headers: forwardable(new.client_headers),
             tools: new.tools,
             continued: None,

@@ -221,6 +221,8 @@ async fn start(relay: &Arc<Relay>, body: String) -> (String, Read) {
             idempotency_key: None,
             model: "mock-model".into(),
             route_key: None,
+            background: false,
+            upstream_body: None,
         })
         .await
         .unwrap();
