@@ -150,6 +150,9 @@ pub async fn run(
             .spawn(async move { drain.listen_for_signals(signals).await });
     }
     drain.tracker.spawn(sweep(store.clone(), drain.clone()));
+    drain
+        .tracker
+        .spawn(crate::relay::background::run(relay.clone()));
     // A canary resumes the phase it was in (kept in the store).
     for rollout in relay.upstreams.rollouts() {
         rollout.adopt(&store).await;

@@ -358,9 +358,11 @@ pub fn view(record: &StreamRecord, status: Status, events: &[Event]) -> Value {
     response["background"] = json!(background);
     let said = match status {
         Status::Running if partial.response.is_none() => "queued",
-        // A background response is continued with no client (and a
-        // foreground one by its client's resume): still in progress.
-        Status::Running | Status::Interrupted => "in_progress",
+        Status::Running => "in_progress",
+        // A background response is continued with no client: still in
+        // progress. A foreground one waits for its client's resume.
+        Status::Interrupted if background => "in_progress",
+        Status::Interrupted => "incomplete",
         Status::Completed => partial
             .response
             .as_ref()
@@ -372,6 +374,9 @@ pub fn view(record: &StreamRecord, status: Status, events: &[Event]) -> Value {
         Status::Failed => "failed",
     };
     response["status"] = json!(said);
+    if status == Status::Interrupted && !background {
+        response["incomplete_details"] = json!({"reason": "interrupted"});
+    }
     if status == Status::Failed {
         let reason = record.reason.as_deref().unwrap_or("failed");
         let (code, message) = reason.split_once(": ").unwrap_or((reason, reason));

@@ -6,6 +6,7 @@
 //! - [`resume`]: a client that comes back: follow, replay, continue;
 //! - [`remote`]: following a run that another replica holds;
 //! - [`control`]: a stream's state and its cancellation;
+//! - [`background`]: background responses continued with no client;
 //! - [`passthrough`]: a non-streaming request;
 //! - [`pump`]: the one task per run that talks to the provider and writes
 //!   ahead to the store;
@@ -17,6 +18,7 @@
 //! The HTTP layer calls [`Relay`]'s methods and turns what they return into
 //! responses; nothing here knows a route.
 
+pub mod background;
 pub mod control;
 pub mod end;
 pub mod live;

@@ -127,9 +127,14 @@ impl Relay {
         // (an idempotent retry) finds this run too, and never starts another.
         self.registry.get_or_insert(&id, || live.clone());
         let (store, instance) = (self.store.clone(), self.instance.clone());
+        let background = new.background;
         let recording: Recording = Box::pin(async move {
             store.create(&record).await?;
-            store.try_lease(&record.id, &instance).await.map(|_| ())
+            store.try_lease(&record.id, &instance).await?;
+            if background {
+                store.add_background(&record.id).await?;
+            }
+            Ok(())
         });
         // Subscribe before the pump starts: if this client leaves while we
         // wait for the provider, the subscription's drop cancels the pump.

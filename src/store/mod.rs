@@ -77,6 +77,9 @@ pub enum StoreError {
     /// alone fill it (finished ones were evicted to make room).
     #[error("store is full: running streams hold {held} of its {max} bytes (store.max_bytes)")]
     Full { held: u64, max: u64 },
+    /// As many background responses are pending as the store tracks.
+    #[error("store is full: {0} background responses are pending, as many as it tracks")]
+    TooManyBackground(usize),
     /// The memory store's lock was poisoned by a panic while it was held.
     #[error("store is unavailable: memory store lock poisoned")]
     Poisoned,
@@ -133,6 +136,14 @@ pub enum Corruption {
     #[error("stream entry {0} holds no event batch")]
     NoBatch(String),
 }
+
+/// The meta key local stores keep the background responses under.
+const BACKGROUND_KEY: &str = "background";
+/// Background responses a store keeps track of at most: past it, a new one
+/// is refused (503 `store_full`) rather than grow the list without bound.
+pub const MAX_BACKGROUND: usize = 10_000;
+/// Serialises a local store's read-modify-write of its background list.
+static BACKGROUND_LIST: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -254,6 +265,42 @@ pub trait Store: Send + Sync {
     /// phase): `key` is `[a-z0-9_-]`, the value at most a few KiB.
     async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError>;
     async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Remember stream `id` as a background response (OpenAI Responses
+    /// `background: true`): whichever process finds it interrupted
+    /// continues it, with no client attached. Local stores keep the list in
+    /// one meta value (only this process writes it); Redis in a set.
+    async fn add_background(&self, id: &str) -> Result<(), StoreError> {
+        let _guard = BACKGROUND_LIST.lock().await;
+        let mut ids = self.background().await?;
+        if ids.len() >= MAX_BACKGROUND {
+            return Err(StoreError::TooManyBackground(MAX_BACKGROUND));
+        }
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_owned());
+        }
+        self.put_meta(BACKGROUND_KEY, &serde_json::Value::from(ids).to_string())
+            .await
+    }
+    /// Forget background response `id` (it ended, or it expired).
+    async fn remove_background(&self, id: &str) -> Result<(), StoreError> {
+        let _guard = BACKGROUND_LIST.lock().await;
+        let mut ids = self.background().await?;
+        let before = ids.len();
+        ids.retain(|i| i != id);
+        if ids.len() == before {
+            return Ok(());
+        }
+        self.put_meta(BACKGROUND_KEY, &serde_json::Value::from(ids).to_string())
+            .await
+    }
+    /// The background responses not yet known to be over.
+    async fn background(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .get_meta(BACKGROUND_KEY)
+            .await?
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default())
+    }
     /// Whether other replicas share this store (runs may live elsewhere).
     fn shared(&self) -> bool;
     /// A secret kept with the data (embedded), for resume tokens when none

@@ -72,6 +72,8 @@ fn lease_key(id: &str) -> String {
 fn cancel_key(id: &str) -> String {
     format!("tg:{{{id}}}:cancel")
 }
+/// The background responses not yet known to be over, for every replica.
+const BACKGROUND_SET: &str = "tg:background";
 
 /// Renew or release a lease only if we still hold it.
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
@@ -576,6 +578,53 @@ where
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(()) // every acknowledged write is already in Redis
+    }
+
+    /// One set every replica reads: `SADD` / `SREM` race with no one.
+    async fn add_background(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let count: u64 = self
+            .run(
+                redis::cmd("SCARD")
+                    .arg(BACKGROUND_SET)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if count as usize >= crate::store::MAX_BACKGROUND {
+            return Err(StoreError::TooManyBackground(crate::store::MAX_BACKGROUND));
+        }
+        let _: u64 = self
+            .run(
+                redis::cmd("SADD")
+                    .arg(BACKGROUND_SET)
+                    .arg(id)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_background(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: u64 = self
+            .run(
+                redis::cmd("SREM")
+                    .arg(BACKGROUND_SET)
+                    .arg(id)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn background(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(
+            redis::cmd("SMEMBERS")
+                .arg(BACKGROUND_SET)
+                .query_async(&mut conn),
+        )
+        .await
     }
 
     fn shared(&self) -> bool {
