@@ -67,6 +67,16 @@ impl Protocol {
         self.wire().name()
     }
 
+    /// The provider whose API it is: OpenAI's chat completions and
+    /// Responses are one family (a model routed to one has the other beside
+    /// it).
+    pub fn family(self) -> &'static str {
+        match self {
+            Protocol::OpenAi | Protocol::OpenAiResponses => "openai",
+            Protocol::Anthropic => "anthropic",
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Protocol> {
         Protocol::ALL.into_iter().find(|p| p.as_str() == name)
     }

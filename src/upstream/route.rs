@@ -69,8 +69,10 @@ impl Upstreams {
     }
 
     /// The group that serves `model` for a client speaking `protocol`, in
-    /// config order; empty when none does, or the first match speaks
-    /// another protocol.
+    /// config order; empty when none does, or the first match is another
+    /// provider's (another protocol family: OpenAI's chat completions and
+    /// Responses are one provider's two APIs, and a model served by one is
+    /// served by an upstream of the other beside it, with the same glob).
     pub fn group(&self, model: &str, protocol: Protocol) -> Vec<&Arc<Upstream>> {
         let glob_of = |u: &Upstream| {
             u.config
@@ -82,7 +84,7 @@ impl Upstreams {
         let Some((first, glob)) = self.all.iter().find_map(|u| glob_of(u).map(|g| (u, g))) else {
             return Vec::new();
         };
-        if first.config.protocol != protocol {
+        if first.config.protocol.family() != protocol.family() {
             return Vec::new();
         }
         self.all
@@ -222,7 +224,7 @@ mod tests {
 
     #[test]
     fn routes_first_match_of_the_protocol() {
-        let file = "[[upstreams]]\nname=\"a\"\nbase_url=\"http://a/v1\"\nmodels=[\"gpt-*\"]\n[[upstreams]]\nname=\"c\"\nprotocol=\"anthropic\"\nbase_url=\"http://c/v1\"\nmodels=[\"claude-*\"]\n[[upstreams]]\nname=\"b\"\nbase_url=\"http://b/v1\"\n";
+        let file = "[[upstreams]]\nname=\"a\"\nbase_url=\"http://a/v1\"\nmodels=[\"gpt-*\"]\n[[upstreams]]\nname=\"c\"\nprotocol=\"anthropic\"\nbase_url=\"http://c/v1\"\nmodels=[\"claude-*\"]\n[[upstreams]]\nname=\"b\"\nbase_url=\"http://b/v1\"\n[[upstreams]]\nname=\"r\"\nprotocol=\"openai_responses\"\nbase_url=\"http://a/v1\"\nmodels=[\"gpt-*\"]\n";
         let config =
             Config::from_toml(file, &std::collections::HashMap::<String, String>::new()).unwrap();
         let upstreams = Upstreams::new(
@@ -242,6 +244,13 @@ mod tests {
         assert_eq!(name("claude-3", Protocol::Anthropic).as_deref(), Some("c"));
         // The first match speaks another protocol: no route.
         assert_eq!(name("claude-3", Protocol::OpenAi), None);
+        // The other API of the first match's provider: its upstream beside
+        // it, with the same glob.
+        assert_eq!(
+            name("gpt-4", Protocol::OpenAiResponses).as_deref(),
+            Some("r")
+        );
+        assert_eq!(name("llama", Protocol::OpenAiResponses), None);
         assert_eq!(
             upstreams.named("b").map(|u| u.config.name.as_str()),
             Some("b")

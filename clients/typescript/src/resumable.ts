@@ -68,7 +68,7 @@ export interface ResumableFetchOptions {
   onResumed?: (info: ResumedInfo) => void;
   /**
    * Maps a stream id to its resume URL. Default: the request URL with its
-   * `/v1/chat/completions` (or `/v1/messages`) suffix replaced by
+   * `/v1/chat/completions` (or `/v1/messages`, `/v1/responses`) suffix replaced by
    * `/v1/streams/{id}`, so a path prefix in front of the gateway is kept.
    */
   resumeUrl?: (streamId: string, requestUrl: URL) => string | URL;
@@ -469,6 +469,15 @@ class IdleTimeoutError extends Error {
   }
 }
 
+/**
+ * The answer's own last event, in the protocols that have no `[DONE]`:
+ * Anthropic's `message_stop`, the OpenAI Responses API's
+ * `response.completed` / `response.incomplete`.
+ */
+function endsStream(event: string | undefined): boolean {
+  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
+}
+
 function parseAbort(data: string): TidegateAbortInfo | undefined {
   if (!data.includes('"error"')) return undefined;
   try {
@@ -521,7 +530,7 @@ function splice(firstBody: ReadableStream<Uint8Array>, ctx: Ctx): ReadableStream
       current = reader;
       const decoder = new TextDecoder();
       const parser = new SseParser();
-      let finished = false; // [DONE], message_stop, or a final (non-resumable) abort event
+      let finished = false; // [DONE], message_stop, response.completed, or a final (non-resumable) abort event
       let sawMessageStop = false;
       let progressed = false;
       let why: unknown;
@@ -539,7 +548,7 @@ function splice(firstBody: ReadableStream<Uint8Array>, ctx: Ctx): ReadableStream
               if (seq !== ctx.lastEventId + 1) throw new StreamGapError(ctx.streamId, ctx.lastEventId + 1, seq);
               ctx.lastEventId = seq;
               progressed = true;
-              if (ev.event === "message_stop") sawMessageStop = true;
+              if (endsStream(ev.event)) sawMessageStop = true;
               yield encoder.encode(serializeEvent({ id: ev.id, event: ev.event, data: ev.data } as SseEvent));
               continue;
             }
@@ -563,11 +572,11 @@ function splice(firstBody: ReadableStream<Uint8Array>, ctx: Ctx): ReadableStream
               finished = true;
               break reading;
             }
-            if (ev.event === "message_stop") sawMessageStop = true;
+            if (endsStream(ev.event)) sawMessageStop = true;
             yield encoder.encode(serializeEvent({ data: ev.data, event: ev.event } as SseEvent));
           }
           if (done) {
-            if (sawMessageStop) finished = true; // Anthropic streams end without [DONE]
+            if (sawMessageStop) finished = true; // Anthropic and Responses streams end without [DONE]
             else why = new Error("the connection ended before the stream was complete");
             break;
           }

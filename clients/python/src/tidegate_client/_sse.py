@@ -31,8 +31,13 @@ class ServerSentEvent:
         return json.loads(self.data)
 
     def is_done(self) -> bool:
-        """``data: [DONE]`` (OpenAI) or ``event: message_stop`` (Anthropic)."""
-        return self.data.strip() == "[DONE]" or self.event == "message_stop"
+        """``data: [DONE]`` (OpenAI chat), ``event: message_stop`` (Anthropic), or
+        ``event: response.completed`` / ``response.incomplete`` (OpenAI Responses)."""
+        return self.data.strip() == "[DONE]" or self.event in (
+            "message_stop",
+            "response.completed",
+            "response.incomplete",
+        )
 
 
 class SSEParser:
