@@ -24,6 +24,7 @@ mod hostile;
 mod limits;
 mod relay;
 mod replicas;
+mod responses;
 mod resume;
 mod routing;
 mod telemetry;
