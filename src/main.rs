@@ -209,7 +209,7 @@ fn mock(listen: String, api_key: Option<String>, faults: tidegate::mock::Faults)
         };
         if let Ok(address) = listener.local_addr() {
             println!("listening on http://{address}");
-            tracing::info!(%address, "mock provider serving /v1/chat/completions, /v1/messages, /mock/stats, /mock/requests");
+            tracing::info!(%address, "mock provider serving /v1/chat/completions, /v1/messages, /v1/responses (+ /{{id}}, /{{id}}/cancel), /mock/stats, /mock/requests");
         }
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;

@@ -15,8 +15,8 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::plan::{Hostile, Plan};
-use super::{Dialect, Ending, Outcome, Renderer, Stats, sse};
+use super::plan::{Delivery, Hostile};
+use super::{Ending, Outcome, Renderer, Stats, sse};
 
 /// One write of an endless body.
 const BLOCK: usize = 64 * 1024;
@@ -35,16 +35,17 @@ const JSON_OPENING: &str = r#"{"id":"chatcmpl-mock","object":"chat.completion","
 type Chunks =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
-/// The answer `kind` gives instead of `plan`'s; `status` overrides the
-/// head's (200, a redirect's 302, an error body's 500).
+/// The answer `kind` gives instead of the one `renderer` would stream;
+/// `status` overrides the head's (200, a redirect's 302, an error body's
+/// 500).
 pub fn answer(
     kind: Hostile,
-    plan: Plan,
-    dialect: Dialect,
+    renderer: Renderer,
+    delivery: &Delivery,
     stats: Arc<Stats>,
     status: Option<StatusCode>,
 ) -> Response {
-    let interval = Some(plan.delivery.interval)
+    let interval = Some(delivery.interval)
         .filter(|i| !i.is_zero())
         .unwrap_or(TRICKLE);
     let (default, content_type, body): (StatusCode, &str, Body) = match kind {
@@ -56,24 +57,17 @@ pub fn answer(
         Hostile::EndlessStream => (
             StatusCode::OK,
             "text/event-stream",
-            Body::from_stream(flood(plan, dialect, stats)),
+            Body::from_stream(flood(renderer, delivery.hostile_events, stats)),
         ),
         Hostile::CommentsOnly => (
             StatusCode::OK,
             "text/event-stream",
-            Body::from_stream(trickle(
-                plan,
-                dialect,
-                stats,
-                interval,
-                b"",
-                b": keepalive\n\n",
-            )),
+            Body::from_stream(trickle(renderer, stats, interval, b"", b": keepalive\n\n")),
         ),
         Hostile::Drip => (
             StatusCode::OK,
             "text/event-stream",
-            Body::from_stream(trickle(plan, dialect, stats, interval, b"data: ", b"x")),
+            Body::from_stream(trickle(renderer, stats, interval, b"data: ", b"x")),
         ),
         Hostile::Html => (StatusCode::OK, "text/html; charset=utf-8", Body::from(HTML)),
         Hostile::Redirect => (StatusCode::FOUND, "text/html", Body::empty()),
@@ -101,7 +95,7 @@ pub fn answer(
 fn endless(stats: Arc<Stats>, opening: &'static [u8], block: &'static [u8]) -> Body {
     let chunks: Chunks = Box::pin(async_stream::stream! {
         // Never finished: a drop is the peer leaving.
-        let _outcome = Outcome { stats, ending: Ending::Running };
+        let _outcome = Outcome::new(stats);
         if !opening.is_empty() {
             yield Ok(Bytes::from_static(opening));
         }
@@ -122,11 +116,9 @@ fn next_event(renderer: &mut Renderer, stats: &Stats) -> Option<(Bytes, bool)> {
 
 /// `endless_stream`: the opening, then the first unit's event again and
 /// again; after `hostile_events` repeats, the rest of the answer.
-fn flood(plan: Plan, dialect: Dialect, stats: Arc<Stats>) -> Chunks {
-    let limit = plan.delivery.hostile_events;
-    let mut renderer = Renderer::new(plan, dialect);
+fn flood(mut renderer: Renderer, limit: Option<u64>, stats: Arc<Stats>) -> Chunks {
     Box::pin(async_stream::stream! {
-        let mut outcome = Outcome { stats: stats.clone(), ending: Ending::Running };
+        let mut outcome = Outcome::new(stats.clone());
         let mut unit = None;
         while let Some((event, is_unit)) = next_event(&mut renderer, &stats) {
             yield Ok(event.clone());
@@ -170,16 +162,14 @@ fn flood(plan: Plan, dialect: Dialect, stats: Arc<Stats>) -> Chunks {
 /// `comments_only` / `drip`: the opening and first unit, then `start`,
 /// then `piece` once per `interval`, for ever.
 fn trickle(
-    plan: Plan,
-    dialect: Dialect,
+    mut renderer: Renderer,
     stats: Arc<Stats>,
     interval: Duration,
     start: &'static [u8],
     piece: &'static [u8],
 ) -> Chunks {
-    let mut renderer = Renderer::new(plan, dialect);
     Box::pin(async_stream::stream! {
-        let _outcome = Outcome { stats: stats.clone(), ending: Ending::Running };
+        let _outcome = Outcome::new(stats.clone());
         while let Some((event, is_unit)) = next_event(&mut renderer, &stats) {
             yield Ok(event);
             if is_unit {

@@ -1,5 +1,9 @@
 //! `tidegate mock-upstream`: a deterministic OpenAI- and Anthropic-compatible
 //! provider for demos, tests and benchmarks, as strict as the real ones.
+//! It serves OpenAI's chat completions (`POST /v1/chat/completions`) and
+//! Responses API (`POST /v1/responses`, `GET /v1/responses/{id}`, `POST
+//! /v1/responses/{id}/cancel`), and Anthropic's Messages (`POST
+//! /v1/messages`).
 //!
 //! The answer to a request is drawn from its messages (the same for the
 //! same conversation), one unit per chunk: a word of reasoning or text, a
@@ -37,6 +41,34 @@
 //! shows the last 256 received (never a key). `GET /v1/models` lists the
 //! models in the protocol's shape (with the same credentials).
 //!
+//! The Responses API ([`responses`], [`background`]) answers the same
+//! conversation with the same words: its `input` (and `instructions`, as a
+//! leading system message) becomes the chat messages the plan is drawn
+//! from, `max_output_tokens` (at least 16) the budget. It refuses what
+//! OpenAI refuses: a parameter it does not have (`messages`, `max_tokens`,
+//! `n`, …: `unknown_parameter`), a chat-shaped tool, an input item of an
+//! unknown type or with a part its role may not send, a function call
+//! output without its call, `previous_response_id` (nothing is kept as a
+//! conversation: `previous_response_not_found`), `background` without
+//! `store`. There is no prefill: a trailing assistant message is history;
+//! `[assistant partial, user]` is the re-ask, answered as the chat API's.
+//! A stream is named events (`event: <type>`), each `data` with its `type`
+//! and a `sequence_number` from 0, no `[DONE]`: `response.created`,
+//! `response.in_progress`, per output item (reasoning summary, message,
+//! function call) its `output_item.added`, content events and
+//! `output_item.done`, then `response.completed`, or
+//! `response.incomplete` when `max_output_tokens` cut the answer. A unit
+//! is one delta event. `error_after_events` sends OpenAI's `error` event.
+//! Stored responses (`store`, the default; the last 1,024) are served by
+//! `GET /v1/responses/{id}`. `background: true` runs the generation as a
+//! task of the mock that no connection owns (`response.queued` after
+//! `response.created`; a client leaving does not stop it):
+//! `?stream=true&starting_after=N` replays the events after N and follows
+//! the live ones, `…/cancel` stops it (status `cancelled`, counted in
+//! `requests_cancelled`). There a connection's faults (`cut_after_events`,
+//! `fail_after`, `--die-after`, `stall_after`) cut the connection, not the
+//! generation, so a cut background stream can be resumed.
+//!
 //! Faults of the whole instance ([`Faults`], so a test can run two or three
 //! mocks as providers and break one): `--fail-rate P` (every request whose
 //! index crosses a multiple of 1/P answers `--fail-status`, default 500, in
@@ -46,9 +78,11 @@
 //! `GET /mock/faults` shows them and `PUT /mock/faults` (a JSON object of the
 //! same names) changes them while the mock runs.
 
+mod background;
 mod hostile;
 mod plan;
 mod render;
+mod responses;
 #[cfg(test)]
 mod tests;
 
@@ -100,6 +134,8 @@ pub struct Stats {
     /// Requests answered with `fail_status` by `fail_rate` or `down`.
     requests_failed: AtomicU64,
     models_requests: AtomicU64,
+    /// The Responses API's kept responses and background generations.
+    responses: background::Store,
 }
 
 /// Faults of the whole instance, for tests that run several mocks as one
@@ -280,18 +316,27 @@ pub fn router(api_key: Option<String>) -> Router {
 
 /// The mock's routes, with the instance's `faults` from the start.
 pub fn router_with(api_key: Option<String>, faults: Faults) -> Router {
+    let state = Arc::new(Stats {
+        api_key,
+        faults: Mutex::new(faults),
+        responses: background::Store::new(),
+        ..Stats::default()
+    });
+    // Background generations end with the router: its last clone dropped
+    // (the server gone) drops this guard, which cancels them.
+    let generations = Arc::new(state.responses.stop.clone().drop_guard());
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
+        .route("/v1/responses", post(responses_create))
+        .route("/v1/responses/{id}", get(background::retrieve))
+        .route("/v1/responses/{id}/cancel", post(background::cancel))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
         .route("/mock/faults", get(get_faults).put(put_faults))
         .route("/mock/requests", get(requests).delete(clear_requests))
-        .with_state(Arc::new(Stats {
-            api_key,
-            faults: Mutex::new(faults),
-            ..Stats::default()
-        }))
+        .with_state(state)
+        .layer(axum::Extension(generations))
 }
 
 async fn get_faults(State(stats): State<Arc<Stats>>) -> Response {
@@ -421,12 +466,61 @@ fn error(status: StatusCode, dialect: Dialect, message: &str, param: Option<&str
     response
 }
 
+/// OpenAI's error with the real API's `code` (`unknown_parameter`, …).
+fn error_coded(
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    let body = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The generation APIs the mock serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Messages,
+    Responses,
+}
+
+impl Api {
+    fn dialect(self) -> Dialect {
+        match self {
+            Api::Chat | Api::Responses => Dialect::OpenAi,
+            Api::Messages => Dialect::Anthropic,
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Messages => "/v1/messages",
+            Api::Responses => "/v1/responses",
+        }
+    }
+}
+
 async fn chat(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Bytes) -> Response {
-    respond(stats, &headers, body, Dialect::OpenAi).await
+    respond(stats, &headers, body, Api::Chat).await
 }
 
 async fn messages(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Bytes) -> Response {
-    respond(stats, &headers, body, Dialect::Anthropic).await
+    respond(stats, &headers, body, Api::Messages).await
+}
+
+async fn responses_create(
+    State(stats): State<Arc<Stats>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    respond(stats, &headers, body, Api::Responses).await
 }
 
 /// The credential the request carries in the dialect's own header.
@@ -485,17 +579,35 @@ fn provider_headers(response: &mut Response, dialect: Dialect, request: u64) {
     }
 }
 
-async fn respond(
-    stats: Arc<Stats>,
-    headers: &HeaderMap,
-    body: Bytes,
-    dialect: Dialect,
-) -> Response {
-    let path = match dialect {
-        Dialect::OpenAi => "/v1/chat/completions",
-        Dialect::Anthropic => "/v1/messages",
-    };
+async fn respond(stats: Arc<Stats>, headers: &HeaderMap, body: Bytes, api: Api) -> Response {
     let parsed: Result<Value, _> = serde_json::from_slice(&body);
+    let logged = parsed
+        .as_ref()
+        .map_or_else(|_| json!(String::from_utf8_lossy(&body)), Clone::clone);
+    let request = stats.request_ids.fetch_add(1, Ordering::Relaxed);
+    let response = answer(&stats, headers, parsed, api).await;
+    finish(
+        stats,
+        api.path(),
+        logged,
+        headers,
+        api.dialect(),
+        request,
+        response,
+    )
+}
+
+/// Log a request and its status in `/mock/requests`, count its refusals,
+/// add the provider's headers and count the body's bytes.
+fn finish(
+    stats: Arc<Stats>,
+    path: &str,
+    body: Value,
+    headers: &HeaderMap,
+    dialect: Dialect,
+    request: u64,
+    mut response: Response,
+) -> Response {
     let header_text = |name: &str| {
         headers
             .get(name)
@@ -504,7 +616,7 @@ async fn respond(
     };
     let mut entry = json!({
         "path": path,
-        "body": parsed.as_ref().map_or_else(|_| json!(String::from_utf8_lossy(&body)), Clone::clone),
+        "body": body,
         "has_credential": credential(dialect, headers).is_some(),
         "headers": {
             "anthropic-version": header_text("anthropic-version"),
@@ -514,8 +626,6 @@ async fn respond(
             "traceparent": header_text("traceparent"),
         },
     });
-    let request = stats.request_ids.fetch_add(1, Ordering::Relaxed);
-    let mut response = answer(&stats, headers, parsed, dialect).await;
     let status = response.status();
     entry["status"] = json!(status.as_u16());
     stats.record(entry);
@@ -606,12 +716,35 @@ fn unauthorized(stats: &Stats, dialect: Dialect, headers: &HeaderMap) -> Option<
     None
 }
 
+/// What every request to the mock's API passes first: `--latency-ms`, the
+/// key, `--down`.
+async fn gate(stats: &Stats, headers: &HeaderMap) -> Option<Response> {
+    let faults = stats.faults();
+    if let Some(ms) = faults.latency_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(denied) = unauthorized(stats, Dialect::OpenAi, headers) {
+        return Some(denied);
+    }
+    if faults.down {
+        stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+        return Some(error(
+            faults.status(),
+            Dialect::OpenAi,
+            "the mock is down",
+            None,
+        ));
+    }
+    None
+}
+
 async fn answer(
     stats: &Arc<Stats>,
     headers: &HeaderMap,
     parsed: Result<Value, serde_json::Error>,
-    dialect: Dialect,
+    api: Api,
 ) -> Response {
+    let dialect = api.dialect();
     let faults = stats.faults();
     if let Some(ms) = faults.latency_ms {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -691,6 +824,9 @@ async fn answer(
         };
         return error(status, dialect, message, None);
     }
+    if api == Api::Responses {
+        return background::create(stats, &parsed, status);
+    }
     let plan = match plan::plan(&parsed, dialect) {
         Ok(p) => p,
         Err(refusal) => {
@@ -702,8 +838,16 @@ async fn answer(
             );
         }
     };
-    if let Some(kind) = plan.delivery.hostile {
-        return hostile::answer(kind, plan, dialect, stats.clone(), status);
+    let delivery = plan.delivery.clone();
+    let covered = plan.covered;
+    if let Some(kind) = delivery.hostile {
+        return hostile::answer(
+            kind,
+            Renderer::new(plan, dialect),
+            &delivery,
+            stats.clone(),
+            status,
+        );
     }
     if !plan.stream {
         stats.requests_completed.fetch_add(1, Ordering::Relaxed);
@@ -714,40 +858,54 @@ async fn answer(
             Dialect::OpenAi => render::openai_whole(&plan),
             Dialect::Anthropic => render::anthropic_whole(&plan),
         };
-        // `cut_after_events` on a whole answer: the head and half the body,
-        // then the connection dies (a provider crashing mid-body).
-        if plan.delivery.cut_after_events.is_some() {
-            let bytes = Bytes::from(body.to_string());
-            let half = bytes.slice(..bytes.len() / 2);
-            let cut = async_stream::stream! {
-                yield Ok::<_, std::io::Error>(half);
-                // Let the head and the half reach the socket first: an
-                // error aborts the connection without flushing.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                yield Err(std::io::Error::other("mock: cut mid-body"));
-            };
-            return Response::builder()
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(header::CONTENT_LENGTH, bytes.len())
-                .body(Body::from_stream(cut))
-                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-        }
-        return axum::Json(body).into_response();
+        return whole(body, delivery.cut_after_events.is_some());
     }
-    // A failure with a fail id happens on the first request carrying it only.
-    let fails =
-        plan.delivery.cut_after_events.is_some() || plan.delivery.error_after_events.is_some();
-    let armed = !fails
-        || plan
-            .delivery
-            .fail_id
-            .as_deref()
-            .is_none_or(|id| stats.first_use(id));
-    let body = Body::from_stream(stream(plan, dialect, stats.clone(), armed));
+    let armed = armed(stats, &delivery);
+    let body = Body::from_stream(stream(
+        Renderer::new(plan, dialect),
+        delivery,
+        covered,
+        stats.clone(),
+        armed,
+        None,
+    ));
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Whether a stream's `cut_after_events` / `error_after_events` happen:
+/// with a fail id, on the first request carrying it only.
+fn armed(stats: &Stats, delivery: &plan::Delivery) -> bool {
+    let fails = delivery.cut_after_events.is_some() || delivery.error_after_events.is_some();
+    !fails
+        || delivery
+            .fail_id
+            .as_deref()
+            .is_none_or(|id| stats.first_use(id))
+}
+
+/// A whole (non-streaming) answer; `cut`: the head and half the body,
+/// then the connection dies (a provider crashing mid-body).
+fn whole(body: Value, cut: bool) -> Response {
+    if !cut {
+        return axum::Json(body).into_response();
+    }
+    let bytes = Bytes::from(body.to_string());
+    let half = bytes.slice(..bytes.len() / 2);
+    let cut = async_stream::stream! {
+        yield Ok::<_, std::io::Error>(half);
+        // Let the head and the half reach the socket first: an
+        // error aborts the connection without flushing.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        yield Err(std::io::Error::other("mock: cut mid-body"));
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Body::from_stream(cut))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
@@ -760,14 +918,32 @@ enum Ending {
     Failed,
 }
 
-/// Counts a stream as cancelled when its body is dropped before the end.
+/// Counts a stream as cancelled when its body is dropped before the end
+/// (and marks its kept response, if any, cancelled or failed).
 struct Outcome {
     stats: Arc<Stats>,
     ending: Ending,
+    /// A Responses API stream's kept response.
+    record: Option<Arc<background::Entry>>,
+}
+
+impl Outcome {
+    fn new(stats: Arc<Stats>) -> Outcome {
+        Outcome {
+            stats,
+            ending: Ending::Running,
+            record: None,
+        }
+    }
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
+        if let Some(record) = &self.record
+            && self.ending != Ending::Finished
+        {
+            record.abandon(self.ending == Ending::Running);
+        }
         let counter = match self.ending {
             Ending::Running => &self.stats.requests_cancelled,
             Ending::Finished => &self.stats.requests_completed,
@@ -790,9 +966,11 @@ fn sse(event: Option<&str>, data: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// A plan's events in one API's shape.
 enum Renderer {
     OpenAi(render::OpenAiStream),
     Anthropic(render::AnthropicStream),
+    Responses(Box<responses::Stream>),
 }
 
 impl Renderer {
@@ -807,6 +985,16 @@ impl Renderer {
         match self {
             Renderer::OpenAi(r) => r.next(),
             Renderer::Anthropic(r) => r.next(),
+            Renderer::Responses(r) => r.next(),
+        }
+    }
+
+    /// The provider's own mid-stream error, as the `events`th event.
+    fn error_event(&self, events: usize) -> Bytes {
+        match self {
+            Renderer::OpenAi(_) => sse(None, OPENAI_STREAM_ERROR),
+            Renderer::Anthropic(_) => sse(Some("error"), ANTHROPIC_STREAM_ERROR),
+            Renderer::Responses(_) => sse(Some("error"), &responses::Stream::error_event(events)),
         }
     }
 }
@@ -815,19 +1003,22 @@ const OPENAI_STREAM_ERROR: &str = r#"{"error":{"message":"The server had an erro
 const ANTHROPIC_STREAM_ERROR: &str =
     r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
 
+/// A streaming answer as the connection's body: the renderer's events,
+/// paced, with the request's faults; `covered`: the units the request's
+/// prefix already holds; `record`: the kept response each event updates.
 fn stream(
-    plan: Plan,
-    dialect: Dialect,
+    mut renderer: Renderer,
+    delivery: plan::Delivery,
+    covered: usize,
     stats: Arc<Stats>,
     armed: bool,
+    record: Option<Arc<background::Entry>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     async_stream::stream! {
-        let mut outcome = Outcome { stats: stats.clone(), ending: Ending::Running };
-        let delivery = plan.delivery.clone();
-        let covered = plan.covered;
+        let mut outcome = Outcome::new(stats.clone());
+        outcome.record = record.clone();
         let cut_after = delivery.cut_after_events.filter(|_| armed);
         let error_after = delivery.error_after_events.filter(|_| armed);
-        let mut renderer = Renderer::new(plan, dialect);
         let start = tokio::time::Instant::now();
         let mut events = 0usize;
         let mut units = 0usize;
@@ -844,11 +1035,11 @@ fn stream(
             }
             if error_after == Some(events) {
                 outcome.ending = Ending::Failed;
+                if let Some(record) = &record {
+                    record.fail(None);
+                }
                 stats.events_sent.fetch_add(1, Ordering::Relaxed);
-                yield Ok(match dialect {
-                    Dialect::OpenAi => sse(None, OPENAI_STREAM_ERROR),
-                    Dialect::Anthropic => sse(Some("error"), ANTHROPIC_STREAM_ERROR),
-                });
+                yield Ok(renderer.error_event(events));
                 return;
             }
             if out.unit {
@@ -873,6 +1064,9 @@ fn stream(
             if next.is_none() {
                 // The last event: a peer leaving now has had it all.
                 outcome.ending = Ending::Finished;
+            }
+            if let Some(record) = &record {
+                record.record(&out);
             }
             stats.events_sent.fetch_add(1, Ordering::Relaxed);
             yield Ok(sse(out.event, &out.data));

@@ -15,7 +15,7 @@ pub struct Out {
     pub unit: bool,
 }
 
-fn js(s: &str) -> String {
+pub fn js(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 

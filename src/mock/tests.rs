@@ -1407,3 +1407,1174 @@ async fn instance_faults_fail_exactly_their_share_and_can_be_changed_while_runni
     stop.cancel();
     tracker.close();
 }
+
+// ------------------------------------------------------- Responses API
+
+const PROMPT: &str = "alpha beta gamma delta epsilon zeta eta theta iota kappa";
+
+/// A `POST /v1/responses` body: the chat tests' conversation, streamed.
+fn responses_body(extra: Value) -> Value {
+    let mut b = json!({"model": "m", "input": PROMPT, "stream": true});
+    if let (Some(b), Some(extra)) = (b.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    b
+}
+
+/// The events of a Responses stream, each checked to be `event: <type>`
+/// with a `data` of the same `type`.
+fn parse_responses(blocks: &[String]) -> Vec<(String, Value)> {
+    blocks
+        .iter()
+        .map(|block| {
+            let (head, data) = block.split_once('\n').unwrap();
+            let name = head.strip_prefix("event: ").unwrap();
+            let data: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(data["type"], name, "{block}");
+            (name.to_owned(), data)
+        })
+        .collect()
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+/// Sequence numbers count from 0 by 1, with no `[DONE]`.
+fn assert_numbered(events: &[(String, Value)]) {
+    for (i, (_, v)) in events.iter().enumerate() {
+        assert_eq!(v["sequence_number"], i as u64, "{v}");
+    }
+}
+
+/// What openai-python's `ResponseStreamState` makes of a stream, checked
+/// by its rules (`response.created` first, one response id, an item added
+/// before any content event of its output index, no output index twice,
+/// every added item done with the same id before the end), and stricter:
+/// every `done` agrees with the deltas. The final Response object.
+fn responses_accumulate(events: &[(String, Value)]) -> Value {
+    /// The added item a content event is about (its id checked).
+    fn item_at<'a>(items: &'a mut BTreeMap<u64, Value>, v: &Value) -> &'a mut Value {
+        let item = items
+            .get_mut(&v["output_index"].as_u64().unwrap())
+            .expect("the item is added before its content");
+        assert_eq!(item["id"], v["item_id"], "{v}");
+        item
+    }
+    assert_eq!(events[0].0, "response.created");
+    let id = events[0].1["response"]["id"].clone();
+    assert!(id.as_str().unwrap().starts_with("resp_"), "{id}");
+    let mut items: BTreeMap<u64, Value> = BTreeMap::new();
+    let mut done: BTreeMap<u64, Value> = BTreeMap::new();
+    let mut last = None;
+    for (name, v) in events {
+        assert!(last.is_none(), "an event after the end: {v}");
+        let k = v["output_index"].as_u64();
+        let append = |slot: &mut Value, piece: &Value| {
+            *slot = json!(format!(
+                "{}{}",
+                slot.as_str().unwrap(),
+                piece.as_str().unwrap()
+            ));
+        };
+        match name.as_str() {
+            "response.created" | "response.queued" | "response.in_progress" => {
+                assert_eq!(v["response"]["id"], id);
+                assert_eq!(v["response"]["output"], json!([]));
+                assert!(v["response"]["usage"].is_null());
+            }
+            "response.completed" | "response.incomplete" => {
+                assert_eq!(v["response"]["id"], id);
+                for (k, added) in &items {
+                    let finished = done.get(k).expect("every added item is done");
+                    assert_eq!(finished["id"], added["id"]);
+                }
+                let output: Vec<Value> = done.values().cloned().collect();
+                assert_eq!(v["response"]["output"], json!(output));
+                last = Some(v["response"].clone());
+            }
+            "response.output_item.added" => {
+                let k = k.unwrap();
+                assert_eq!(k as usize, items.len(), "output indices count from 0");
+                assert!(items.insert(k, v["item"].clone()).is_none());
+            }
+            "response.content_part.added" => {
+                let item = item_at(&mut items, v);
+                assert_eq!(item["type"], "message");
+                assert_eq!(
+                    v["part"],
+                    json!({"type": "output_text", "text": "", "annotations": []})
+                );
+                item["content"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(v["part"].clone());
+            }
+            "response.output_text.delta" => {
+                assert_eq!(v["logprobs"], json!([]));
+                let i = v["content_index"].as_u64().unwrap() as usize;
+                append(
+                    &mut item_at(&mut items, v)["content"][i]["text"],
+                    &v["delta"],
+                );
+            }
+            "response.output_text.done" => {
+                let i = v["content_index"].as_u64().unwrap() as usize;
+                assert_eq!(item_at(&mut items, v)["content"][i]["text"], v["text"]);
+            }
+            "response.content_part.done" => {
+                let i = v["content_index"].as_u64().unwrap() as usize;
+                assert_eq!(item_at(&mut items, v)["content"][i], v["part"]);
+            }
+            "response.reasoning_summary_part.added" => {
+                let item = item_at(&mut items, v);
+                assert_eq!(item["type"], "reasoning");
+                assert_eq!(v["part"], json!({"type": "summary_text", "text": ""}));
+                item["summary"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(v["part"].clone());
+            }
+            "response.reasoning_summary_text.delta" => {
+                let i = v["summary_index"].as_u64().unwrap() as usize;
+                append(
+                    &mut item_at(&mut items, v)["summary"][i]["text"],
+                    &v["delta"],
+                );
+            }
+            "response.reasoning_summary_text.done" => {
+                let i = v["summary_index"].as_u64().unwrap() as usize;
+                assert_eq!(item_at(&mut items, v)["summary"][i]["text"], v["text"]);
+            }
+            "response.reasoning_summary_part.done" => {
+                let i = v["summary_index"].as_u64().unwrap() as usize;
+                assert_eq!(
+                    item_at(&mut items, v)["summary"][i]["text"],
+                    v["part"]["text"]
+                );
+            }
+            "response.function_call_arguments.delta" => {
+                let item = item_at(&mut items, v);
+                assert_eq!(item["type"], "function_call");
+                append(&mut item["arguments"], &v["delta"]);
+            }
+            "response.function_call_arguments.done" => {
+                let item = item_at(&mut items, v);
+                assert_eq!(item["arguments"], v["arguments"]);
+                assert_eq!(item["name"], v["name"]);
+            }
+            "response.output_item.done" => {
+                let k = k.unwrap();
+                let added = items.get(&k).expect("done after added");
+                assert_eq!(added["id"], v["item"]["id"]);
+                match added["type"].as_str() {
+                    Some("message") => assert_eq!(added["content"], v["item"]["content"]),
+                    Some("reasoning") => assert_eq!(added["summary"], v["item"]["summary"]),
+                    _ => assert_eq!(added["arguments"], v["item"]["arguments"]),
+                }
+                assert!(done.insert(k, v["item"].clone()).is_none());
+            }
+            other => panic!("event {other}"),
+        }
+    }
+    last.expect("response.completed or response.incomplete")
+}
+
+/// The text of a Response object's message items.
+fn output_text(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "message")
+        .map(|i| i["content"][0]["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn post_responses(http: &reqwest::Client, url: &str, body: &Value) -> reqwest::Response {
+    http.post(format!("{url}/v1/responses"))
+        .bearer_auth("k1")
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A Responses stream read to its end: its events, checked.
+async fn responses_stream(http: &reqwest::Client, url: &str, body: &Value) -> Vec<(String, Value)> {
+    let r = post_responses(http, url, body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let (blocks, clean) = read_events(r).await;
+    assert!(clean && !blocks.iter().any(|b| b.contains("[DONE]")));
+    let events = parse_responses(&blocks);
+    assert_numbered(&events);
+    events
+}
+
+async fn chat_whole(http: &reqwest::Client, url: &str, extra: Value) -> Value {
+    let mut req = body(extra);
+    req["stream"] = json!(false);
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("k1")
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    r.json::<Value>().await.unwrap()["choices"][0]["message"].clone()
+}
+
+fn deltas(events: &[(String, Value)], name: &str) -> usize {
+    events.iter().filter(|(n, _)| n == name).count()
+}
+
+#[tokio::test]
+async fn responses_text_stream_is_in_order_numbered_and_the_chat_answer() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let events =
+        responses_stream(&http, &url, &responses_body(json!({"mock": {"words": 5}}))).await;
+    let mut want = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    want.extend(["response.output_text.delta"; 5]);
+    want.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names(&events), want);
+    let created = &events[0].1["response"];
+    for (key, value) in [
+        ("object", json!("response")),
+        ("status", json!("in_progress")),
+        ("model", json!("m")),
+        ("output", json!([])),
+        ("usage", Value::Null),
+        ("error", Value::Null),
+        ("incomplete_details", Value::Null),
+        ("instructions", Value::Null),
+        ("max_output_tokens", Value::Null),
+        ("metadata", json!({})),
+        ("parallel_tool_calls", json!(true)),
+        ("tool_choice", json!("auto")),
+        ("tools", json!([])),
+        ("text", json!({"format": {"type": "text"}})),
+        ("reasoning", json!({"effort": null, "summary": null})),
+        ("store", json!(true)),
+        ("background", json!(false)),
+    ] {
+        assert_eq!(created[key], value, "{key}");
+    }
+    assert!(created["created_at"].as_u64().unwrap() > 1_700_000_000);
+    assert!(created.get("temperature").is_some() && created.get("top_p").is_some());
+    let added = &events[2].1;
+    assert_eq!(added["output_index"], 0);
+    let item_id = added["item"]["id"].as_str().unwrap();
+    assert!(item_id.starts_with("msg_"), "{item_id}");
+    assert_eq!(
+        added["item"],
+        json!({"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
+    );
+    let finished = responses_accumulate(&events);
+    assert_eq!(finished["status"], "completed");
+    assert_eq!(finished["output"][0]["status"], "completed");
+    assert_eq!(
+        finished["usage"],
+        json!({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15})
+    );
+    // The same conversation has the same words on the chat API …
+    let text = output_text(&finished);
+    let chat = chat_whole(&http, &url, json!({"mock": {"words": 5}})).await;
+    assert_eq!(chat["content"].as_str(), Some(text.as_str()));
+    // … and the whole answer is the stream's last Response object.
+    let r = post_responses(
+        &http,
+        &url,
+        &responses_body(json!({"stream": false, "mock": {"words": 5}})),
+    )
+    .await;
+    let whole: Value = r.json().await.unwrap();
+    assert_eq!(whole["status"], "completed");
+    assert_eq!(output_text(&whole), text);
+    assert_eq!(whole["usage"], finished["usage"]);
+    assert_ne!(whole["id"], finished["id"], "every response its own id");
+    // `instructions` is part of the conversation, like a system message.
+    let told = responses_stream(
+        &http,
+        &url,
+        &responses_body(json!({"instructions": "omega psi", "mock": {"words": 5}})),
+    )
+    .await;
+    let told = responses_accumulate(&told);
+    assert_eq!(told["instructions"], "omega psi");
+    let mut with_system = body(json!({"mock": {"words": 5}, "stream": false}));
+    with_system["messages"] =
+        json!([{"role": "system", "content": "omega psi"}, {"role": "user", "content": PROMPT}]);
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("k1")
+        .json(&with_system)
+        .send()
+        .await
+        .unwrap();
+    let chat: Value = r.json().await.unwrap();
+    assert_eq!(
+        chat["choices"][0]["message"]["content"].as_str(),
+        Some(output_text(&told).as_str())
+    );
+    // The request log names the path.
+    let log = get_json(&http, format!("{url}/mock/requests")).await;
+    assert_eq!(log[0]["path"], "/v1/responses");
+    assert_eq!(log[0]["status"], 200);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn responses_reasoning_and_tool_call_streams() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    // The request's `reasoning.summary` asks for a reasoning summary.
+    let req = responses_body(
+        json!({"reasoning": {"effort": "low", "summary": "auto"}, "mock": {"words": 3}}),
+    );
+    let events = responses_stream(&http, &url, &req).await;
+    let mut want = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.reasoning_summary_part.added",
+    ];
+    want.extend(["response.reasoning_summary_text.delta"; 6]);
+    want.extend([
+        "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]);
+    want.extend(["response.output_text.delta"; 3]);
+    want.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names(&events), want);
+    let rs = &events[2].1["item"];
+    assert!(rs["id"].as_str().unwrap().starts_with("rs_"));
+    assert_eq!(
+        rs,
+        &json!({"id": rs["id"], "type": "reasoning", "summary": []})
+    );
+    for (_, v) in &events[3..12] {
+        assert_eq!(
+            (&v["output_index"], &v["summary_index"]),
+            (&json!(0), &json!(0))
+        );
+    }
+    assert_eq!(events[16].1["output_index"], 1, "the message is item 1");
+    let finished = responses_accumulate(&events);
+    assert_eq!(
+        finished["reasoning"],
+        json!({"effort": "low", "summary": "auto"})
+    );
+    assert_eq!(
+        finished["usage"]["output_tokens_details"]["reasoning_tokens"],
+        6
+    );
+    assert_eq!(finished["usage"]["output_tokens"], 9);
+    let summary = finished["output"][0]["summary"][0]["text"]
+        .as_str()
+        .unwrap();
+    let chat = chat_whole(
+        &http,
+        &url,
+        json!({"mock": {"words": 3, "shape": "reasoning"}}),
+    )
+    .await;
+    assert_eq!(chat["reasoning_content"].as_str(), Some(summary));
+    assert_eq!(
+        chat["content"].as_str(),
+        Some(output_text(&finished).as_str())
+    );
+    // The mock's own knob gives the same.
+    let knob = responses_stream(
+        &http,
+        &url,
+        &responses_body(json!({"mock": {"words": 3, "shape": "reasoning"}})),
+    )
+    .await;
+    assert_eq!(
+        responses_accumulate(&knob)["output"][0]["summary"],
+        finished["output"][0]["summary"]
+    );
+
+    // Two calls after the text, each its own item, arguments in fragments.
+    let tools = json!([{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]);
+    let req = responses_body(json!({"tools": tools, "mock": {"shape": "parallel_tools"}}));
+    let events = responses_stream(&http, &url, &req).await;
+    let mut want = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    want.extend(["response.output_text.delta"; 3]);
+    want.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]);
+    for _ in 0..2 {
+        want.push("response.output_item.added");
+        want.extend(["response.function_call_arguments.delta"; 5]);
+        want.extend([
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+        ]);
+    }
+    want.push("response.completed");
+    assert_eq!(names(&events), want);
+    let fc = &events[10].1["item"];
+    assert!(fc["id"].as_str().unwrap().starts_with("fc_"));
+    assert_eq!(
+        fc,
+        &json!({"id": fc["id"], "type": "function_call", "status": "in_progress", "call_id": fc["call_id"], "name": "lookup", "arguments": ""})
+    );
+    let finished = responses_accumulate(&events);
+    assert_eq!(finished["tools"][0]["name"], "lookup");
+    let chat = chat_whole(
+        &http,
+        &url,
+        json!({"mock": {"shape": "parallel_tools"}, "tools": super::tests::tools()}),
+    )
+    .await;
+    for (k, call) in finished["output"].as_array().unwrap()[1..]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(call["status"], "completed");
+        assert_eq!(call["call_id"], chat["tool_calls"][k]["id"]);
+        assert_eq!(
+            call["arguments"],
+            chat["tool_calls"][k]["function"]["arguments"]
+        );
+        let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(words(args["query"].as_str().unwrap()).len(), 3);
+    }
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn responses_refuse_what_openai_refuses() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let user = |text: &str| json!({"role": "user", "content": text});
+    let call =
+        json!({"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"});
+    let cases = [
+        (
+            json!({"messages": [user("hi")]}),
+            "unknown_parameter",
+            "messages",
+            "Unknown parameter: 'messages'.",
+        ),
+        (
+            json!({"max_tokens": 100}),
+            "unknown_parameter",
+            "max_tokens",
+            "Unknown parameter: 'max_tokens'.",
+        ),
+        (
+            json!({"max_completion_tokens": 100}),
+            "unknown_parameter",
+            "max_completion_tokens",
+            "",
+        ),
+        (json!({"n": 2}), "unknown_parameter", "n", ""),
+        (
+            json!({"continue_final_message": true}),
+            "unknown_parameter",
+            "continue_final_message",
+            "",
+        ),
+        (
+            json!({"add_generation_prompt": false}),
+            "unknown_parameter",
+            "add_generation_prompt",
+            "",
+        ),
+        (
+            json!({"tools": tools()}),
+            "missing_required_parameter",
+            "tools[0].name",
+            "Missing required parameter: 'tools[0].name'.",
+        ),
+        (
+            json!({"tools": [{"type": "function", "name": "lookup", "function": {}}]}),
+            "unknown_parameter",
+            "tools[0].function",
+            "",
+        ),
+        (
+            json!({"max_output_tokens": 8}),
+            "integer_below_min_value",
+            "max_output_tokens",
+            "Expected a value >= 16, but got 8 instead.",
+        ),
+        (
+            json!({"max_output_tokens": 16.5}),
+            "invalid_type",
+            "max_output_tokens",
+            "",
+        ),
+        (json!({"model": ""}), "empty_string", "model", ""),
+        (
+            json!({"model": 3}),
+            "invalid_type",
+            "model",
+            "expected a string, but got an integer instead",
+        ),
+        (json!({"input": ""}), "empty_string", "input", ""),
+        (json!({"input": []}), "empty_array", "input", ""),
+        (
+            json!({"input": [{"type": "image", "url": "x"}]}),
+            "invalid_value",
+            "input[0].type",
+            "Invalid value: 'image'.",
+        ),
+        (
+            json!({"input": [{"role": "tool", "content": "x"}]}),
+            "invalid_value",
+            "input[0].role",
+            "",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": "x", "name": "bob"}]}),
+            "unknown_parameter",
+            "input[0].name",
+            "",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}),
+            "invalid_value",
+            "input[0].content[0]",
+            "Supported values are: 'input_text'.",
+        ),
+        (
+            json!({"input": [{"role": "assistant", "content": [{"type": "input_text", "text": "x"}]}]}),
+            "invalid_value",
+            "input[0].content[0]",
+            "Supported values are: 'output_text' and 'refusal'.",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}),
+            "missing_required_parameter",
+            "input[0].content[0].text",
+            "",
+        ),
+        (
+            json!({"input": [user("hi"), {"type": "function_call_output", "call_id": "call_9", "output": "x"}]}),
+            "",
+            "input",
+            "No tool call found for function call output with call_id call_9.",
+        ),
+        (
+            json!({"input": [user("hi"), call.clone()]}),
+            "",
+            "input",
+            "No tool output found for function call call_1.",
+        ),
+        (
+            json!({"input": [user("hi"), {"type": "reasoning", "summary": []}]}),
+            "missing_required_parameter",
+            "input[1].id",
+            "",
+        ),
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_not_found",
+            "previous_response_id",
+            "Previous response with id 'resp_1' not found.",
+        ),
+        (
+            json!({"background": true, "store": false}),
+            "invalid_value",
+            "store",
+            "",
+        ),
+        (
+            json!({"temperature": 3}),
+            "decimal_above_max_value",
+            "temperature",
+            "",
+        ),
+        (
+            json!({"reasoning": {"summary": "long"}}),
+            "invalid_value",
+            "reasoning.summary",
+            "",
+        ),
+        (
+            json!({"tool_choice": "sometimes"}),
+            "invalid_value",
+            "tool_choice",
+            "",
+        ),
+        (json!({"stream": "yes"}), "invalid_type", "stream", ""),
+    ];
+    for (extra, code, param, says) in cases {
+        let mut req = responses_body(json!({}));
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = post_responses(&http, &url, &req).await;
+        assert_eq!(r.status(), 400, "{extra}");
+        let v: Value = r.json().await.unwrap();
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{v}");
+        let want_code = if code.is_empty() {
+            Value::Null
+        } else {
+            json!(code)
+        };
+        assert_eq!(
+            (&e["code"], &e["param"]),
+            (&want_code, &json!(param)),
+            "{extra}: {v}"
+        );
+        assert!(e["message"].as_str().unwrap().contains(says), "{v}");
+    }
+    // Missing parameters.
+    for name in ["model", "input"] {
+        let mut req = responses_body(json!({}));
+        req.as_object_mut().unwrap().remove(name);
+        let v: Value = post_responses(&http, &url, &req)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["error"]["code"], "missing_required_parameter");
+        assert_eq!(v["error"]["param"], name);
+    }
+    // What the real API takes: the items a client sends back.
+    let history = json!([
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be brief"}]},
+        user("hi"),
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hmm"}]},
+        {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": "let me look", "annotations": []}]},
+        call,
+        {"type": "function_call_output", "call_id": "call_1", "output": "found it"},
+    ]);
+    let tools = json!([{"type": "function", "name": "lookup", "parameters": {"type": "object"}, "strict": false, "description": "d"}]);
+    let req = responses_body(
+        json!({"input": history, "tools": tools, "stream": false, "metadata": {"k": "v"}, "max_output_tokens": 16, "tool_choice": "auto", "store": true, "include": [], "truncation": "auto", "user": "u"}),
+    );
+    let r = post_responses(&http, &url, &req).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["metadata"], json!({"k": "v"}));
+    assert_eq!(v["tools"][0]["strict"], false);
+    // The key, as on the chat API; the mock's own knobs unchanged.
+    let r = http
+        .post(format!("{url}/v1/responses"))
+        .json(&responses_body(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let r = post_responses(
+        &http,
+        &url,
+        &responses_body(json!({"mock": {"status": 429}})),
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    let r = post_responses(
+        &http,
+        &url,
+        &responses_body(json!({"mock": {"shape": "thinking"}})),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let stats = get_json(&http, format!("{url}/mock/stats")).await;
+    assert_eq!(stats["requests_unauthorized"], 1);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn responses_whole(http: &reqwest::Client, url: &str, extra: Value) -> Value {
+    let mut req = responses_body(extra);
+    req["stream"] = json!(false);
+    let r = post_responses(http, url, &req).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn responses_instruct_reask_continues_exactly() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let full = output_text(&responses_whole(&http, &url, json!({"mock": {"words": 10}})).await);
+    let w = words(&full);
+    let again = json!({"role": "user", "content": "Continue exactly where you stopped."});
+    let reask = |partial: &str| {
+        json!([
+            {"role": "user", "content": PROMPT},
+            {"role": "assistant", "content": [{"type": "output_text", "text": partial, "annotations": []}]},
+            again.clone(),
+        ])
+    };
+    // The gateway's re-ask: the partial's last word said again, then the rest.
+    let partial = w[..4].join(" ");
+    let rest = output_text(
+        &responses_whole(
+            &http,
+            &url,
+            json!({"input": reask(&partial), "mock": {"words": 10}}),
+        )
+        .await,
+    );
+    assert_eq!(
+        rest,
+        w[3..].join(" "),
+        "starts with a repeat of the last word"
+    );
+    assert_eq!(format!("{} {rest}", w[..3].join(" ")), full);
+    // Streamed, the deltas say the same.
+    let events = responses_stream(
+        &http,
+        &url,
+        &responses_body(json!({"input": reask(&partial), "mock": {"words": 10}})),
+    )
+    .await;
+    assert_eq!(output_text(&responses_accumulate(&events)), rest);
+    // A partial cut inside a word: that word whole, then the rest.
+    let cut = &full[..partial.len() + 2];
+    let rest = output_text(
+        &responses_whole(
+            &http,
+            &url,
+            json!({"input": reask(cut), "mock": {"words": 10}}),
+        )
+        .await,
+    );
+    let (kept, _) = cut.rsplit_once(' ').unwrap();
+    assert_eq!(format!("{kept} {rest}"), full);
+    // As on the chat API, the same re-ask.
+    let mut chat = body(json!({"mock": {"words": 10}, "stream": false}));
+    push(&mut chat, json!({"role": "assistant", "content": cut}));
+    push(&mut chat, again.clone());
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("k1")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let chat: Value = r.json().await.unwrap();
+    assert_eq!(
+        chat["choices"][0]["message"]["content"].as_str(),
+        Some(rest.as_str())
+    );
+    // A trailing assistant message alone is history, not a prefill.
+    let history = json!([
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": partial},
+    ]);
+    let fresh = output_text(
+        &responses_whole(
+            &http,
+            &url,
+            json!({"input": history, "mock": {"words": 10}}),
+        )
+        .await,
+    );
+    assert_ne!(fresh, full[partial.len()..].trim_start());
+    assert_eq!(words(&fresh).len(), 10);
+    // With reasoning, the re-ask thinks again before the rest.
+    let reasoning = json!({"words": 10, "shape": "reasoning"});
+    let first = responses_whole(&http, &url, json!({"mock": reasoning})).await;
+    let w = words(&output_text(&first))
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    let again = responses_whole(
+        &http,
+        &url,
+        json!({"input": reask(&w[..5].join(" ")), "mock": reasoning}),
+    )
+    .await;
+    assert_eq!(again["output"][0]["type"], "reasoning");
+    assert_ne!(again["output"][0]["summary"], first["output"][0]["summary"]);
+    assert_eq!(output_text(&again), w[4..].join(" "));
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn responses_max_output_tokens_cut_is_incomplete() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let req = responses_body(json!({"max_output_tokens": 16, "mock": {"words": 40}}));
+    let events = responses_stream(&http, &url, &req).await;
+    assert_eq!(deltas(&events, "response.output_text.delta"), 16);
+    assert_eq!(events.last().unwrap().0, "response.incomplete");
+    assert_eq!(deltas(&events, "response.completed"), 0);
+    let finished = responses_accumulate(&events);
+    assert_eq!(finished["status"], "incomplete");
+    assert_eq!(
+        finished["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(finished["max_output_tokens"], 16);
+    assert_eq!(finished["output"][0]["status"], "incomplete");
+    assert_eq!(finished["usage"]["output_tokens"], 16);
+    let whole = responses_whole(
+        &http,
+        &url,
+        json!({"max_output_tokens": 16, "mock": {"words": 40}}),
+    )
+    .await;
+    assert_eq!(whole["status"], "incomplete");
+    assert_eq!(output_text(&whole), output_text(&finished));
+    // A cut reasoning summary is incomplete too.
+    let req = responses_body(
+        json!({"max_output_tokens": 16, "mock": {"shape": "reasoning", "reasoning_words": 30}}),
+    );
+    let events = responses_stream(&http, &url, &req).await;
+    let finished = responses_accumulate(&events);
+    assert_eq!(finished["output"].as_array().unwrap().len(), 1);
+    assert_eq!(finished["output"][0]["status"], "incomplete");
+    assert_eq!(
+        finished["usage"]["output_tokens_details"]["reasoning_tokens"],
+        16
+    );
+    // Without `words`, the answer fills the budget and is complete.
+    let whole = responses_whole(&http, &url, json!({"max_output_tokens": 20})).await;
+    assert_eq!(whole["status"], "completed");
+    assert_eq!(words(&output_text(&whole)).len(), 20);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// The complete events of a stream read until it holds at least `n`
+/// (the response is dropped after: the client leaves).
+async fn first_events(mut response: reqwest::Response, n: usize) -> Vec<String> {
+    let mut buf = String::new();
+    while buf.matches("\n\n").count() < n {
+        match response.chunk().await {
+            Ok(Some(b)) => buf.push_str(&String::from_utf8_lossy(&b)),
+            _ => break,
+        }
+    }
+    let complete = &buf[..buf.rfind("\n\n").map_or(0, |i| i + 2)];
+    complete
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn get_response(http: &reqwest::Client, url: &str, path: &str) -> reqwest::Response {
+    http.get(format!("{url}/v1/responses/{path}"))
+        .bearer_auth("k1")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Poll `GET /v1/responses/{id}` until its status is `want` (at most 5 s).
+async fn wait_status(http: &reqwest::Client, url: &str, id: &str, want: &str) -> Value {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v: Value = get_response(http, url, id).await.json().await.unwrap();
+        if v["status"] == want || tokio::time::Instant::now() >= until {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn responses_background_poll_reattach_and_cancel() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    // Create: queued at once, then polled to completed with the answer.
+    let knobs = json!({"words": 8, "token_interval_ms": 5});
+    let queued = responses_whole(&http, &url, json!({"background": true, "mock": knobs})).await;
+    assert_eq!(
+        (&queued["status"], &queued["background"]),
+        (&json!("queued"), &json!(true))
+    );
+    assert_eq!(queued["output"], json!([]));
+    let id = queued["id"].as_str().unwrap();
+    let done = wait_status(&http, &url, id, "completed").await;
+    assert_eq!(done["status"], "completed");
+    let plain = responses_whole(&http, &url, json!({"mock": knobs})).await;
+    assert_eq!(output_text(&done), output_text(&plain));
+    assert_eq!(done["usage"], plain["usage"]);
+
+    // Streamed, then the client leaves: the generation goes on, and a
+    // re-attach after the last event seen gets exactly the rest.
+    let req =
+        responses_body(json!({"background": true, "mock": {"words": 12, "token_interval_ms": 20}}));
+    let seen = first_events(post_responses(&http, &url, &req).await, 6).await;
+    let seen = parse_responses(&seen);
+    assert_eq!(
+        names(&seen)[..4],
+        [
+            "response.created",
+            "response.queued",
+            "response.in_progress",
+            "response.output_item.added"
+        ]
+    );
+    assert_eq!(seen[0].1["response"]["status"], "queued");
+    assert_eq!(seen[2].1["response"]["status"], "in_progress");
+    let id = seen[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let last = seen.last().unwrap().1["sequence_number"].as_u64().unwrap();
+    let running: Value = get_response(&http, &url, &id).await.json().await.unwrap();
+    assert_eq!(running["status"], "in_progress");
+    let r = get_response(
+        &http,
+        &url,
+        &format!("{id}?stream=true&starting_after={last}"),
+    )
+    .await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let (rest, clean) = read_events(r).await;
+    assert!(clean);
+    let rest = parse_responses(&rest);
+    assert_eq!(rest[0].1["sequence_number"], last + 1);
+    let mut all = seen.clone();
+    all.extend(rest);
+    assert_numbered(&all);
+    let finished = responses_accumulate(&all);
+    assert_eq!(finished["status"], "completed");
+    // The whole stream replayed is the same events, byte for byte.
+    let (replay, _) =
+        read_events(get_response(&http, &url, &format!("{id}?stream=true")).await).await;
+    assert_eq!(parse_responses(&replay), all);
+    let stored: Value = get_response(&http, &url, &id).await.json().await.unwrap();
+    assert_eq!(stored, finished);
+    let stats = get_json(&http, format!("{url}/mock/stats")).await;
+    assert_eq!(stats["requests_cancelled"], 0, "leaving does not cancel it");
+
+    // A connection cut mid-stream: the rest is still there.
+    let req =
+        responses_body(json!({"background": true, "mock": {"words": 6, "cut_after_events": 5}}));
+    let (cut, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(!clean && cut.len() == 5, "{cut:?}");
+    let cut = parse_responses(&cut);
+    let id = cut[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let (rest, clean) =
+        read_events(get_response(&http, &url, &format!("{id}?stream=true&starting_after=4")).await)
+            .await;
+    assert!(clean);
+    let mut all = cut;
+    all.extend(parse_responses(&rest));
+    assert_numbered(&all);
+    assert_eq!(responses_accumulate(&all)["status"], "completed");
+
+    // Refusals: a bad `starting_after`, streaming a non-background
+    // response, an unknown id, cancelling a non-background one.
+    let r = get_response(&http, &url, &format!("{id}?stream=true&starting_after=x")).await;
+    assert_eq!(r.status(), 400);
+    let plain_id = plain["id"].as_str().unwrap();
+    let r = get_response(&http, &url, &format!("{plain_id}?stream=true")).await;
+    assert_eq!(r.status(), 400);
+    let r = get_response(&http, &url, "resp_nope").await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "No response found with id 'resp_nope'."
+    );
+    let cancel = |id: &str| {
+        http.post(format!("{url}/v1/responses/{id}/cancel"))
+            .bearer_auth("k1")
+            .send()
+    };
+    let r = cancel(plain_id).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "Only background responses can be cancelled."
+    );
+    let r = http
+        .get(format!("{url}/v1/responses/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the key, as on create");
+
+    // Cancel: the generation stops at once, and is counted.
+    let slow = json!({"background": true, "mock": {"words": 1000, "token_interval_ms": 10}});
+    let queued = responses_whole(&http, &url, slow).await;
+    let id = queued["id"].as_str().unwrap();
+    wait_status(&http, &url, id, "in_progress").await;
+    let started = wait_stat(
+        &http,
+        &url,
+        "tokens_sent",
+        stat(&http, &url, "tokens_sent").await + 3,
+    )
+    .await;
+    let r = cancel(id).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cancelled: Value = r.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    let tokens = stat(&http, &url, "tokens_sent").await;
+    assert!(tokens >= started);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stat(&http, &url, "tokens_sent").await,
+        tokens,
+        "no more units"
+    );
+    assert_eq!(stat(&http, &url, "requests_cancelled").await, 1);
+    let (replay, clean) =
+        read_events(get_response(&http, &url, &format!("{id}?stream=true")).await).await;
+    assert!(clean, "a re-attach to a cancelled response ends");
+    assert!(!replay.iter().any(|e| e.contains("response.completed")));
+    let again: Value = cancel(id).await.unwrap().json().await.unwrap();
+    assert_eq!(again["status"], "cancelled");
+    let finished_id = all[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let unchanged: Value = cancel(&finished_id).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        unchanged["status"], "completed",
+        "a finished one is answered as it is"
+    );
+    assert_eq!(stat(&http, &url, "requests_cancelled").await, 1);
+
+    // A non-background stream whose client leaves is dropped, as on chat.
+    let req = responses_body(json!({"mock": {"words": 100, "token_interval_ms": 20}}));
+    let seen = parse_responses(&first_events(post_responses(&http, &url, &req).await, 6).await);
+    let id = seen[0].1["response"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_stat(&http, &url, "requests_cancelled", 2).await, 2);
+    let dropped: Value = get_response(&http, &url, &id).await.json().await.unwrap();
+    assert_eq!(dropped["status"], "cancelled");
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn responses_faults_mid_stream() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    // The provider's own error: `event: error`, numbered, then the end.
+    let req = responses_body(json!({"mock": {"words": 6, "error_after_events": 5}}));
+    let r = post_responses(&http, &url, &req).await;
+    let (blocks, clean) = read_events(r).await;
+    assert!(clean && blocks.len() == 6, "{blocks:?}");
+    let events = parse_responses(&blocks);
+    assert_numbered(&events);
+    assert_eq!(
+        events[5].1,
+        json!({"type": "error", "code": "server_error", "message": "The server had an error while processing your request.", "param": null, "sequence_number": 5})
+    );
+    let id = events[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let stored: Value = get_response(&http, &url, &id).await.json().await.unwrap();
+    assert_eq!(stored["status"], "failed");
+    assert_eq!(stored["error"]["code"], "server_error");
+    // In background mode the failure is the response's: kept, replayed.
+    let mut req = req.clone();
+    req["background"] = json!(true);
+    req["mock"]["error_after_events"] = json!(7);
+    let (blocks, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(
+        clean && blocks.len() == 8 && blocks[7].starts_with("event: error\n"),
+        "{blocks:?}"
+    );
+    let id = parse_responses(&blocks)[0].1["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let failed = wait_status(&http, &url, &id, "failed").await;
+    assert_eq!(failed["status"], "failed");
+    let (replay, _) =
+        read_events(get_response(&http, &url, &format!("{id}?stream=true&starting_after=6")).await)
+            .await;
+    assert_eq!(replay, blocks[7..]);
+    // `fail_after`: cut once the answer holds that many units (deltas).
+    let req = responses_body(json!({"mock": {"words": 6, "fail_after": 3}}));
+    let (blocks, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(!clean);
+    assert_eq!(
+        deltas(&parse_responses(&blocks), "response.output_text.delta"),
+        3
+    );
+    // `cut_after_events` with a fail id: the first request only.
+    let req =
+        responses_body(json!({"mock": {"words": 6, "cut_after_events": 3, "fail_id": "r-1"}}));
+    let (blocks, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(!clean && blocks.len() == 3);
+    let (blocks, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(clean && blocks.len() == 14, "{}", blocks.len());
+    // The instance's faults: `--die-after` cuts every stream, re-attaches too.
+    http.put(format!("{url}/mock/faults"))
+        .json(&json!({"die_after": 2}))
+        .send()
+        .await
+        .unwrap();
+    let req = responses_body(json!({"background": true, "mock": {"words": 6}}));
+    let (blocks, clean) = read_events(post_responses(&http, &url, &req).await).await;
+    assert!(!clean);
+    let events = parse_responses(&blocks);
+    assert_eq!(deltas(&events, "response.output_text.delta"), 2);
+    let id = events[0].1["response"]["id"].as_str().unwrap().to_owned();
+    let (_, clean) =
+        read_events(get_response(&http, &url, &format!("{id}?stream=true")).await).await;
+    assert!(!clean, "from the start, cut at the same point");
+    let after = events.last().unwrap().1["sequence_number"]
+        .as_u64()
+        .unwrap();
+    let (rest, clean) = read_events(
+        get_response(
+            &http,
+            &url,
+            &format!("{id}?stream=true&starting_after={after}"),
+        )
+        .await,
+    )
+    .await;
+    assert!(clean, "past the cut, a re-attach is not cut again");
+    assert!(
+        rest.last()
+            .unwrap()
+            .starts_with("event: response.completed\n")
+    );
+    http.put(format!("{url}/mock/faults"))
+        .json(&json!({"die_after": null, "down": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post_responses(&http, &url, &req).await.status(), 503);
+    assert_eq!(get_response(&http, &url, &id).await.status(), 503);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
