@@ -62,7 +62,13 @@ impl Relay {
             // A resume with no client: its body is dropped at once, and
             // the run (which keeps going whoever is attached) goes on.
             match self
-                .resume(&id, Access::Owner(&record.owner), u64::MAX, false, &HeaderMap::new())
+                .resume(
+                    &id,
+                    Access::Owner(&record.owner),
+                    u64::MAX,
+                    false,
+                    &HeaderMap::new(),
+                )
                 .await
             {
                 Ok(_) => {
