@@ -186,6 +186,56 @@ pub trait Hold: Send + Sync {
     fn release_all(&mut self, out: &mut Vec<SseEvent>);
 }
 
+/// What a [`Hold`] keeps back, by the index of the choice or output item
+/// it belongs to: each index's events in order, their bytes, and whether
+/// holding was given up.
+#[derive(Default)]
+pub struct Held {
+    held: std::collections::BTreeMap<u32, Vec<SseEvent>>,
+    bytes: usize,
+    /// Too much was held once: everything passes from then on.
+    pub off: bool,
+}
+
+impl Held {
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Whether events of `index` are held.
+    pub fn holds(&self, index: u32) -> bool {
+        self.held.contains_key(&index)
+    }
+
+    /// Hold `event` of `index`.
+    pub fn push(&mut self, index: u32, event: SseEvent) {
+        self.bytes += event.data.len();
+        self.held.entry(index).or_default().push(event);
+    }
+
+    /// Let the events of `index` go, in order.
+    pub fn release(&mut self, index: u32, out: &mut Vec<SseEvent>) {
+        if let Some(events) = self.held.remove(&index) {
+            self.bytes -= events.iter().map(|e| e.data.len()).sum::<usize>();
+            out.extend(events);
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Give up holding: everything held goes, and nothing is held again.
+    pub fn release_all(&mut self, out: &mut Vec<SseEvent>) {
+        self.off = true;
+        self.bytes = 0;
+        for (_, events) in std::mem::take(&mut self.held) {
+            out.extend(events);
+        }
+    }
+}
+
 /// Lower the token budget of a continuation by what was generated.
 /// `None`: the budget is spent.
 pub fn lower_budget(body: &mut Map<String, Value>, used: u64) -> Option<()> {

@@ -7,7 +7,6 @@
 //! is not itself an answer event. Errors: `{"error": {"message", "type",
 //! "code"}}`, in a body and in-band.
 
-use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use axum::http::{HeaderName, header};
@@ -16,7 +15,7 @@ use memchr::memmem;
 use serde_json::{Map, Value, json};
 
 use super::continuation::{
-    Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, SkipShown, Splice, base_request,
+    Held, Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, SkipShown, Splice, base_request,
     lower_budget, prefill_message, push_messages,
 };
 use super::request::{self, RequestError, Summary};
@@ -318,16 +317,12 @@ static TOOL_CALLS: LazyLock<memmem::Finder<'static>> =
 /// Holds each choice's chunks from its first tool-call fragment until it
 /// finishes: a tool call reaches the client whole or not at all.
 #[derive(Default)]
-struct ToolCallHold {
-    held: BTreeMap<u32, Vec<SseEvent>>,
-    bytes: usize,
-    off: bool,
-}
+struct ToolCallHold(Held);
 
 impl Hold for ToolCallHold {
     fn offer(&mut self, event: SseEvent, out: &mut Vec<SseEvent>) {
         // Cheap first: a text chunk with nothing held passes unparsed.
-        if self.off || (self.held.is_empty() && TOOL_CALLS.find(&event.data).is_none()) {
+        if self.0.off || (self.0.is_empty() && TOOL_CALLS.find(&event.data).is_none()) {
             out.push(event);
             return;
         }
@@ -349,28 +344,22 @@ impl Hold for ToolCallHold {
             .and_then(Value::as_array)
             .is_some_and(|c| !c.is_empty());
         let finished = choice.get("finish_reason").is_some_and(|r| !r.is_null());
-        if !calls && !self.held.contains_key(&index) {
+        if !calls && !self.0.holds(index) {
             out.push(event);
             return;
         }
-        self.bytes += event.data.len();
-        self.held.entry(index).or_default().push(event);
-        if finished && let Some(events) = self.held.remove(&index) {
-            self.bytes -= events.iter().map(|e| e.data.len()).sum::<usize>();
-            out.extend(events);
+        self.0.push(index, event);
+        if finished {
+            self.0.release(index, out);
         }
     }
 
     fn held_bytes(&self) -> usize {
-        self.bytes
+        self.0.bytes()
     }
 
     fn release_all(&mut self, out: &mut Vec<SseEvent>) {
-        self.off = true;
-        self.bytes = 0;
-        for (_, events) in std::mem::take(&mut self.held) {
-            out.extend(events);
-        }
+        self.0.release_all(out);
     }
 }
 

@@ -23,7 +23,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value, json};
 
 use super::continuation::{
-    Block, Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, SkipShown, Splice, base_request,
+    Block, Held, Hold, INSTRUCT_PROMPT, Leg, Out, Overlap, Partial, Plan, SkipShown, Splice,
+    base_request,
 };
 use super::request::{self, RequestError, Summary};
 use super::sse::{SseEvent, write_data};
@@ -81,10 +82,16 @@ impl Wire for OpenAiResponses {
     }
 
     fn terminal(&self, event: &SseEvent) -> Option<Terminal> {
-        match sse_kind(event)?.as_str() {
-            "response.completed" | "response.incomplete" => Some(Terminal::Last),
-            _ => None,
-        }
+        // Per event: the name is compared, the data parsed only when the
+        // provider names none.
+        let last = match event.name.as_deref() {
+            Some(name) => name == b"response.completed" || name == b"response.incomplete",
+            None => matches!(
+                sse_kind(event).as_deref(),
+                Some("response.completed" | "response.incomplete")
+            ),
+        };
+        last.then_some(Terminal::Last)
     }
 
     fn provider_error(&self, event: &SseEvent) -> Option<ProviderError> {
@@ -561,17 +568,13 @@ fn done_events(b: &Block, text: &str, item: &Value) -> Vec<(&'static str, Value)
 /// Holds each function call's events from its `output_item.added` until
 /// its `output_item.done`: a call reaches the client whole or not at all.
 #[derive(Default)]
-struct FunctionCallHold {
-    held: BTreeMap<u32, Vec<SseEvent>>,
-    bytes: usize,
-    off: bool,
-}
+struct FunctionCallHold(Held);
 
 impl Hold for FunctionCallHold {
     fn offer(&mut self, event: SseEvent, out: &mut Vec<SseEvent>) {
         let opens_call = event.name_is("response.output_item.added")
             && memchr::memmem::find(&event.data, b"\"function_call\"").is_some();
-        if self.off || (self.held.is_empty() && !opens_call) {
+        if self.0.off || (self.0.is_empty() && !opens_call) {
             out.push(event);
             return;
         }
@@ -583,29 +586,23 @@ impl Hold for FunctionCallHold {
             out.push(event);
             return;
         };
-        if !opens_call && !self.held.contains_key(&index) {
+        if !opens_call && !self.0.holds(index) {
             out.push(event);
             return;
         }
         let done = event.name_is("response.output_item.done");
-        self.bytes += event.data.len();
-        self.held.entry(index).or_default().push(event);
-        if done && let Some(events) = self.held.remove(&index) {
-            self.bytes -= events.iter().map(|e| e.data.len()).sum::<usize>();
-            out.extend(events);
+        self.0.push(index, event);
+        if done {
+            self.0.release(index, out);
         }
     }
 
     fn held_bytes(&self) -> usize {
-        self.bytes
+        self.0.bytes()
     }
 
     fn release_all(&mut self, out: &mut Vec<SseEvent>) {
-        self.off = true;
-        self.bytes = 0;
-        for (_, events) in std::mem::take(&mut self.held) {
-            out.extend(events);
-        }
+        self.0.release_all(out);
     }
 }
 
@@ -773,7 +770,11 @@ impl Splice for ItemSplice {
             }
             _ => {}
         }
-        let Some(new_index) = index_of(&Value::Object(v.clone())) else {
+        let Some(new_index) = v
+            .get("output_index")
+            .and_then(Value::as_u64)
+            .map(|i| i as u32)
+        else {
             Self::emit(out, &kind, v);
             return;
         };
@@ -815,7 +816,8 @@ impl Splice for ItemSplice {
             "response.output_text.delta"
             | "response.reasoning_summary_text.delta"
             | "response.reasoning_text.delta" => {
-                let keep = self.open_delta(&kind, text_of(&Value::Object(v.clone()), "delta"));
+                let delta = v.get("delta").and_then(Value::as_str).unwrap_or("");
+                let keep = self.open_delta(&kind, delta);
                 if !keep.is_empty() {
                     v.insert("delta".into(), json!(keep));
                     Self::emit(out, &kind, v);

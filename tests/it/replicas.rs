@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 
 use crate::common::*;
 
-const SECRET: (&str, &str) = ("TG_TEST_RESUME_SECRET", "shared-secret-for-tests");
+pub const SECRET: (&str, &str) = ("TG_TEST_RESUME_SECRET", "shared-secret-for-tests");
 
 /// A real `redis-server` on a loopback port, without persistence.
 pub struct Redis {
@@ -91,7 +91,7 @@ async fn wait_for_port(child: &mut Child, port: u16) -> bool {
     false
 }
 
-fn redis_config(mock: &Mock, port: u16, redis: &Redis) -> String {
+pub fn redis_config(mock: &Mock, port: u16, redis: &Redis) -> String {
     let store = format!(
         "kind = \"redis\"\nurl = \"{}\"\nlease_ttl = \"1500ms\"",
         redis.url()

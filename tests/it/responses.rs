@@ -7,9 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::*;
-use crate::replicas::Redis;
-
-const SECRET: (&str, &str) = ("TG_TEST_RESUME_SECRET", "shared-secret-for-tests");
+use crate::replicas::{Redis, SECRET, redis_config};
 
 /// The Responses upstream beside the chat one `config` writes.
 fn with_responses(mock: &Mock, config: String) -> String {
@@ -20,15 +18,7 @@ fn with_responses(mock: &Mock, config: String) -> String {
 }
 
 fn redis_replica_config(mock: &Mock, redis: &Redis) -> String {
-    let store = format!(
-        "kind = \"redis\"\nurl = \"{}\"\nlease_ttl = \"1500ms\"",
-        redis.url()
-    );
-    let extra = format!(
-        "[drain]\ngrace = \"1s\"\nexit_timeout = \"2s\"\n[resume]\nsecret_env = \"{}\"\n",
-        SECRET.0
-    );
-    with_responses(mock, config(mock, "127.0.0.1:0", &store, &extra))
+    with_responses(mock, redis_config(mock, 0, redis))
 }
 
 fn request(topic: &str, words: u64, interval_ms: u64) -> Value {
