@@ -508,6 +508,9 @@ var IdleTimeoutError = class extends Error {
     this.name = "IdleTimeoutError";
   }
 };
+function endsStream(event) {
+  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
+}
 function parseAbort(data) {
   if (!data.includes('"error"')) return void 0;
   try {
@@ -568,7 +571,7 @@ function splice(firstBody, ctx) {
               if (seq !== ctx.lastEventId + 1) throw new StreamGapError(ctx.streamId, ctx.lastEventId + 1, seq);
               ctx.lastEventId = seq;
               progressed = true;
-              if (ev.event === "message_stop") sawMessageStop = true;
+              if (endsStream(ev.event)) sawMessageStop = true;
               yield encoder.encode(serializeEvent({ id: ev.id, event: ev.event, data: ev.data }));
               continue;
             }
@@ -590,7 +593,7 @@ function splice(firstBody, ctx) {
               finished = true;
               break reading;
             }
-            if (ev.event === "message_stop") sawMessageStop = true;
+            if (endsStream(ev.event)) sawMessageStop = true;
             yield encoder.encode(serializeEvent({ data: ev.data, event: ev.event }));
           }
           if (done) {
