@@ -1,6 +1,9 @@
-//! The OpenAI Responses API against the real binary: cancel of a background
-//! response from either of two replicas on one real Redis, an idempotent
-//! create, and the strict refusals.
+//! The OpenAI Responses API against the real binary: a background response
+//! finished with no client by the process that restarts after a SIGKILL and
+//! by the surviving replica on one real Redis, cancel from either replica,
+//! an idempotent create, and the strict refusals. The mock demands a key,
+//! as OpenAI does, and the gateway carries its own (`api_key_env`): a
+//! response generated with no client attached can only use the gateway's.
 
 use std::time::Duration;
 
@@ -9,11 +12,20 @@ use serde_json::{Value, json};
 use crate::common::*;
 use crate::replicas::{Redis, SECRET, redis_config};
 
+/// The provider key: the mock demands it, the gateway has it in its env.
+const PROVIDER: (&str, &str) = ("MOCK_PROVIDER_KEY", "sk-provider-responses");
+
+/// The mock, demanding [`PROVIDER`]'s key.
+async fn mock(dir: &std::path::Path) -> Mock {
+    Mock::with_key(dir, PROVIDER.1).await
+}
+
 /// The Responses upstream beside the chat one `config` writes.
 fn with_responses(mock: &Mock, config: String) -> String {
     format!(
-        "{config}\n[[upstreams]]\nname = \"mock-responses\"\nprotocol = \"openai_responses\"\nbase_url = \"{}\"\nmodels = [\"*\"]\ncontinuation = \"instruct\"\nfirst_byte_timeout = \"2s\"\nidle_timeout = \"1s\"\n",
-        mock.base_url()
+        "{config}\n[[upstreams]]\nname = \"mock-responses\"\nprotocol = \"openai_responses\"\nbase_url = \"{}\"\nmodels = [\"*\"]\napi_key_env = \"{}\"\ncontinuation = \"instruct\"\nfirst_byte_timeout = \"2s\"\nidle_timeout = \"1s\"\n",
+        mock.base_url(),
+        PROVIDER.0
     )
 }
 
@@ -65,11 +77,11 @@ async fn retrieve(gw: &Gateway, id: &str) -> Value {
 #[tokio::test]
 async fn a_cancel_on_either_replica_drops_the_providers_generation() {
     let dir = tempdir();
-    let mock = Mock::start(&dir).await;
+    let mock = mock(&dir).await;
     let redis = Redis::start(&dir).await;
     let cfg = redis_replica_config(&mock, &redis);
-    let a = Gateway::start_with(&dir, &cfg, &[], &[SECRET]).await;
-    let b = Gateway::start_with(&dir, &cfg, &[], &[SECRET]).await;
+    let a = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let b = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
     let mut req = request("cancel", 400, 40);
     req["background"] = json!(true);
     let cancelled = mock.stat("requests_cancelled").await;
@@ -120,10 +132,12 @@ async fn a_cancel_on_either_replica_drops_the_providers_generation() {
 #[tokio::test]
 async fn a_retried_background_create_starts_no_second_generation() {
     let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let gw = Gateway::start(
+    let mock = mock(&dir).await;
+    let gw = Gateway::start_with(
         &dir,
         &with_responses(&mock, config(&mock, "127.0.0.1:0", &embedded(&dir), "")),
+        &[],
+        &[PROVIDER],
     )
     .await;
     let mut req = request("idempotent", 20, 10);
@@ -145,10 +159,12 @@ async fn a_retried_background_create_starts_no_second_generation() {
 #[tokio::test]
 async fn bad_requests_get_the_responses_apis_own_errors() {
     let dir = tempdir();
-    let mock = Mock::start(&dir).await;
-    let gw = Gateway::start(
+    let mock = mock(&dir).await;
+    let gw = Gateway::start_with(
         &dir,
         &with_responses(&mock, config(&mock, "127.0.0.1:0", &embedded(&dir), "")),
+        &[],
+        &[PROVIDER],
     )
     .await;
     let url = gw.url("/v1/responses");
@@ -196,4 +212,116 @@ async fn bad_requests_get_the_responses_apis_own_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+}
+
+/// The mock's whole answer to `request`, asked directly without pacing.
+async fn exact(mock: &Mock, request: &Value) -> String {
+    let mut body = request.clone();
+    body["stream"] = json!(false);
+    body["background"] = json!(false);
+    body["mock"]
+        .as_object_mut()
+        .unwrap()
+        .remove("token_interval_ms");
+    let v: Value = client()
+        .post(format!("{}/responses", mock.base_url()))
+        .bearer_auth(PROVIDER.1)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = output_text(&v);
+    assert!(!text.is_empty(), "the mock answered {v}");
+    text
+}
+
+/// Create a background response on `from`, see it generating, SIGKILL
+/// `from`, and see `survivor` finish it with no client: the exact answer,
+/// one provider call plus one continuation, its events numbered 0, 1, ….
+async fn survives_a_sigkill(mock: &Mock, from: &mut Gateway, survivor: impl AsyncFn() -> Gateway) {
+    let mut req = request("background", 60, 40);
+    req["background"] = json!(true);
+    let want = exact(mock, &req).await;
+    let started = mock.stat("requests_started").await;
+    let r = create(&from.url("/v1/responses"), &req, None).await;
+    assert_eq!(r.status(), 200);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["status"], "queued", "{created}");
+    assert_eq!(created["background"], true);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let going = eventually(Duration::from_secs(10), || async {
+        let v = retrieve(from, &id).await;
+        v["status"] == "in_progress" && !output_text(&v).is_empty()
+    })
+    .await;
+    assert!(going, "the background response did not start");
+    from.proc.kill().await;
+    let gw = survivor().await;
+    let done = eventually(Duration::from_secs(30), || async {
+        retrieve(&gw, &id).await["status"] == "completed"
+    })
+    .await;
+    let v = retrieve(&gw, &id).await;
+    assert!(done, "not completed: {v}");
+    assert_eq!(output_text(&v), want);
+    assert_eq!(
+        mock.stat("requests_started").await - started,
+        2,
+        "one call and one continuation for the one interruption"
+    );
+    // Its events replay whole, numbered from 0, and spell the answer.
+    let mut sse = Sse::get(
+        &gw.url(&format!("/v1/responses/{id}?stream=true")),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    let events = sse.rest().await;
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|e| e.json()["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
+    let text: String = events
+        .iter()
+        .map(SseEvent::json)
+        .filter(|v| v["type"] == "response.output_text.delta")
+        .filter_map(|v| v["delta"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, want);
+    assert_eq!(events.last().unwrap().json()["type"], "response.completed");
+}
+
+#[tokio::test]
+async fn a_background_response_is_finished_by_the_surviving_replica() {
+    let dir = tempdir();
+    let mock = mock(&dir).await;
+    let redis = Redis::start(&dir).await;
+    let cfg = redis_replica_config(&mock, &redis);
+    let mut a = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let b = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let b = std::cell::Cell::new(Some(b));
+    survives_a_sigkill(&mock, &mut a, async || b.take().unwrap()).await;
+}
+
+#[tokio::test]
+async fn a_background_response_is_finished_by_the_restarted_process() {
+    let dir = tempdir();
+    let mock = mock(&dir).await;
+    let cfg = with_responses(
+        &mock,
+        config(
+            &mock,
+            "127.0.0.1:0",
+            &embedded(&dir),
+            &format!("[resume]\nsecret_env = \"{}\"\n", SECRET.0),
+        ),
+    );
+    let mut a = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    survives_a_sigkill(&mock, &mut a, async || {
+        Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await
+    })
+    .await;
 }
