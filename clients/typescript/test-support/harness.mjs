@@ -115,6 +115,13 @@ protocol = "openai"
 base_url = "${mockUrl}/v1"
 models = ["*"]
 continuation = "continue_final_message"
+
+[[upstreams]]
+name = "mock-responses"
+protocol = "openai_responses"
+base_url = "${mockUrl}/v1"
+models = ["*"]
+continuation = "instruct"
 `,
     );
     const args = ["serve", "--config", config, "--listen", `127.0.0.1:${port}`];
@@ -167,6 +174,25 @@ export async function expectedAnswer(mockUrl, body) {
   const json = await res.json();
   const text = json?.choices?.[0]?.message?.content;
   if (typeof text !== "string" || text.length === 0) throw new Error(`mock answer has no content: ${JSON.stringify(json)}`);
+  return text;
+}
+
+/** The mock's whole answer to an OpenAI Responses request, asked directly. */
+export async function expectedResponse(mockUrl, body) {
+  const res = await fetch(`${mockUrl}/v1/responses`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ ...body, stream: false }),
+  });
+  if (!res.ok) throw new Error(`mock answered ${res.status}: ${await res.text()}`);
+  const json = await res.json();
+  const text = (json.output ?? [])
+    .filter((item) => item.type === "message")
+    .flatMap((item) => item.content)
+    .filter((part) => part.type === "output_text")
+    .map((part) => part.text)
+    .join("");
+  if (!text) throw new Error(`mock response has no text: ${JSON.stringify(json)}`);
   return text;
 }
 

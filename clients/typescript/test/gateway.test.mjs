@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import OpenAI, { APIError } from "openai";
 import { streamText as aiStreamText } from "ai";
 import { createOpenAI } from "@ai-sdk/openai";
-import { Harness, freePort, waitExit, expectedAnswer, sleep } from "../test-support/harness.mjs";
+import { Harness, freePort, waitExit, expectedAnswer, expectedResponse, sleep } from "../test-support/harness.mjs";
 import {
   resumableFetch,
   resumeStream,
@@ -306,5 +306,131 @@ describe("against the real gateway", () => {
       (e) => e instanceof ResumeFailedError && e.status === 404 && e.streamId === id,
     );
     gw.proc.kill("SIGKILL");
+  });
+
+  describe("the OpenAI Responses API", () => {
+    const responsesBody = (topic) => ({
+      model: "mock",
+      input: `tell me about tides and gates: ${topic}`,
+      max_output_tokens: 200,
+    });
+    const deltasOf = (events) => events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta).join("");
+
+    for (const signal of ["SIGTERM", "SIGKILL"]) {
+      test(`openai SDK alone: ${signal} mid-answer, new gateway; responses.retrieve(stream, starting_after) and responses.stream({response_id}) end exactly`, T, async () => {
+        const port = await freePort();
+        const dataDir = h.dataDir();
+        let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
+        const body = responsesBody(`node ${signal}`);
+        const want = await expectedResponse(mock.url, { ...body, mock: { words: 60 } });
+        const client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: "sk-test", maxRetries: 0 });
+        const before = [];
+        let deltas = 0;
+        let restart;
+        let exit;
+        let broke;
+        try {
+          const stream = await client.responses.create({ ...body, stream: true, mock: { words: 60, token_interval_ms: 40 } });
+          for await (const ev of stream) {
+            before.push(ev);
+            if (ev.type === "response.output_text.delta" && ++deltas === 8) {
+              restart = (async () => {
+                gw.proc.kill(signal);
+                exit = await waitExit(gw, 10_000);
+                gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
+              })();
+            }
+          }
+        } catch (e) {
+          broke = e;
+        }
+        await restart;
+        assert.ok(broke, "the stream broke");
+        if (signal === "SIGTERM") {
+          assert.deepEqual(exit, { code: 0, signal: null });
+          assert.ok(broke instanceof APIError, String(broke));
+          assert.equal(broke.error?.code, "server_restarting");
+          assert.equal(broke.error?.resume, true);
+        }
+        assert.equal(before[0].type, "response.created");
+        const id = before[0].response.id;
+        const last = before.at(-1).sequence_number;
+        const after = [];
+        for await (const ev of await client.responses.retrieve(id, { stream: true, starting_after: last })) after.push(ev);
+        const seqs = [...before, ...after].map((e) => e.sequence_number);
+        assert.deepEqual(seqs, seqs.map((_, i) => i), "sequence numbers contiguous from 0, none repeated");
+        assert.equal(after.at(-1).type, "response.completed");
+        assert.equal(deltasOf([...before, ...after]), want);
+        // The stream helper replays from the start, accumulates, filters.
+        const helper = client.responses.stream({ response_id: id, starting_after: last });
+        const rest = [];
+        for await (const ev of helper) rest.push(ev);
+        const final = await helper.finalResponse();
+        assert.equal(final.output_text, want);
+        assert.equal(rest[0].sequence_number, last + 1);
+        const got = await client.responses.retrieve(id);
+        assert.equal(got.status, "completed");
+        assert.equal(got.output_text, want);
+        // Another key: 404, as on OpenAI's API.
+        const other = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: "sk-other", maxRetries: 0 });
+        await assert.rejects(other.responses.retrieve(id), (e) => e instanceof APIError && e.status === 404);
+        gw.proc.kill("SIGKILL");
+      });
+    }
+
+    test("Vercel AI SDK with @ai-sdk/openai's Responses model over resumableFetch: SIGTERM mid-answer, new gateway; exact text", T, async () => {
+      const port = await freePort();
+      const dataDir = h.dataDir();
+      let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
+      let sent;
+      const inner = async (url, init) => {
+        if (init?.method === "POST" && typeof init.body === "string") {
+          // The answer's length is the mock's own (`words`), not the budget's:
+          // a continuation asks with a lower budget for the rest of one answer.
+          sent = { ...JSON.parse(init.body), mock: { words: 50, token_interval_ms: 40 } };
+          init = { ...init, body: JSON.stringify(sent) };
+        }
+        return fetch(url, init);
+      };
+      const log = [];
+      const provider = createOpenAI({
+        baseURL: `${gw.url}/v1`,
+        apiKey: "sk-test",
+        fetch: resumableFetch({
+          fetch: inner,
+          backoff: { initialDelayMs: 100, maxDelayMs: 1000 },
+          onReconnecting: (i) => log.push(`reconnecting ${i.attempt}`),
+          onResumed: (i) => log.push(`resumed after ${i.lastEventId}`),
+        }),
+      });
+      const errors = [];
+      const result = aiStreamText({
+        model: provider.responses("mock"),
+        prompt: "the responses api should not notice a restart either",
+        maxOutputTokens: 80,
+        maxRetries: 0,
+        onError: ({ error }) => errors.push(error),
+      });
+      let text = "";
+      let deltas = 0;
+      let restart;
+      for await (const delta of result.textStream) {
+        text += delta;
+        if (++deltas === 5) {
+          restart = (async () => {
+            gw.proc.kill("SIGTERM");
+            await waitExit(gw, 10_000);
+            gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
+          })();
+        }
+      }
+      await restart;
+      assert.deepEqual(errors, []);
+      const { mock: _knobs, stream: _stream, ...asked } = sent;
+      const expected = await expectedResponse(mock.url, { ...asked, mock: { words: 50 } });
+      assert.equal(text, expected);
+      assert.ok(log.some((l) => l.startsWith("resumed")), JSON.stringify(log));
+      gw.proc.kill("SIGKILL");
+    });
   });
 });
