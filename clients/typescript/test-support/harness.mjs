@@ -164,14 +164,19 @@ export function waitExit(started, timeoutMs = 10_000) {
  * The exact answer: the same body with stream:false, sent DIRECTLY to the
  * mock; its choices[0].message.content.
  */
-export async function expectedAnswer(mockUrl, body) {
-  const res = await fetch(`${mockUrl}/v1/chat/completions`, {
+/** The mock's JSON answer to `body` at `path`, asked directly, not streamed. */
+async function askMock(mockUrl, path, body) {
+  const res = await fetch(`${mockUrl}/v1/${path}`, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({ ...body, stream: false }),
   });
   if (!res.ok) throw new Error(`mock answered ${res.status}: ${await res.text()}`);
-  const json = await res.json();
+  return await res.json();
+}
+
+export async function expectedAnswer(mockUrl, body) {
+  const json = await askMock(mockUrl, "chat/completions", body);
   const text = json?.choices?.[0]?.message?.content;
   if (typeof text !== "string" || text.length === 0) throw new Error(`mock answer has no content: ${JSON.stringify(json)}`);
   return text;
@@ -179,13 +184,7 @@ export async function expectedAnswer(mockUrl, body) {
 
 /** The mock's whole answer to an OpenAI Responses request, asked directly. */
 export async function expectedResponse(mockUrl, body) {
-  const res = await fetch(`${mockUrl}/v1/responses`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ ...body, stream: false }),
-  });
-  if (!res.ok) throw new Error(`mock answered ${res.status}: ${await res.text()}`);
-  const json = await res.json();
+  const json = await askMock(mockUrl, "responses", body);
   const text = (json.output ?? [])
     .filter((item) => item.type === "message")
     .flatMap((item) => item.content)

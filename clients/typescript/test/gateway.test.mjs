@@ -117,15 +117,21 @@ describe("against the real gateway", () => {
     assert.ok(log.some((e) => e.kind === "resumed"), JSON.stringify(log));
   });
 
-  test("Vercel AI SDK (ai + @ai-sdk/openai) over resumableFetch: SIGTERM mid-answer, new gateway; exact text", T, async () => {
+  /**
+   * The Vercel AI SDK's streamText through resumableFetch, the gateway sent
+   * SIGTERM after 5 deltas and a new one started on the same port and store.
+   * The AI SDK has no pass-through body field: the inner fetch adds `knobs`
+   * as the mock's. Returns the text read, the body sent, the resume log and
+   * the SDK's errors; the gateway is left running.
+   */
+  async function vercelAcrossRestart({ model, prompt, apiKey, knobs }) {
     const port = await freePort();
     const dataDir = h.dataDir();
     let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
-    // The AI SDK has no pass-through body field: the inner fetch adds the mock's pacing knob.
     let sent;
     const inner = async (url, init) => {
       if (init?.method === "POST" && typeof init.body === "string") {
-        sent = { ...JSON.parse(init.body), mock: { token_interval_ms: 40 } };
+        sent = { ...JSON.parse(init.body), mock: knobs };
         init = { ...init, body: JSON.stringify(sent) };
       }
       return fetch(url, init);
@@ -133,7 +139,7 @@ describe("against the real gateway", () => {
     const log = [];
     const provider = createOpenAI({
       baseURL: `${gw.url}/v1`,
-      apiKey: "sk-test-not-used",
+      apiKey,
       fetch: resumableFetch({
         fetch: inner,
         backoff: { initialDelayMs: 100, maxDelayMs: 1000 },
@@ -143,8 +149,8 @@ describe("against the real gateway", () => {
     });
     const errors = [];
     const result = aiStreamText({
-      model: provider.chat("mock"),
-      prompt: "the vercel ai sdk should not notice a restart either",
+      model: model(provider),
+      prompt,
       maxOutputTokens: 80,
       maxRetries: 0,
       onError: ({ error }) => errors.push(error),
@@ -163,6 +169,16 @@ describe("against the real gateway", () => {
       }
     }
     await restart;
+    return { text, sent, log, errors, gw };
+  }
+
+  test("Vercel AI SDK (ai + @ai-sdk/openai) over resumableFetch: SIGTERM mid-answer, new gateway; exact text", T, async () => {
+    const { text, sent, log, errors } = await vercelAcrossRestart({
+      model: (provider) => provider.chat("mock"),
+      prompt: "the vercel ai sdk should not notice a restart either",
+      apiKey: "sk-test-not-used",
+      knobs: { token_interval_ms: 40 },
+    });
     assert.deepEqual(errors, []);
     const expected = await expectedAnswer(mock.url, { model: "mock", messages: sent.messages, max_tokens: sent.max_tokens });
     assert.equal(sent.max_tokens, 80);
@@ -379,52 +395,14 @@ describe("against the real gateway", () => {
     }
 
     test("Vercel AI SDK with @ai-sdk/openai's Responses model over resumableFetch: SIGTERM mid-answer, new gateway; exact text", T, async () => {
-      const port = await freePort();
-      const dataDir = h.dataDir();
-      let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
-      let sent;
-      const inner = async (url, init) => {
-        if (init?.method === "POST" && typeof init.body === "string") {
-          // The answer's length is the mock's own (`words`), not the budget's:
-          // a continuation asks with a lower budget for the rest of one answer.
-          sent = { ...JSON.parse(init.body), mock: { words: 50, token_interval_ms: 40 } };
-          init = { ...init, body: JSON.stringify(sent) };
-        }
-        return fetch(url, init);
-      };
-      const log = [];
-      const provider = createOpenAI({
-        baseURL: `${gw.url}/v1`,
-        apiKey: "sk-test",
-        fetch: resumableFetch({
-          fetch: inner,
-          backoff: { initialDelayMs: 100, maxDelayMs: 1000 },
-          onReconnecting: (i) => log.push(`reconnecting ${i.attempt}`),
-          onResumed: (i) => log.push(`resumed after ${i.lastEventId}`),
-        }),
-      });
-      const errors = [];
-      const result = aiStreamText({
-        model: provider.responses("mock"),
+      const { text, sent, log, errors, gw } = await vercelAcrossRestart({
+        model: (provider) => provider.responses("mock"),
         prompt: "the responses api should not notice a restart either",
-        maxOutputTokens: 80,
-        maxRetries: 0,
-        onError: ({ error }) => errors.push(error),
+        apiKey: "sk-test",
+        // The answer's length is the mock's own (`words`), not the budget's:
+        // a continuation asks with a lower budget for the rest of one answer.
+        knobs: { words: 50, token_interval_ms: 40 },
       });
-      let text = "";
-      let deltas = 0;
-      let restart;
-      for await (const delta of result.textStream) {
-        text += delta;
-        if (++deltas === 5) {
-          restart = (async () => {
-            gw.proc.kill("SIGTERM");
-            await waitExit(gw, 10_000);
-            gw = await h.startGateway({ port, dataDir, mockUrl: mock.url });
-          })();
-        }
-      }
-      await restart;
       assert.deepEqual(errors, []);
       const { mock: _knobs, stream: _stream, ...asked } = sent;
       const expected = await expectedResponse(mock.url, { ...asked, mock: { words: 50 } });
