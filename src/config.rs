@@ -370,6 +370,7 @@ impl UpstreamDefaults {
             first_byte_timeout: self.first_byte_timeout,
             idle_timeout: self.idle_timeout,
             http2: self.http2,
+            provider_background: false,
             weight: DEFAULT_WEIGHT,
             health: HealthConfig::default(),
         }
@@ -541,6 +542,7 @@ struct RawUpstream {
     first_byte_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     http2: Option<bool>,
+    provider_background: Option<bool>,
     weight: Option<u32>,
     health_check_path: Option<String>,
     health_check_interval: Option<HumanDuration>,
@@ -734,6 +736,11 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 to the provider (prior knowledge on http://, required
     /// on https://): every stream multiplexed on a few connections.
     pub http2: bool,
+    /// `openai_responses` only: ask the provider for background responses
+    /// (`background`, `store`), so that an interrupted stream re-attaches
+    /// to the provider's own (`starting_after`) instead of a continuation:
+    /// no token generated twice. The provider keeps the response's data.
+    pub provider_background: bool,
     /// This upstream's share of its model group's traffic (0: none, unless
     /// a canary gives it some).
     pub weight: u32,
@@ -1425,6 +1432,13 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
             .collect::<Result<Vec<_>, _>>()?,
         None => rules(default_rules),
     };
+    let provider_background = raw.provider_background.unwrap_or(false);
+    if provider_background && protocol != Protocol::OpenAiResponses {
+        return Err(ConfigError::invalid(
+            key("provider_background"),
+            "is only for `protocol = \"openai_responses\"` (the Responses API's background mode)",
+        ));
+    }
     Ok(UpstreamConfig {
         name: raw.name,
         protocol,
@@ -1438,6 +1452,7 @@ fn upstream(index: usize, raw: RawUpstream, env: &dyn Env) -> Result<UpstreamCon
         first_byte_timeout: duration_or(raw.first_byte_timeout, defaults.first_byte_timeout),
         idle_timeout: duration_or(raw.idle_timeout, defaults.idle_timeout),
         http2: raw.http2.unwrap_or(defaults.http2),
+        provider_background,
         weight: raw.weight.unwrap_or(DEFAULT_WEIGHT),
         health: health(
             &key,
@@ -1812,6 +1827,12 @@ pub fn describe(config: &Config) -> String {
                 None => "passed through from the client".into(),
             }
         ));
+        if u.provider_background {
+            out.push_str(&format!(
+                "  {:<24}    provider_background: the provider keeps each response (background, store); an interrupted stream re-attaches to it\n",
+                ""
+            ));
+        }
         for rule in &u.continuation_rules {
             out.push_str(&format!(
                 "  {:<24}    models {}: continuation = {}\n",

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub resumes: Counter,
     pub continuations: Counter,
     pub continuation_fallbacks: Counter,
+    /// Interrupted streams re-attached to the provider's background response.
+    pub reattaches: Counter,
     /// Streams moved to another upstream mid-answer.
     pub failovers: Counter,
     pub rejected_draining: Counter,
@@ -112,6 +114,11 @@ impl Metrics {
             "tidegate_continuation_fallbacks_total",
             "Continuations retried in the next style after the provider refused one with a 400.",
             self.continuation_fallbacks.get(),
+        );
+        counter(
+            "tidegate_reattaches_total",
+            "Interrupted streams re-attached to their provider's own background response (no token generated again).",
+            self.reattaches.get(),
         );
         counter(
             "tidegate_failovers_total",

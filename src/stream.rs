@@ -214,6 +214,30 @@ pub struct StreamRecord {
     pub updated_ms: u64,
     /// The process (replica) that runs it while `Running`.
     pub instance: String,
+    /// The provider's own background response the answer is being made
+    /// in (an upstream with `provider_background`): an interrupted stream
+    /// re-attaches to it instead of being continued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reattach: Option<Reattach>,
+}
+
+/// A provider's background response a stream's events come from, one for
+/// one: the stream's event `seq` is the provider's `sequence_number` plus
+/// `offset`, so the provider's stream resumes after
+/// `last stored seq - offset`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reattach {
+    /// The provider's response id.
+    pub response: String,
+    pub offset: u64,
+}
+
+impl Reattach {
+    /// The provider's `starting_after` for a stream that has events up to
+    /// `last_seq`; `None`: from its first event.
+    pub fn starting_after(&self, last_seq: u64) -> Option<u64> {
+        last_seq.checked_sub(self.offset)
+    }
 }
 
 /// What `Idempotency-Key` maps to.

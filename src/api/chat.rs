@@ -78,7 +78,7 @@ async fn handle(
         .route(&request.model, protocol, route_key.as_deref(), &[])
         .ok_or_else(|| ApiError::ModelNotFound(request.model.clone().into_owned()))?
         .clone();
-    let continuable = upstream.continues(&request.model);
+    let continuable = upstream.resumes(&request.model);
     let tools = request.tools;
     let background = request.background;
     if !request.stream && !background {

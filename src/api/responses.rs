@@ -88,7 +88,11 @@ pub async fn cancel(
 ) -> Response {
     let result = async {
         let owner = state.responses_owner(&headers)?;
-        state.relay.cancel(&id, Access::Owner(&owner)).await?;
+        let credential = crate::upstream::client_credential(&headers, false);
+        state
+            .relay
+            .cancel(&id, Access::Owner(&owner), &credential)
+            .await?;
         let stored = state.relay.stored(&id, Access::Owner(&owner)).await?;
         Ok::<_, ApiError>(
             axum::Json(view(&stored.record, stored.status, &stored.events)).into_response(),

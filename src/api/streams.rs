@@ -158,7 +158,8 @@ pub async fn cancel(
     let result = async {
         let mut owner = String::new();
         let access = token(&state, &mut owner, &headers, &query)?;
-        let status = state.relay.cancel(&id, access).await?;
+        // The upstream's own key cancels a provider's background response.
+        let status = state.relay.cancel(&id, access, &HeaderMap::new()).await?;
         Ok::<_, ApiError>(axum::Json(json!({"id": id, "status": status})).into_response())
     }
     .await;

@@ -319,6 +319,44 @@ pub fn foreground(body: &[u8]) -> Result<Bytes, RequestError> {
     Ok(Bytes::from(Value::Object(v).to_string()))
 }
 
+/// The body an upstream with `provider_background` is sent: a background
+/// response the provider keeps (`background`, `store`), streamed. `None`
+/// when the client asked not to be stored (`store: false`): that request
+/// goes as it is, and is continued, not re-attached, after a cut.
+pub fn provider_background(body: &[u8]) -> Option<Bytes> {
+    let mut v: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    if v.get("store") == Some(&Value::Bool(false)) {
+        return None;
+    }
+    v.insert("background".into(), Value::Bool(true));
+    v.insert("store".into(), Value::Bool(true));
+    v.insert("stream".into(), Value::Bool(true));
+    Some(Bytes::from(Value::Object(v).to_string()))
+}
+
+/// A provider's event as its own stream numbers it: its `sequence_number`,
+/// and for the events that carry the response object, the response's id.
+pub fn provider_numbering(name: Option<&str>, data: &[u8]) -> Option<(u64, Option<String>)> {
+    let lifecycle = match name {
+        Some(name) => LIFECYCLE.contains(&name),
+        None => kind(None, data).is_some_and(|k| LIFECYCLE.contains(&k.as_str())),
+    };
+    if !lifecycle {
+        return numbered(data).map(|n| (n, None));
+    }
+    #[derive(serde::Deserialize)]
+    struct Identified {
+        id: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Lifecycle {
+        sequence_number: u64,
+        response: Option<Identified>,
+    }
+    let v: Lifecycle = serde_json::from_slice(data).ok()?;
+    Some((v.sequence_number, v.response.map(|r| r.id)))
+}
+
 /// A response object for stream `id` from its request alone (before its
 /// provider said anything), in `status`.
 pub fn skeleton(id: &str, request: &Value, status: &str) -> Value {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderMap;
 use serde::Serialize;
 
 use super::{Access, Relay, RelayError, protocol_of};
@@ -114,10 +115,14 @@ impl Relay {
     }
 
     /// Cancel the stream wherever it runs; answer its status after.
+    /// `credential`: the client's provider key headers, for cancelling the
+    /// provider's own background response of an interrupted stream on an
+    /// upstream without a key of its own.
     pub async fn cancel(
         self: &Arc<Self>,
         id: &str,
         access: Access<'_>,
+        credential: &HeaderMap,
     ) -> Result<&'static str, RelayError> {
         if let Some(live) = self.registry.get(id) {
             self.allows(access, id, &live.owner)?;
@@ -147,6 +152,12 @@ impl Relay {
                 self.store
                     .set_status(id, Status::Cancelled, Some("cancelled"), &self.instance)
                     .await?;
+                // Nobody runs it, but its provider may still be generating.
+                if let (Some(reattach), Some(upstream)) =
+                    (&record.reattach, self.upstreams.named(&record.upstream))
+                {
+                    self.cancel_provider_response(upstream, &reattach.response, credential);
+                }
             }
         }
         Ok(self

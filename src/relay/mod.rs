@@ -8,6 +8,8 @@
 //! - [`control`]: a stream's state and its cancellation;
 //! - [`background`]: background responses continued with no client;
 //! - [`passthrough`]: a non-streaming request;
+//! - [`reattach`]: streams made in a provider's own background response,
+//!   re-attached to it after a cut;
 //! - [`pump`]: the one task per run that talks to the provider and writes
 //!   ahead to the store;
 //! - [`live`]: runs in this process, shared by every client that follows
@@ -24,6 +26,7 @@ pub mod end;
 pub mod live;
 pub mod passthrough;
 pub mod pump;
+pub mod reattach;
 pub mod remote;
 pub mod resume;
 pub mod start;

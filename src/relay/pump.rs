@@ -15,11 +15,12 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::live::LiveStream;
+use super::reattach::Track;
 use super::{Relay, RelayError};
 use crate::protocol::sse::{Overflow, SseDecoder, SseEvent};
 use crate::protocol::{Continuation, Hold, Leg, Plan, Protocol, Splice, Terminal};
 use crate::store::StoreError;
-use crate::stream::{AbortKind, End, Event, Status};
+use crate::stream::{AbortKind, End, Event, Reattach, Status};
 use crate::trace::RunTrace;
 use crate::upstream::health::Outcome;
 use crate::upstream::{
@@ -130,6 +131,9 @@ struct Flow {
     spliced: Vec<crate::protocol::continuation::Out>,
     /// The protocol rewrites each event once numbered (`Wire::stamp`).
     stamp: bool,
+    /// The provider's background response the events come from, one for
+    /// one, when the request asked for one.
+    track: Option<Track>,
 }
 
 /// An SSE event name as stored (none for the default `message`).
@@ -143,6 +147,11 @@ fn stored_name(name: Option<&[u8]>) -> Option<Box<str>> {
 /// The body of one continuation request.
 fn leg_body(body: &serde_json::Value) -> Bytes {
     Bytes::from(body.to_string())
+}
+
+/// A provider's 4xx that asking again the same way would get again.
+fn is_final_refusal(status: StatusCode) -> bool {
+    status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429)
 }
 
 /// What a provider's error body says, for logs and the client.
@@ -185,6 +194,11 @@ pub struct Pump {
     pub failovers: u32,
     /// This run's spans, when traces are exported.
     pub trace: Option<Box<RunTrace>>,
+    /// Set for a run that re-attaches to the provider's own background
+    /// response instead of sending `body` (`relay/reattach.rs`).
+    pub attach: Option<Reattach>,
+    /// The request just sent asked for a provider background response.
+    pub sent_background: bool,
     pub relay: Arc<Relay>,
 }
 
@@ -224,6 +238,7 @@ impl Pump {
             Err(e) => return self.start_failed(e, started).await,
         };
         self.record_upstream().await;
+        let track = self.track();
         let mut started = Some(started);
         let mut flow = Flow {
             seq: self.live.base,
@@ -235,6 +250,7 @@ impl Pump {
             released: Vec::new(),
             spliced: Vec::new(),
             stamp: self.protocol.wire().stamps(),
+            track,
         };
         let mut headers = response.headers;
         if let Some(name) = &self.upstream.name_header {
@@ -265,6 +281,7 @@ impl Pump {
             };
             announce(&mut started);
             self.outcome(end, flow.ttft);
+            self.let_go(end, &flow).await;
             self.finish(end, None, recorded).await;
             if end == End::Done {
                 // The answer is complete and its clients told; what follows
@@ -403,34 +420,49 @@ impl Pump {
     }
 
     /// A continuation the provider refused with a 400: the plan in the
-    /// next style, once.
+    /// next style, once. A re-attach to the provider's background response
+    /// it refused (a 4xx: it no longer has it): the continuation instead.
     async fn fallen_back(
         &mut self,
         sent: Result<StreamResponse, StartError>,
     ) -> Result<StreamResponse, StartError> {
-        if let Err(StartError::Upstream(UpstreamError::Status { status, body, .. })) = &sent
-            && *status == StatusCode::BAD_REQUEST
-            && let Some(continued) = &mut self.continued
-            && let Some((style, legs)) = continued.fallback.take()
-        {
-            tracing::warn!(
-                stream = %self.live.who.id,
-                upstream = %self.upstream.config.name,
-                refused = continued.style.as_str(),
-                next = style.as_str(),
-                provider_said = %provider_message(self.protocol, body),
-                "the provider refused this continuation style (400); falling back to the next, once"
-            );
+        let Err(StartError::Upstream(UpstreamError::Status { status, body, .. })) = &sent else {
+            return sent;
+        };
+        let reattached = self.attach.is_some();
+        if !(*status == StatusCode::BAD_REQUEST || (reattached && is_final_refusal(*status))) {
+            return sent;
+        }
+        let Some((style, legs)) = self.continued.as_mut().and_then(|c| c.fallback.take()) else {
+            return sent;
+        };
+        let said = provider_message(self.protocol, body);
+        let (stream, upstream) = (&self.live.who.id, &self.upstream.config.name);
+        if reattached {
+            // A 4xx to the re-attach: the provider no longer has the
+            // response (or will not stream it); the answer is continued.
+            tracing::warn!(stream = %stream, upstream = %upstream, %status, provider_said = %said, "the provider cannot stream its background response again; continuing the answer instead");
+            self.attach = None;
+            self.relay.metrics.continuations.inc();
+            self.record_reattach(None).await;
+        } else {
+            let refused = self.continued.as_ref().map_or("", |c| c.style.as_str());
+            tracing::warn!(stream = %stream, upstream = %upstream, refused, next = style.as_str(), provider_said = %said, "the provider refused this continuation style (400); falling back to the next, once");
             self.relay.metrics.continuation_fallbacks.inc();
-            let mut legs: VecDeque<Leg> = legs.into();
-            if let Some(first) = legs.pop_front() {
-                continued.style = style;
-                continued.splice = Some(first.splice);
-                continued.legs = legs;
-                self.body = leg_body(&first.body);
-                self.relay.metrics.upstream_requests.inc();
-                return self.send_cancellable(None, "fallback").await;
-            }
+        }
+        let mut legs: VecDeque<Leg> = legs.into();
+        if let (Some(first), Some(continued)) = (legs.pop_front(), self.continued.as_mut()) {
+            continued.style = style;
+            continued.splice = Some(first.splice);
+            continued.legs = legs;
+            self.body = leg_body(&first.body);
+            self.relay.metrics.upstream_requests.inc();
+            let why = if reattached {
+                "continuation"
+            } else {
+                "fallback"
+            };
+            return self.send_cancellable(None, why).await;
         }
         sent
     }
@@ -482,6 +514,14 @@ impl Pump {
             }
         });
         self.outcome(End::Abort(AbortKind::UpstreamFailed), flow.ttft);
+        // The stream goes on elsewhere: the provider's background response,
+        // if it was one, is not wanted any more.
+        if let Some(track) = flow.track.take()
+            && let Some(response) = track.response()
+        {
+            relay.cancel_provider_response(&failed, response, &self.client_headers);
+            self.record_reattach(None).await;
+        }
         if let Some(trace) = &mut self.trace {
             trace.attempt_failed(format!("{}: failed mid-answer", failed.config.name));
         }
@@ -555,6 +595,22 @@ impl Pump {
         }
     }
 
+    /// Record which provider background response the stream's events come
+    /// from (none: a cut is continued, not re-attached). A failed write
+    /// only costs the re-attach: the stream is continued instead.
+    async fn record_reattach(&self, reattach: Option<&Reattach>) {
+        let relay = &self.relay;
+        let id = &self.live.who.id;
+        if let Err(e) = relay
+            .store
+            .set_reattach(id, reattach, &relay.instance)
+            .await
+        {
+            relay.metrics.store_errors.inc();
+            tracing::warn!(stream = %id, error = %e, "could not record the provider's background response");
+        }
+    }
+
     /// Send the request unless the stream is cancelled first. `why`: what
     /// this request is, for its span.
     async fn send_cancellable(
@@ -567,11 +623,14 @@ impl Pump {
         if let Some(trace) = &mut self.trace {
             trace.attempt(&self.upstream.config.name, why, &mut self.client_headers);
         }
+        let body = self.outgoing();
+        self.sent_background = body.is_some();
+        let body = body.unwrap_or_else(|| self.body.clone());
         let token = self.live.token.clone();
         let sent = tokio::select! {
             biased;
             _ = token.cancelled() => Err(StartError::Cancelled(self.live.cancel_reason())),
-            r = self.send_recorded(recording) => r,
+            r = self.send_recorded(recording, body) => r,
         };
         if let (Err(e), Some(trace)) = (&sent, &mut self.trace) {
             let detail = match e {
@@ -637,7 +696,7 @@ impl Pump {
             StartError::Cancelled(kind) => return End::Abort(*kind),
             StartError::Store(_) => return End::Abort(AbortKind::StoreFailed),
             StartError::Upstream(UpstreamError::Status { status, body, .. })
-                if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) =>
+                if is_final_refusal(*status) =>
             {
                 let message = provider_message(self.protocol, body);
                 tracing::warn!(stream = %self.live.who.id, upstream = %self.upstream.config.name, %status, provider_said = %message, "the provider refused the continuation; ending the stream");
@@ -653,14 +712,68 @@ impl Pump {
         End::Abort(kind)
     }
 
+    /// The body of a request that asks the provider for a background
+    /// response of its own (an `openai_responses` upstream with
+    /// `provider_background`; not a continuation's re-ask, whose events are
+    /// spliced, nor a request that asked not to be stored).
+    fn outgoing(&self) -> Option<Bytes> {
+        let splices = self.continued.as_ref().is_some_and(|c| c.splice.is_some());
+        if self.protocol != Protocol::OpenAiResponses
+            || !self.upstream.config.provider_background
+            || self.attach.is_some()
+            || splices
+        {
+            return None;
+        }
+        crate::protocol::responses::provider_background(&self.body)
+    }
+
+    /// What watches this run's events: the provider's background response
+    /// it re-attached to, or the one it asked for.
+    fn track(&mut self) -> Option<Track> {
+        match self.attach.take() {
+            Some(reattach) => Some(Track::attached(reattach)),
+            None => self.sent_background.then(Track::new),
+        }
+    }
+
+    /// A run in the provider's background response that ends for any
+    /// reason but the drain deadline or the provider's own failure (after
+    /// which it is re-attached): cancel the response, which dropping the
+    /// connection no longer does — a client gone is an upstream dropped.
+    async fn let_go(&self, end: End, flow: &Flow) {
+        let Some(response) = flow.track.as_ref().and_then(Track::response) else {
+            return;
+        };
+        if matches!(
+            end,
+            End::Done | End::Abort(AbortKind::ServerRestarting | AbortKind::UpstreamFailed)
+        ) {
+            return;
+        }
+        self.relay
+            .cancel_provider_response(&self.upstream, response, &self.client_headers);
+        // A resume after this is a continuation, not a re-attach.
+        self.record_reattach(None).await;
+    }
+
     /// Ask the provider while the record is written; both must succeed.
     async fn send_recorded(
         &self,
         recording: Option<Recording>,
+        body: Bytes,
     ) -> Result<StreamResponse, StartError> {
-        let send = self
-            .upstream
-            .open_stream(self.body.clone(), &self.client_headers);
+        let send = async {
+            match &self.attach {
+                Some(reattach) => {
+                    let after = reattach.starting_after(self.live.base);
+                    self.upstream
+                        .reattach_stream(&reattach.response, after, &self.client_headers)
+                        .await
+                }
+                None => self.upstream.open_stream(body, &self.client_headers).await,
+            }
+        };
         let Some(mut recording) = recording else {
             return send.await.map_err(StartError::Upstream);
         };
@@ -777,6 +890,9 @@ impl Pump {
             if !batch.is_empty() {
                 let store = &self.relay.store;
                 let id = &self.live.who.id;
+                if let Some(change) = flow.track.as_mut().and_then(Track::take_change) {
+                    self.record_reattach(change.as_ref()).await;
+                }
                 // The last batch carries the stream's end: one store write.
                 let write = async {
                     match step {
@@ -921,6 +1037,9 @@ impl Pump {
             // Most streams: every event goes to the client as it comes.
             flow.seq += 1;
             let name = stored_name(event.name.as_deref());
+            if let Some(track) = &mut flow.track {
+                track.observe(flow.seq, name.as_deref(), &event.data);
+            }
             let data = if flow.stamp {
                 wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
             } else {
@@ -964,6 +1083,9 @@ impl Pump {
         for event in flow.released.drain(..) {
             flow.seq += 1;
             let name = stored_name(event.name.as_deref());
+            if let Some(track) = &mut flow.track {
+                track.observe(flow.seq, name.as_deref(), &event.data);
+            }
             let data = if flow.stamp {
                 wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
             } else {

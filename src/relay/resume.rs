@@ -156,15 +156,24 @@ impl Relay {
         let Some(upstream) = upstream.cloned() else {
             return Ok(ended(&who, End::Abort(AbortKind::Incomplete), None));
         };
-        who.continuable = upstream.continues(model);
+        who.continuable = upstream.resumes(model);
         let events = self.store.events_after(id, 0).await?;
         let wire = who.protocol.wire();
         let partial = wire.partial(&events);
         let styles = upstream.styles(model);
         let style = styles[0];
-        let mut legs = match wire.continuation(&original, style, &partial) {
-            Plan::Continue(legs) => legs,
-            Plan::AlreadyComplete => {
+        // Made in the provider's own background response: re-attach to it,
+        // with the continuation as the fallback (`relay/reattach.rs`).
+        let attach = record.reattach.clone().filter(|_| {
+            who.protocol == Protocol::OpenAiResponses
+                && upstream.config.provider_background
+                && upstream.config.name == record.upstream
+        });
+        let mut plan = Some(wire.continuation(&original, style, &partial));
+        let mut legs = match plan.take_if(|_| attach.is_none()) {
+            None => Vec::new(),
+            Some(Plan::Continue(legs)) => legs,
+            Some(Plan::AlreadyComplete) => {
                 // What ends the answer, when the stored events stop short of it.
                 let mut events = events;
                 let closing: Vec<Event> = wire
@@ -188,10 +197,10 @@ impl Relay {
                 }
                 return Ok(ended(&who, End::Done, Some(events)));
             }
-            Plan::Unsupported => {
+            Some(Plan::Unsupported) => {
                 return Ok(ended(&who, End::Abort(AbortKind::Incomplete), Some(events)));
             }
-            Plan::Impossible(why) => {
+            Some(Plan::Impossible(why)) => {
                 tracing::info!(stream = %id, reason = %why, "an interrupted stream cannot be continued");
                 let reason = format!("{}: {why}", AbortKind::Incomplete.as_str());
                 self.store
@@ -221,16 +230,30 @@ impl Relay {
                 ended(&who, End::Abort(AbortKind::Incomplete), Some(events)).with_detail(Some(why))
             );
         }
-        // The next style, ready for a 400 refusing this one.
-        let fallback =
-            styles
-                .get(1)
-                .and_then(|&next| match wire.continuation(&original, next, &partial) {
+        let (body, splice, fallback) = if attach.is_some() {
+            // A 4xx to the re-attach falls back to the continuation.
+            let fallback = match plan {
+                Some(Plan::Continue(legs)) if !legs.is_empty() => Some((style, legs)),
+                _ => None,
+            };
+            (Vec::new(), None, fallback)
+        } else {
+            // The next style, ready for a 400 refusing this one.
+            let fallback = styles.get(1).and_then(|&next| {
+                match wire.continuation(&original, next, &partial) {
                     Plan::Continue(legs) => Some((next, legs)),
                     _ => None,
-                });
-        let first = legs.remove(0);
-        let body = serde_json::to_vec(&first.body).map_err(RelayError::Encode)?;
+                }
+            });
+            let first = legs.remove(0);
+            let body = serde_json::to_vec(&first.body).map_err(RelayError::Encode)?;
+            (body, Some(first.splice), fallback)
+        };
+        // Continued by a re-ask, the events no longer come one for one from
+        // the provider's background response: never re-attach to it again.
+        if attach.is_none() && record.reattach.is_some() {
+            self.store.set_reattach(id, None, &self.instance).await?;
+        }
         // A continuation is a generation: it counts against the stream
         // limits of the stream's owner like the run it continues (a place
         // taken by a resume that then joins another's run is given back).
@@ -259,8 +282,13 @@ impl Relay {
             }
         }
         live.hold(permit);
-        self.metrics.continuations.inc();
-        tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, style = style.as_str(), requests = legs.len() + 1, "continuing an interrupted stream");
+        if let Some(reattach) = &attach {
+            self.metrics.reattaches.inc();
+            tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, response = %reattach.response, "re-attaching an interrupted stream to the provider's background response");
+        } else {
+            self.metrics.continuations.inc();
+            tracing::info!(stream = %id, after = partial.last_seq, upstream = %upstream.config.name, style = style.as_str(), requests = legs.len() + 1, "continuing an interrupted stream");
+        }
         let pinned = upstream.config.api_key.is_none() && record.client_credential;
         let pump = Pump {
             live: live.clone(),
@@ -291,11 +319,13 @@ impl Relay {
             client_headers: continuation_headers(&record, credential),
             tools: crate::protocol::declares_tools(&original),
             continued: Some(Continued {
-                splice: Some(first.splice),
+                splice,
                 legs: legs.into(),
                 style,
                 fallback,
             }),
+            attach,
+            sent_background: false,
             relay: self.clone(),
         };
         // Nobody waits for the start: a failure reaches the clients in-band.

@@ -119,6 +119,7 @@ impl Relay {
             created_ms: now,
             updated_ms: now,
             instance: self.instance.clone(),
+            reattach: None,
         };
         let who = self.identity(&id, &new.owner, new.protocol, new.continuable);
         let live = self.new_live(who.clone(), &new.owner, 0, new.background);
@@ -170,6 +171,8 @@ impl Relay {
             sent_at: tokio::time::Instant::now(),
             failovers: 0,
             trace,
+            attach: None,
+            sent_background: false,
             relay: self.clone(),
         };
         self.drain

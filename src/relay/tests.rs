@@ -63,6 +63,14 @@ impl Store for Counting {
     ) -> Result<(), StoreError> {
         self.inner.set_upstream(id, upstream, instance).await
     }
+    async fn set_reattach(
+        &self,
+        id: &str,
+        reattach: Option<&crate::stream::Reattach>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.set_reattach(id, reattach, instance).await
+    }
     async fn get(&self, id: &str) -> Result<Option<StreamRecord>, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(id).await

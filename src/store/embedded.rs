@@ -54,7 +54,7 @@ use async_trait::async_trait;
 
 use super::{Corruption, Store, StoreError, decode_batch};
 use crate::config::StoreConfig;
-use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
+use crate::stream::{Event, IdempotencyEntry, Reattach, Status, StreamRecord, now_ms};
 
 /// The part of a record that changes after creation.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -67,6 +67,9 @@ struct StatusRecord {
     /// The upstream serving it, once it is not the one created with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     upstream: Option<String>,
+    /// The provider's background response it re-attaches to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reattach: Option<Reattach>,
 }
 
 const RECORD: u8 = 1;
@@ -1068,6 +1071,7 @@ fn status_record(status: Status, reason: Option<&str>, instance: &str) -> Status
         updated_ms: now_ms(),
         instance: instance.to_owned(),
         upstream: None,
+        reattach: None,
     }
 }
 
@@ -1116,8 +1120,32 @@ impl EmbeddedStore {
             return Ok(());
         };
         let mut latest = status_record(status, reason, instance);
-        latest.upstream = stream.status.as_ref().and_then(|s| s.upstream.clone());
+        if let Some(current) = &stream.status {
+            latest.upstream.clone_from(&current.upstream);
+            latest.reattach.clone_from(&current.reattach);
+        }
         self.write_status(log, stream_id, latest)
+    }
+
+    /// Write `stream_id`'s status entry again with `change` made to it:
+    /// the status stays what it is.
+    fn amend_status(
+        &self,
+        stream_id: &str,
+        instance: &str,
+        change: impl FnOnce(&mut StatusRecord),
+    ) -> Result<(), StoreError> {
+        let mut log = self.shared.lock();
+        let Some(stream) = log.streams.get(stream_id) else {
+            return Ok(());
+        };
+        let mut latest = match &stream.status {
+            Some(current) => current.clone(),
+            None => status_record(Status::Running, None, instance),
+        };
+        latest.updated_ms = now_ms();
+        change(&mut latest);
+        self.write_status(&mut log, stream_id, latest)
     }
 
     /// Append `latest` as `stream_id`'s status entry and make it current.
@@ -1239,18 +1267,20 @@ impl Store for EmbeddedStore {
         upstream: &str,
         instance: &str,
     ) -> Result<(), StoreError> {
-        let mut log = self.shared.lock();
-        let Some(stream) = log.streams.get(stream_id) else {
-            return Ok(());
-        };
-        // The status stays what it is; only the upstream changes.
-        let mut latest = match &stream.status {
-            Some(current) => current.clone(),
-            None => status_record(Status::Running, None, instance),
-        };
-        latest.updated_ms = now_ms();
-        latest.upstream = Some(upstream.to_owned());
-        self.write_status(&mut log, stream_id, latest)
+        self.amend_status(stream_id, instance, |latest| {
+            latest.upstream = Some(upstream.to_owned());
+        })
+    }
+
+    async fn set_reattach(
+        &self,
+        stream_id: &str,
+        reattach: Option<&Reattach>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        self.amend_status(stream_id, instance, |latest| {
+            latest.reattach = reattach.cloned();
+        })
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
@@ -1280,6 +1310,7 @@ impl Store for EmbeddedStore {
             if let Some(upstream) = latest.upstream {
                 record.upstream = upstream;
             }
+            record.reattach = latest.reattach;
         }
         Ok(Some(record))
     }
@@ -1477,6 +1508,7 @@ mod tests {
             created_ms: now_ms(),
             updated_ms: now_ms(),
             instance: "i1".into(),
+            reattach: None,
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Store, StoreError};
-use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
+use crate::stream::{Event, IdempotencyEntry, Reattach, Status, StreamRecord, now_ms};
 
 /// What one stored event costs beyond its name and data: its seq, the
 /// handles of its name and data, its slot in the stream's list.
@@ -226,6 +226,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn set_reattach(
+        &self,
+        stream_id: &str,
+        reattach: Option<&Reattach>,
+        _instance: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(entry) = self.lock()?.streams.get_mut(stream_id) {
+            entry.record.reattach = reattach.cloned();
+        }
+        Ok(())
+    }
+
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
         let inner = self.lock()?;
         Ok(inner
@@ -382,6 +394,7 @@ mod tests {
             created_ms: now - 10_000 + created_ms,
             updated_ms: now,
             instance: "i1".into(),
+            reattach: None,
         }
     }
 

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::config::{StoreConfig, StoreKind};
-use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord};
+use crate::stream::{Event, IdempotencyEntry, Reattach, Status, StreamRecord};
 
 /// Why a store call failed, with the typed cause as its source.
 ///
@@ -186,6 +186,14 @@ pub trait Store: Send + Sync {
         &self,
         stream_id: &str,
         upstream: &str,
+        instance: &str,
+    ) -> Result<(), StoreError>;
+    /// Record the provider's background response the stream's events now
+    /// come from (`None`: they do not, or no longer, map one for one).
+    async fn set_reattach(
+        &self,
+        stream_id: &str,
+        reattach: Option<&Reattach>,
         instance: &str,
     ) -> Result<(), StoreError>;
     /// The record, unless it does not exist or has expired.

@@ -35,7 +35,7 @@ use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
 use super::{Corruption, SharedStore, Store, StoreError, decode_batch, encode_batch};
 use crate::config::StoreConfig;
-use crate::stream::{Event, IdempotencyEntry, Status, StreamRecord, now_ms};
+use crate::stream::{Event, IdempotencyEntry, Reattach, Status, StreamRecord, now_ms};
 
 /// How long one Redis command may take before the store reports itself
 /// unavailable (a stream then ends with `store_failed`, never hangs).
@@ -320,6 +320,16 @@ where
             record.instance = instance.to_owned();
         })
         .await
+    }
+
+    async fn set_reattach(
+        &self,
+        stream_id: &str,
+        reattach: Option<&Reattach>,
+        _instance: &str,
+    ) -> Result<(), StoreError> {
+        self.rewrite(stream_id, |record| record.reattach = reattach.cloned())
+            .await
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {

@@ -437,6 +437,13 @@ impl Upstream {
         self.styles(model) != [Continuation::None]
     }
 
+    /// Whether an interrupted answer of `model` can be resumed here: by a
+    /// continuation, or by re-attaching to the provider's own background
+    /// response.
+    pub fn resumes(&self, model: &str) -> bool {
+        self.config.provider_background || self.continues(model)
+    }
+
     fn timeout(&self, after: Duration) -> UpstreamError {
         UpstreamError::Timeout {
             upstream: self.config.name.clone(),
@@ -468,7 +475,17 @@ impl Upstream {
         body: Bytes,
         client_headers: &HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut request = self.client.post(self.url.clone()).body(body);
+        let request = self.client.post(self.url.clone()).body(body);
+        self.dispatch(request, client_headers).await
+    }
+
+    /// Send `request` with this provider's headers and wait for its head,
+    /// as [`Upstream::send`] does.
+    async fn dispatch(
+        &self,
+        mut request: reqwest::RequestBuilder,
+        client_headers: &HeaderMap,
+    ) -> Result<reqwest::Response, UpstreamError> {
         for (name, value) in self.request_headers(client_headers) {
             request = request.header(name, value);
         }
@@ -502,6 +519,62 @@ impl Upstream {
             status,
             body: body.slice(..body.len().min(ERROR_BODY_LIMIT)),
             headers: Box::new(headers),
+        }
+    }
+
+    /// `base_url/responses/{response}` and what follows it: the URL of one
+    /// of the provider's own responses (the id is one path segment,
+    /// escaped, whatever the provider named it).
+    fn response_url(&self, response: &str, tail: &[&str]) -> Option<reqwest::Url> {
+        let mut url = reqwest::Url::parse(&self.config.base_url).ok()?;
+        url.path_segments_mut()
+            .ok()?
+            .pop_if_empty()
+            .push("responses")
+            .push(response)
+            .extend(tail);
+        Some(url)
+    }
+
+    /// Re-attach to the provider's own background response `response`
+    /// (Responses API): its events after `starting_after` (all without),
+    /// then the live ones. Through reqwest: a rare request, after a cut.
+    pub async fn reattach_stream(
+        &self,
+        response: &str,
+        starting_after: Option<u64>,
+        client_headers: &HeaderMap,
+    ) -> Result<StreamResponse, UpstreamError> {
+        let Some(mut url) = self.response_url(response, &[]) else {
+            return Err(self.status_error(StatusCode::NOT_FOUND, Bytes::new(), HeaderMap::new()));
+        };
+        url.query_pairs_mut().append_pair("stream", "true");
+        if let Some(n) = starting_after {
+            url.query_pairs_mut()
+                .append_pair("starting_after", itoa::Buffer::new().format(n));
+        }
+        let response = self.dispatch(self.client.get(url), client_headers).await?;
+        Ok(StreamResponse {
+            content_type: response.headers().get(header::CONTENT_TYPE).cloned(),
+            headers: passed_headers(response.headers()),
+            body: StreamBody::Pooled(Box::pin(response.bytes_stream())),
+        })
+    }
+
+    /// Cancel the provider's own background response `response`. Whether
+    /// it worked is only logged: nobody waits on it.
+    pub async fn cancel_response(&self, response: &str, client_headers: &HeaderMap) {
+        let Some(url) = self.response_url(response, &["cancel"]) else {
+            return;
+        };
+        let request = self.client.post(url).body("{}");
+        match self.dispatch(request, client_headers).await {
+            Ok(_) => {
+                tracing::info!(upstream = %self.config.name, %response, "cancelled the provider's background response")
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %self.config.name, %response, error = %e, "could not cancel the provider's background response")
+            }
         }
     }
 

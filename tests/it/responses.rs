@@ -284,13 +284,7 @@ async fn survives_a_sigkill(mock: &Mock, from: &mut Gateway, survivor: impl Asyn
         .map(|e| e.json()["sequence_number"].as_u64().unwrap())
         .collect();
     assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
-    let text: String = events
-        .iter()
-        .map(SseEvent::json)
-        .filter(|v| v["type"] == "response.output_text.delta")
-        .filter_map(|v| v["delta"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(text, want);
+    assert_eq!(deltas(&events), want);
     assert_eq!(events.last().unwrap().json()["type"], "response.completed");
 }
 
@@ -324,4 +318,172 @@ async fn a_background_response_is_finished_by_the_restarted_process() {
         Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await
     })
     .await;
+}
+
+/// The gateway of [`with_responses`] whose Responses upstream asks the
+/// provider for background responses of its own (`provider_background`),
+/// on the embedded store, with a drain of `grace`.
+fn provider_background_config(mock: &Mock, dir: &std::path::Path, grace: &str) -> String {
+    let extra = format!(
+        "[resume]\nsecret_env = \"{}\"\n[drain]\npre_stop_delay = \"0s\"\ngrace = \"{grace}\"\nexit_timeout = \"2s\"\n",
+        SECRET.0
+    );
+    let config = config(mock, "127.0.0.1:0", &embedded(dir), &extra);
+    format!(
+        "{}provider_background = true\n",
+        with_responses(mock, config)
+    )
+}
+
+/// The text of Responses events.
+fn deltas(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .map(SseEvent::json)
+        .filter(|v| v["type"] == "response.output_text.delta")
+        .filter_map(|v| v["delta"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A stream made in the provider's own background response, cut by `cut`
+/// (SIGKILL, or SIGTERM and the drain deadline) mid-answer, resumed from a
+/// new process with the SDKs' own call: the exact answer, its events
+/// numbered 0, 1, … once each, from one provider call that generated each
+/// token once — a re-attach, not a continuation.
+async fn reattaches_after(cut: &str) {
+    let dir = tempdir();
+    let mock = mock(&dir).await;
+    let cfg = provider_background_config(&mock, &dir, "1s");
+    let mut gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let mut req = request(cut, 50, 60);
+    req["stream"] = json!(true);
+    let before = mock.stat("tokens_sent").await;
+    let want = exact(&mock, &req).await;
+    let answer_tokens = mock.stat("tokens_sent").await - before;
+    let (started, tokens) = (
+        mock.stat("requests_started").await,
+        mock.stat("tokens_sent").await,
+    );
+    let mut sse = Sse::from(create(&gw.url("/v1/responses"), &req, None).await).await;
+    assert_eq!(sse.status, 200);
+    let mut seen = sse.take(12).await;
+    let id = seen[0].json()["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(seen[0].json()["type"], "response.created");
+    assert!(deltas(&seen).len() > 3, "{seen:?}");
+    if cut == "KILL" {
+        gw.proc.kill().await;
+    } else {
+        gw.proc.signal("TERM");
+        seen.extend(sse.rest().await);
+        let last = seen.last().unwrap().json();
+        assert_eq!(last["type"], "error", "{last}");
+        assert_eq!(last["code"], "server_restarting", "{last}");
+        gw.proc.exit(Duration::from_secs(10)).await;
+    }
+    drop(sse);
+    let numbered: Vec<&SseEvent> = seen
+        .iter()
+        .filter(|e| e.json()["type"] != "error")
+        .collect();
+    let last = numbered.last().unwrap().json()["sequence_number"]
+        .as_u64()
+        .unwrap();
+    let gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let mut resumed = Sse::get(
+        &gw.url(&format!(
+            "/v1/responses/{id}?stream=true&starting_after={last}"
+        )),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let rest = resumed.rest().await;
+    assert_eq!(
+        rest.last().unwrap().json()["type"],
+        "response.completed",
+        "{rest:?}"
+    );
+    let all: Vec<SseEvent> = numbered.into_iter().cloned().chain(rest).collect();
+    let numbers: Vec<u64> = all
+        .iter()
+        .map(|e| e.json()["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
+    assert_eq!(deltas(&all), want);
+    assert!(
+        all.iter()
+            .filter_map(|e| e.json()["response"]["id"].as_str().map(str::to_owned))
+            .all(|r| r == id),
+        "every response object is named by the gateway's id"
+    );
+    assert_eq!(
+        mock.stat("requests_started").await - started,
+        1,
+        "no second generation"
+    );
+    assert_eq!(
+        mock.stat("tokens_sent").await - tokens,
+        answer_tokens,
+        "every token generated once"
+    );
+    assert_eq!(gw.metric("tidegate_reattaches_total").await, 1.0);
+    assert_eq!(gw.metric("tidegate_continuations_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_stream_in_the_providers_background_response_reattaches_after_a_sigkill() {
+    reattaches_after("KILL").await;
+}
+
+#[tokio::test]
+async fn a_stream_in_the_providers_background_response_reattaches_after_the_drain() {
+    reattaches_after("TERM").await;
+}
+
+/// A client that leaves a stream made in the provider's background
+/// response cancels that response (dropping the connection would not stop
+/// it); a resume after that is a continuation, and still exact.
+#[tokio::test]
+async fn a_client_that_leaves_cancels_the_providers_background_response() {
+    let dir = tempdir();
+    let mock = mock(&dir).await;
+    let cfg = provider_background_config(&mock, &dir, "1s");
+    let gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let mut req = request("leaving", 50, 60);
+    req["stream"] = json!(true);
+    let want = exact(&mock, &req).await;
+    let cancelled = mock.stat("requests_cancelled").await;
+    let mut sse = Sse::from(create(&gw.url("/v1/responses"), &req, None).await).await;
+    let seen = sse.take(10).await;
+    let id = seen[0].json()["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(sse);
+    let n = mock
+        .wait_for("requests_cancelled", cancelled + 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        n,
+        cancelled + 1,
+        "the provider's response was not cancelled"
+    );
+    let last = seen.last().unwrap().json()["sequence_number"]
+        .as_u64()
+        .unwrap();
+    let mut resumed = Sse::get(
+        &gw.url(&format!(
+            "/v1/responses/{id}?stream=true&starting_after={last}"
+        )),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    let rest = resumed.rest().await;
+    let all: Vec<SseEvent> = seen.into_iter().chain(rest).collect();
+    assert_eq!(deltas(&all), want);
+    assert_eq!(gw.metric("tidegate_reattaches_total").await, 0.0);
+    assert_eq!(gw.metric("tidegate_continuations_total").await, 1.0);
 }
