@@ -279,13 +279,23 @@ async fn survives_a_sigkill(mock: &Mock, from: &mut Gateway, survivor: impl Asyn
     )
     .await;
     let events = sse.rest().await;
+    assert_whole(&events, &want);
+}
+
+/// A response's events, whole: numbered 0, 1, … once each, spelling
+/// `want`, ending in `response.completed`.
+fn assert_whole(events: &[SseEvent], want: &str) {
     let numbers: Vec<u64> = events
         .iter()
         .map(|e| e.json()["sequence_number"].as_u64().unwrap())
         .collect();
     assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
-    assert_eq!(deltas(&events), want);
-    assert_eq!(events.last().unwrap().json()["type"], "response.completed");
+    assert_eq!(deltas(events), want);
+    assert_eq!(
+        events.last().unwrap().json()["type"],
+        "response.completed",
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
@@ -401,18 +411,8 @@ async fn reattaches_after(cut: &str) {
     .await;
     assert_eq!(resumed.status, 200);
     let rest = resumed.rest().await;
-    assert_eq!(
-        rest.last().unwrap().json()["type"],
-        "response.completed",
-        "{rest:?}"
-    );
     let all: Vec<SseEvent> = numbered.into_iter().cloned().chain(rest).collect();
-    let numbers: Vec<u64> = all
-        .iter()
-        .map(|e| e.json()["sequence_number"].as_u64().unwrap())
-        .collect();
-    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
-    assert_eq!(deltas(&all), want);
+    assert_whole(&all, &want);
     assert!(
         all.iter()
             .filter_map(|e| e.json()["response"]["id"].as_str().map(str::to_owned))
