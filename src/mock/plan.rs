@@ -1088,11 +1088,13 @@ fn answer(
         }
         Start::Instruct { text } => {
             let found = (0..MAX_CHOICES).find_map(|k| {
-                let words = r.text_words(k, 0, true);
-                split(source, text_salt(k), words, &text).map(|s| (k, words, s))
+                let max_words = r
+                    .text_words(k, usize::MAX / 4, true)
+                    .min(MAX_TOKENS_LIMIT as usize);
+                split(source, text_salt(k), max_words, &text).map(|s| (k, s))
             });
             match found {
-                Some((k, words, (whole, tail))) => {
+                Some((k, (whole, tail))) => {
                     // The word the partial ends in (or after), said again.
                     let last = if tail.is_empty() {
                         whole.saturating_sub(1)
@@ -1100,6 +1102,14 @@ fn answer(
                         whole
                     };
                     covered = last;
+                    // The whole answer's length: as for a prefix, the
+                    // budget left (lowered by what was said, plus the word
+                    // said again) plus what the partial covers.
+                    let words = r.text_words(k, last + r.reasoning_words(), true);
+                    if whole > words {
+                        // Longer than this answer: not a partial of ours.
+                        return Ok(None);
+                    }
                     let mut units = Vec::new();
                     reasoning(
                         INSTRUCT_SALT ^ reasoning_salt(k),

@@ -2231,6 +2231,34 @@ async fn responses_instruct_reask_continues_exactly() {
     tracker.wait().await;
 }
 
+/// With no `words` knob, the answer's length is its budget: a re-ask with
+/// the budget lowered by what was said (plus the word said again) is the
+/// rest of the same answer, not a shorter one.
+#[tokio::test]
+async fn responses_instruct_reask_within_the_lowered_budget_is_the_rest_of_the_answer() {
+    let (url, stop, tracker) = serve_mock(Some("k1")).await;
+    let http = reqwest::Client::new();
+    let full = output_text(&responses_whole(&http, &url, json!({"max_output_tokens": 40})).await);
+    let w = words(&full);
+    assert_eq!(w.len(), 40);
+    let input = json!([
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": w[..6].join(" ")},
+        {"role": "user", "content": "Continue exactly where you stopped."},
+    ]);
+    let again = responses_whole(
+        &http,
+        &url,
+        json!({"input": input, "max_output_tokens": 35}),
+    )
+    .await;
+    assert_eq!(again["status"], "completed", "within its budget: {again}");
+    assert_eq!(output_text(&again), w[5..].join(" "));
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
 #[tokio::test]
 async fn responses_max_output_tokens_cut_is_incomplete() {
     let (url, stop, tracker) = serve_mock(Some("k1")).await;

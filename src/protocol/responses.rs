@@ -183,8 +183,12 @@ impl Wire for OpenAiResponses {
         // streams it like any other.
         body.remove("background");
         let used = partial.tokens();
+        // An open message is continued by instruction: the model says the
+        // word it was cut in (or after) again, and that costs a token the
+        // splice drops.
+        let says_again = open.is_some_and(|o| o.kind == "message" && !o.text.is_empty());
         if let Some(max) = body.get("max_output_tokens").and_then(Value::as_u64) {
-            let left = max.saturating_sub(used);
+            let left = (max + u64::from(says_again)).saturating_sub(used);
             if left < MIN_OUTPUT_TOKENS {
                 return Plan::AlreadyComplete;
             }
@@ -1058,7 +1062,10 @@ mod tests {
             json!({"role": "assistant", "content": "the tide gate"})
         );
         assert_eq!(input[2]["content"], INSTRUCT_PROMPT);
-        assert_eq!(leg.body["max_output_tokens"], 97);
+        assert_eq!(
+            leg.body["max_output_tokens"], 98,
+            "3 said, and the word said again"
+        );
         let mut splice = leg.splice;
         let mut out = Vec::new();
         let id = "msg_2";
@@ -1134,8 +1141,9 @@ mod tests {
             OpenAiResponses.continuation(&original(), Continuation::Instruct, &p),
             Plan::Impossible(_)
         ));
-        // A spent budget ends the open message as the budget would have.
-        let p = OpenAiResponses.partial(&cut_text(&["a"]));
+        // A spent budget ends the open message as the budget would have
+        // (16 − 2 said + 1 said again is under OpenAI's least, 16).
+        let p = OpenAiResponses.partial(&cut_text(&["a", " b"]));
         let spent = json!({"model": "m", "input": "q", "max_output_tokens": 16});
         assert!(matches!(
             OpenAiResponses.continuation(&spent, Continuation::Instruct, &p),
