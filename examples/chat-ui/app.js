@@ -1,12 +1,15 @@
 // tidegate chat demo: streams answers through the gateway with resumableFetch,
-// shows "reconnecting…" while a gateway restart is bridged, and resumes an
-// unfinished answer after a page reload from the cursor kept in localStorage.
+// over the Chat Completions API or the Responses API (the selector in the
+// bar), shows "reconnecting…" while a gateway restart is bridged, and resumes
+// an unfinished answer after a page reload from the cursor kept in
+// localStorage.
 import {
   resumableFetch,
   resumeStream,
   streamEvents,
   chunkText,
   eventError,
+  isStreamEnd,
   getStreamInfo,
   ResumeFailedError,
 } from "./client.js";
@@ -23,6 +26,25 @@ export const CHAT_REQUEST = {
   mock: { token_interval_ms: 60 },
 };
 
+/** The same, for `POST /v1/responses` (the Responses API names the limit `max_output_tokens`). */
+export const RESPONSES_REQUEST = {
+  model: "mock",
+  max_output_tokens: 60,
+  mock: { token_interval_ms: 60 },
+};
+
+/** The two APIs the page can speak: the path, and the request body for a conversation. */
+export const APIS = {
+  chat: {
+    path: "/v1/chat/completions",
+    body: (messages) => ({ ...CHAT_REQUEST, messages, stream: true }),
+  },
+  responses: {
+    path: "/v1/responses",
+    body: (messages) => ({ ...RESPONSES_REQUEST, input: messages.map(({ role, content }) => ({ role, content })), stream: true }),
+  },
+};
+
 /** How long one outage may last before the page gives up (ms). */
 const RESUME_BUDGET_MS = 120_000;
 const STORAGE_KEY = "tidegate-chat:v1";
@@ -34,19 +56,24 @@ const statusEl = $("status");
 const form = $("composer");
 const promptEl = $("prompt");
 const sendBtn = $("send");
+const apiEl = $("api");
 
 /**
- * The conversation and the answer being streamed. `pending` is what a reload
- * needs to resume: { streamId, token, lastEventId, text }.
+ * The conversation, the API it speaks, and the answer being streamed.
+ * `pending` is what a reload needs to resume: { streamId, token, lastEventId,
+ * text }. tidegate resumes a Responses stream at /v1/streams/{id} too, so
+ * both APIs resume the same way.
  */
-let state = { messages: [], pending: null };
+let state = { api: "chat", messages: [], pending: null };
 let busy = false;
 let controller = null;
 
 function load() {
   try {
     const saved = JSON.parse(localStorage.getItem(STORAGE_KEY) ?? "null");
-    if (saved && Array.isArray(saved.messages)) state = { messages: saved.messages, pending: saved.pending ?? null };
+    if (saved && Array.isArray(saved.messages)) {
+      state = { api: saved.api in APIS ? saved.api : "chat", messages: saved.messages, pending: saved.pending ?? null };
+    }
   } catch {
     /* corrupt storage: start over */
   }
@@ -70,6 +97,7 @@ function setBusy(value) {
   busy = value;
   sendBtn.disabled = value;
   promptEl.disabled = value;
+  apiEl.disabled = value;
   if (!value) promptEl.focus();
 }
 
@@ -141,6 +169,7 @@ async function consume(res, b) {
     b.body.textContent = p.text;
     save();
     scrollToEnd();
+    if (isStreamEnd(ev)) return; // response.completed: the Responses API sends no [DONE]
   }
   throw new Error("the stream ended before the answer was complete");
 }
@@ -176,11 +205,12 @@ async function ask(prompt) {
   state.pending = { streamId: null, token: null, lastEventId: 0, text: "" };
   save();
   setStatus("streaming…");
+  const api = APIS[state.api];
   try {
-    const res = await streamingFetch()("/v1/chat/completions", {
+    const res = await streamingFetch()(api.path, {
       method: "POST",
       headers: { "content-type": "application/json", accept: "text/event-stream" },
-      body: JSON.stringify({ ...CHAT_REQUEST, messages: state.messages, stream: true }),
+      body: JSON.stringify(api.body(state.messages)),
       signal: controller.signal,
     });
     if (!res.ok) {
@@ -252,9 +282,15 @@ form.addEventListener("submit", (e) => {
   ask(prompt);
 });
 
+apiEl.addEventListener("change", () => {
+  if (busy || !(apiEl.value in APIS)) return;
+  state.api = apiEl.value;
+  save();
+});
+
 $("new-chat").addEventListener("click", () => {
   controller?.abort();
-  state = { messages: [], pending: null };
+  state = { api: state.api, messages: [], pending: null };
   save();
   render();
   setStatus("");
@@ -262,6 +298,7 @@ $("new-chat").addEventListener("click", () => {
 });
 
 load();
+apiEl.value = state.api;
 render();
 if (state.pending) resumePending();
 else promptEl.focus();

@@ -214,6 +214,9 @@ async function* parseSse(body) {
     }
   }
 }
+function endsAnswer(event) {
+  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
+}
 
 // src/resumable.ts
 var STREAM_ID_HEADER = "x-tidegate-stream-id";
@@ -508,9 +511,6 @@ var IdleTimeoutError = class extends Error {
     this.name = "IdleTimeoutError";
   }
 };
-function endsStream(event) {
-  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
-}
 function parseAbort(data) {
   if (!data.includes('"error"')) return void 0;
   try {
@@ -571,7 +571,7 @@ function splice(firstBody, ctx) {
               if (seq !== ctx.lastEventId + 1) throw new StreamGapError(ctx.streamId, ctx.lastEventId + 1, seq);
               ctx.lastEventId = seq;
               progressed = true;
-              if (endsStream(ev.event)) sawMessageStop = true;
+              if (endsAnswer(ev.event)) sawMessageStop = true;
               yield encoder.encode(serializeEvent({ id: ev.id, event: ev.event, data: ev.data }));
               continue;
             }
@@ -593,7 +593,7 @@ function splice(firstBody, ctx) {
               finished = true;
               break reading;
             }
-            if (endsStream(ev.event)) sawMessageStop = true;
+            if (endsAnswer(ev.event)) sawMessageStop = true;
             yield encoder.encode(serializeEvent({ data: ev.data, event: ev.event }));
           }
           if (done) {
@@ -698,19 +698,25 @@ function chunkText(data) {
     if (typeof choice.text === "string") return choice.text;
     return "";
   }
-  if (o.type === "content_block_delta" && o.delta?.type === "text_delta" && typeof o.delta.text === "string") {
-    return o.delta.text;
-  }
+  if (o.type === "response.output_text.delta") return typeof o.delta === "string" ? o.delta : "";
+  const d = o.delta;
+  if (o.type === "content_block_delta" && d?.type === "text_delta" && typeof d.text === "string") return d.text;
   return "";
+}
+function isStreamEnd(ev) {
+  return ev.data === "[DONE]" || endsAnswer(ev.event);
 }
 function eventError(data) {
   if (!data.includes('"error"')) return void 0;
   try {
     const obj = JSON.parse(data);
-    const err = obj?.error;
+    const err = obj?.type === "response.failed" ? obj.response?.error : obj?.error;
     if (err && typeof err === "object") {
       const e = err;
       return { ...e, type: typeof e.type === "string" ? e.type : "error" };
+    }
+    if (obj?.type === "error" && typeof obj.message === "string") {
+      return { type: "error", message: obj.message, ...typeof obj.code === "string" ? { code: obj.code } : {} };
     }
   } catch {
   }
@@ -721,9 +727,9 @@ async function* streamText(source) {
     if (ev.data === "[DONE]") return;
     const err = eventError(ev.data);
     if (err) throw new StreamAbortedError(`the stream was aborted: ${err.type}${err.message ? `: ${err.message}` : ""}`, err);
-    if (ev.event === "message_stop") return;
     const text = chunkText(ev.data);
     if (text) yield text;
+    if (endsAnswer(ev.event)) return;
   }
   throw new StreamAbortedError("the stream ended before the answer was complete");
 }
@@ -742,8 +748,10 @@ export {
   TidegateError,
   chunkText,
   collectText,
+  endsAnswer,
   eventError,
   getStreamInfo,
+  isStreamEnd,
   parseSse,
   resumableFetch,
   resumeStream,

@@ -16,8 +16,8 @@ export {
   type ResumedInfo,
   type StreamInfo,
 } from "./resumable.js";
-export { streamText, streamEvents, collectText, chunkText, eventError, type StreamSource } from "./text.js";
-export { parseSse, serializeEvent, SseParser, type SseEvent } from "./sse.js";
+export { streamText, streamEvents, collectText, chunkText, eventError, isStreamEnd, type StreamSource } from "./text.js";
+export { parseSse, serializeEvent, SseParser, endsAnswer, type SseEvent } from "./sse.js";
 export {
   TidegateError,
   ResumeFailedError,

@@ -1,5 +1,5 @@
 import { ResumeFailedError, StreamGapError, StreamAbortedError, type TidegateAbortInfo } from "./errors.js";
-import { SseParser, serializeEvent, type SseEvent } from "./sse.js";
+import { SseParser, serializeEvent, endsAnswer, type SseEvent } from "./sse.js";
 
 /** Header names of the tidegate wire contract. */
 export const STREAM_ID_HEADER = "x-tidegate-stream-id";
@@ -469,15 +469,6 @@ class IdleTimeoutError extends Error {
   }
 }
 
-/**
- * The answer's own last event, in the protocols that have no `[DONE]`:
- * Anthropic's `message_stop`, the OpenAI Responses API's
- * `response.completed` / `response.incomplete`.
- */
-function endsStream(event: string | undefined): boolean {
-  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
-}
-
 function parseAbort(data: string): TidegateAbortInfo | undefined {
   if (!data.includes('"error"')) return undefined;
   try {
@@ -548,7 +539,7 @@ function splice(firstBody: ReadableStream<Uint8Array>, ctx: Ctx): ReadableStream
               if (seq !== ctx.lastEventId + 1) throw new StreamGapError(ctx.streamId, ctx.lastEventId + 1, seq);
               ctx.lastEventId = seq;
               progressed = true;
-              if (endsStream(ev.event)) sawMessageStop = true;
+              if (endsAnswer(ev.event)) sawMessageStop = true;
               yield encoder.encode(serializeEvent({ id: ev.id, event: ev.event, data: ev.data } as SseEvent));
               continue;
             }
@@ -572,7 +563,7 @@ function splice(firstBody: ReadableStream<Uint8Array>, ctx: Ctx): ReadableStream
               finished = true;
               break reading;
             }
-            if (endsStream(ev.event)) sawMessageStop = true;
+            if (endsAnswer(ev.event)) sawMessageStop = true;
             yield encoder.encode(serializeEvent({ data: ev.data, event: ev.event } as SseEvent));
           }
           if (done) {

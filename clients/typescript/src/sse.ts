@@ -176,3 +176,13 @@ export async function* parseSse(
     }
   }
 }
+
+/**
+ * Whether an event named `event` is the answer's own last one, in the
+ * protocols that have no `[DONE]`: Anthropic's `message_stop`, the OpenAI
+ * Responses API's `response.completed` / `response.incomplete` (an answer cut
+ * short by `max_output_tokens` is whole as far as the stream goes).
+ */
+export function endsAnswer(event: string | undefined): boolean {
+  return event === "message_stop" || event === "response.completed" || event === "response.incomplete";
+}

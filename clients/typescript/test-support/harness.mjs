@@ -40,6 +40,15 @@ export function freePort() {
  * is still running (SIGKILL) and removes the temp dir (kept when
  * TIDEGATE_KEEP_TEST_DIR is set, for its logs).
  */
+/**
+ * The key the test mock demands, as every real provider does (a request
+ * without it gets the provider's 401). The gateway carries it to the mock
+ * through `api_key_env`; a test that talks to the mock directly sends it.
+ */
+export const MOCK_KEY_ENV = "TG_TS_UPSTREAM_KEY";
+export const MOCK_KEY = "sk-tidegate-ts-test-upstream";
+process.env[MOCK_KEY_ENV] = MOCK_KEY;
+
 export class Harness {
   constructor(name = "tidegate-test") {
     requireBinary();
@@ -89,9 +98,9 @@ export class Harness {
     return { proc, url, port, logPath, log: () => tail, exit: exited };
   }
 
-  /** `tidegate mock-upstream --listen 127.0.0.1:0` */
+  /** `tidegate mock-upstream --listen 127.0.0.1:0 --api-key-env TG_TS_UPSTREAM_KEY`: it demands {@link MOCK_KEY}. */
   startMock() {
-    return this.start(["mock-upstream", "--listen", "127.0.0.1:0"], { name: "mock" });
+    return this.start(["mock-upstream", "--listen", "127.0.0.1:0", "--api-key-env", MOCK_KEY_ENV], { name: "mock" });
   }
 
   /** Writes the test config (fixed port, embedded store at `dataDir`) and starts `tidegate serve`. */
@@ -114,6 +123,7 @@ name = "mock"
 protocol = "openai"
 base_url = "${mockUrl}/v1"
 models = ["*"]
+api_key_env = "${MOCK_KEY_ENV}"
 continuation = "continue_final_message"
 
 [[upstreams]]
@@ -121,6 +131,7 @@ name = "mock-responses"
 protocol = "openai_responses"
 base_url = "${mockUrl}/v1"
 models = ["*"]
+api_key_env = "${MOCK_KEY_ENV}"
 continuation = "instruct"
 `,
     );
@@ -168,7 +179,7 @@ export function waitExit(started, timeoutMs = 10_000) {
 async function askMock(mockUrl, path, body) {
   const res = await fetch(`${mockUrl}/v1/${path}`, {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", authorization: `Bearer ${MOCK_KEY}` },
     body: JSON.stringify({ ...body, stream: false }),
   });
   if (!res.ok) throw new Error(`mock answered ${res.status}: ${await res.text()}`);
@@ -196,7 +207,7 @@ export async function expectedResponse(mockUrl, body) {
 }
 
 export async function mockStats(mockUrl) {
-  const res = await fetch(`${mockUrl}/mock/stats`);
+  const res = await fetch(`${mockUrl}/mock/stats`, { headers: { authorization: `Bearer ${MOCK_KEY}` } });
   return await res.json();
 }
 

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import OpenAI, { APIError } from "openai";
 import { streamText as aiStreamText } from "ai";
 import { createOpenAI } from "@ai-sdk/openai";
-import { Harness, freePort, waitExit, expectedAnswer, expectedResponse, sleep } from "../test-support/harness.mjs";
+import { Harness, freePort, waitExit, expectedAnswer, expectedResponse, sleep, MOCK_KEY } from "../test-support/harness.mjs";
 import {
   resumableFetch,
   resumeStream,
@@ -229,13 +229,13 @@ describe("against the real gateway", () => {
     const rf = resumableFetch({ fetch: async (...a) => (inner = await fetch(...a)) });
     const res = await rf(`${mock.url}/v1/chat/completions`, {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: { "content-type": "application/json", authorization: `Bearer ${MOCK_KEY}` },
       body: JSON.stringify({ ...body, stream: true }),
     });
     assert.equal(res, inner);
     assert.equal(await collectText(res), expected);
     // and the openai SDK streams from it as usual
-    const client = new OpenAI({ baseURL: `${mock.url}/v1`, apiKey: "k", maxRetries: 0, fetch: resumableFetch() });
+    const client = new OpenAI({ baseURL: `${mock.url}/v1`, apiKey: MOCK_KEY, maxRetries: 0, fetch: resumableFetch() });
     let text = "";
     for await (const c of await client.chat.completions.create({ ...body, stream: true })) text += c.choices[0]?.delta?.content ?? "";
     assert.equal(text, expected);

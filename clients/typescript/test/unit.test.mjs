@@ -14,6 +14,9 @@ import {
   ResumeFailedError,
   StreamGapError,
   StreamAbortedError,
+  chunkText,
+  eventError,
+  isStreamEnd,
 } from "../dist/index.js";
 
 const enc = new TextEncoder();
@@ -229,5 +232,56 @@ describe("resumableFetch (scripted)", () => {
       resumeStream("http://gw/v1/streams/s1", { token: "bad", fetch: async () => new Response("{}", { status: 404 }) }),
       (e) => e instanceof ResumeFailedError && e.status === 404 && e.streamId === "s1",
     );
+  });
+});
+
+describe("text helpers on an OpenAI Responses stream", () => {
+  /** One Responses event, as the API streams it: `event:` names the `type`. */
+  const rev = (obj) => `event: ${obj.type}\ndata: ${JSON.stringify(obj)}\n\n`;
+  const created = { type: "response.created", sequence_number: 0, response: { id: "resp_1", status: "in_progress", error: null, output: [] } };
+  const delta = (n, text) => ({ type: "response.output_text.delta", sequence_number: n, item_id: "msg_1", output_index: 0, content_index: 0, delta: text });
+  const done = { type: "response.output_text.done", sequence_number: 3, item_id: "msg_1", output_index: 0, content_index: 0, text: "Hi there" };
+  const completed = { type: "response.completed", sequence_number: 4, response: { id: "resp_1", status: "completed", error: null } };
+
+  test("chunkText reads output_text deltas and nothing else; isStreamEnd ends at completed or incomplete", () => {
+    assert.equal(chunkText(JSON.stringify(delta(1, "Hi "))), "Hi ");
+    assert.equal(chunkText(JSON.stringify(done)), "", "the done event repeats the text: not added twice");
+    assert.equal(chunkText(JSON.stringify(created)), "");
+    assert.equal(chunkText({ type: "response.output_text.delta", delta: 7 }), "");
+    assert.equal(chunkText({ type: "response.reasoning_summary_text.delta", delta: "thinking" }), "");
+    assert.equal(isStreamEnd({ event: "response.completed", data: JSON.stringify(completed) }), true);
+    assert.equal(isStreamEnd({ event: "response.incomplete", data: "{}" }), true);
+    assert.equal(isStreamEnd({ event: "response.output_text.done", data: "{}" }), false);
+    assert.equal(isStreamEnd({ data: "[DONE]" }), true);
+    assert.equal(isStreamEnd({ event: "message_stop", data: "{}" }), true);
+  });
+
+  test("eventError: a provider's error event, response.failed, tidegate's abort; not a lifecycle event's error:null", () => {
+    assert.deepEqual(eventError(JSON.stringify({ type: "error", code: "server_error", message: "boom", param: null, sequence_number: 2 })), {
+      type: "error",
+      code: "server_error",
+      message: "boom",
+    });
+    const failed = eventError(JSON.stringify({ type: "response.failed", sequence_number: 5, response: { id: "r", status: "failed", error: { code: "invalid_prompt", message: "no" } } }));
+    assert.equal(failed.code, "invalid_prompt");
+    assert.equal(failed.message, "no");
+    const abort = eventError(
+      JSON.stringify({ type: "error", code: "server_restarting", message: "restarting", param: null, sequence_number: 7, error: { type: "server_restarting", code: "server_restarting", message: "restarting", resume: true } }),
+    );
+    assert.equal(abort.type, "server_restarting");
+    assert.equal(abort.resume, true);
+    assert.equal(eventError(JSON.stringify(created)), undefined);
+    assert.equal(eventError(JSON.stringify(completed)), undefined);
+  });
+
+  test("streamText yields the deltas and ends at response.completed; a failed response throws", async () => {
+    const parts = [];
+    for await (const t of streamText(sseResponse([rev(created), rev(delta(1, "Hi ")), rev(delta(2, "there")), rev(done), rev(completed)]))) parts.push(t);
+    assert.deepEqual(parts, ["Hi ", "there"]);
+    await assert.rejects(
+      collectText(sseResponse([rev(created), rev(delta(1, "Hi ")), rev({ type: "response.failed", sequence_number: 2, response: { id: "resp_1", status: "failed", error: { code: "server_error", message: "the model broke" } } })])),
+      (e) => e instanceof StreamAbortedError && /the model broke/.test(e.message),
+    );
+    await assert.rejects(collectText(sseResponse([rev(created), rev(delta(1, "Hi "))])), (e) => e instanceof StreamAbortedError, "ending without response.completed is not whole");
   });
 });

@@ -1,8 +1,9 @@
 // End-to-end test of the chat demo served by `tidegate serve --ui`: a real
-// Chromium (Debian's, driven by playwright-core) asks a question, the gateway
-// is restarted (SIGTERM, then a NEW process on the same port and store) or the
-// page is reloaded mid-answer, and the final answer text must be exactly the
-// mock provider's answer.
+// Chromium (Debian's, driven by playwright-core) asks a question, over the
+// Chat Completions API and over the Responses API, the gateway is restarted
+// (SIGTERM, then a NEW process on the same port and store) or the page is
+// reloaded mid-answer, and the final answer text must be exactly the mock
+// provider's answer. The mock demands its key, as a real provider does.
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -10,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { Harness, freePort, waitExit, expectedAnswer } from "../../../clients/typescript/test-support/harness.mjs";
+import { Harness, freePort, waitExit, expectedAnswer, expectedResponse } from "../../../clients/typescript/test-support/harness.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const SCREENSHOT = resolve(here, "../screenshot.png");
@@ -18,6 +19,29 @@ const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 const T = { timeout: 90_000 };
 
 const ANSWER = '[data-testid="answer"]';
+
+/**
+ * The two APIs the page speaks: the path it posts to, what the question
+ * looks like in the body, and the mock's exact answer to that body.
+ */
+const APIS = {
+  chat: {
+    path: "/v1/chat/completions",
+    conversation: (body) => body.messages,
+    expected: (mockUrl, { path, ...body }) => expectedAnswer(mockUrl, body),
+  },
+  responses: {
+    path: "/v1/responses",
+    conversation: (body) => body.input,
+    expected: (mockUrl, { path, ...body }) => expectedResponse(mockUrl, body),
+  },
+};
+
+/** Opens the page and picks the API it speaks. */
+async function open(page, url, api) {
+  await page.goto(`${url}/`);
+  await page.getByTestId("api").selectOption(api);
+}
 const STATUS = '[data-testid="status"]';
 
 /** A fresh Chromium profile per test, so localStorage starts empty. */
@@ -58,10 +82,11 @@ async function launch() {
     };
     document.addEventListener("DOMContentLoaded", watch);
   });
-  // The body of the chat request the page sends (to compute the expected answer from the mock).
+  // The body of every question the page sends (to compute the expected answer from the mock).
   const sent = [];
   page.on("request", (r) => {
-    if (r.method() === "POST" && new URL(r.url()).pathname === "/v1/chat/completions") sent.push(JSON.parse(r.postData()));
+    const path = new URL(r.url()).pathname;
+    if (r.method() === "POST" && Object.values(APIS).some((a) => a.path === path)) sent.push({ path, ...JSON.parse(r.postData()) });
   });
   return {
     context,
@@ -103,75 +128,81 @@ describe("chat-ui served by `tidegate serve --ui`", () => {
     await h?.close();
   });
 
-  test("the gateway restarts mid-answer: the page shows reconnecting…, then finishes with the exact answer", T, async () => {
-    const port = await freePort();
-    const dataDir = h.dataDir();
-    let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url, ui: true });
-    const b = await launch();
-    try {
-      const { page } = b;
-      await page.goto(`${gw.url}/`);
-      await page.getByTestId("prompt").fill("How does a tide gate keep the water out?");
-      await page.getByTestId("send").click();
-      await waitForWords(page, 5);
+  for (const api of Object.keys(APIS)) {
+    test(`${api}: the gateway restarts mid-answer: the page shows reconnecting…, then finishes with the exact answer`, T, async () => {
+      const port = await freePort();
+      const dataDir = h.dataDir();
+      let gw = await h.startGateway({ port, dataDir, mockUrl: mock.url, ui: true });
+      const b = await launch();
+      try {
+        const { page } = b;
+        await open(page, gw.url, api);
+        await page.getByTestId("prompt").fill("How does a tide gate keep the water out?");
+        await page.getByTestId("send").click();
+        await waitForWords(page, 5);
 
-      assert.equal(b.sent.length, 1);
-      const body = b.sent[0];
-      assert.equal(body.stream, true);
-      assert.deepEqual(body.messages, [{ role: "user", content: "How does a tide gate keep the water out?" }]);
-      const expected = await expectedAnswer(mock.url, body);
+        assert.equal(b.sent.length, 1);
+        const body = b.sent[0];
+        assert.equal(body.path, APIS[api].path);
+        assert.equal(body.stream, true);
+        assert.deepEqual(APIS[api].conversation(body), [{ role: "user", content: "How does a tide gate keep the water out?" }]);
+        const expected = await APIS[api].expected(mock.url, body);
 
-      gw.proc.kill("SIGTERM");
-      await waitForStatus(page, "reconnecting…", 15_000);
-      const partial = await page.locator(ANSWER).textContent();
-      assert.ok(expected.startsWith(partial) && partial.length < expected.length, `mid-answer: "${partial}"`);
-      await page.screenshot({ path: SCREENSHOT });
+        gw.proc.kill("SIGTERM");
+        await waitForStatus(page, "reconnecting…", 15_000);
+        const partial = await page.locator(ANSWER).textContent();
+        assert.ok(expected.startsWith(partial) && partial.length < expected.length, `mid-answer: "${partial}"`);
+        if (api === "chat") await page.screenshot({ path: SCREENSHOT });
 
-      assert.deepEqual(await waitExit(gw, 10_000), { code: 0, signal: null }, "SIGTERM drains and exits 0");
-      gw = await h.startGateway({ port, dataDir, mockUrl: mock.url, ui: true });
+        assert.deepEqual(await waitExit(gw, 10_000), { code: 0, signal: null }, "SIGTERM drains and exits 0");
+        gw = await h.startGateway({ port, dataDir, mockUrl: mock.url, ui: true });
 
-      await waitForStatus(page, "done", 30_000);
-      assert.equal(await page.locator(ANSWER).textContent(), expected);
-      const statuses = await page.evaluate(() => window.__statuses);
-      const i = statuses.indexOf("reconnecting…");
-      assert.ok(i >= 0 && statuses.at(-1) === "done", `status went through reconnecting… and left it: ${JSON.stringify(statuses)}`);
-      assert.equal(b.sent.length, 1, "the question was asked once; the rest came through the resume");
-      assert.deepEqual(b.problems, []);
-    } finally {
-      await b.close();
-      gw.proc.kill("SIGKILL");
-    }
-  });
+        await waitForStatus(page, "done", 30_000);
+        assert.equal(await page.locator(ANSWER).textContent(), expected);
+        const statuses = await page.evaluate(() => window.__statuses);
+        const i = statuses.indexOf("reconnecting…");
+        assert.ok(i >= 0 && statuses.at(-1) === "done", `status went through reconnecting… and left it: ${JSON.stringify(statuses)}`);
+        assert.equal(b.sent.length, 1, "the question was asked once; the rest came through the resume");
+        assert.deepEqual(b.problems, []);
+      } finally {
+        await b.close();
+        gw.proc.kill("SIGKILL");
+      }
+    });
 
-  test("a reload mid-answer resumes from localStorage and ends with the exact answer", T, async () => {
-    const port = await freePort();
-    const gw = await h.startGateway({ port, dataDir: h.dataDir(), mockUrl: mock.url, ui: true });
-    const b = await launch();
-    try {
-      const { page } = b;
-      await page.goto(`${gw.url}/`);
-      await page.getByTestId("prompt").fill("Tell me what happens when I reload this page");
-      await page.getByTestId("send").click();
-      await waitForWords(page, 8);
-      const expected = await expectedAnswer(mock.url, b.sent[0]);
-      const stored = await page.evaluate(() => JSON.parse(localStorage.getItem("tidegate-chat:v1")));
-      assert.ok(stored?.pending?.streamId && stored.pending.token && stored.pending.lastEventId > 0, JSON.stringify(stored));
+    test(`${api}: a reload mid-answer resumes from localStorage and ends with the exact answer`, T, async () => {
+      const port = await freePort();
+      const gw = await h.startGateway({ port, dataDir: h.dataDir(), mockUrl: mock.url, ui: true });
+      const b = await launch();
+      try {
+        const { page } = b;
+        await open(page, gw.url, api);
+        await page.getByTestId("prompt").fill("Tell me what happens when I reload this page");
+        await page.getByTestId("send").click();
+        await waitForWords(page, 8);
+        assert.equal(b.sent[0].path, APIS[api].path);
+        const expected = await APIS[api].expected(mock.url, b.sent[0]);
+        const stored = await page.evaluate(() => JSON.parse(localStorage.getItem("tidegate-chat:v1")));
+        assert.ok(stored?.pending?.streamId && stored.pending.token && stored.pending.lastEventId > 0, JSON.stringify(stored));
+        assert.equal(stored.api, api, "the API is kept with the conversation");
 
-      await page.reload();
-      // the text received before the reload is back at once, and the answer goes on
-      await page.waitForFunction((sel) => (document.querySelector(sel)?.textContent ?? "").length > 0, ANSWER, { timeout: 10_000 });
-      assert.ok(expected.startsWith(await page.locator(ANSWER).textContent()));
-      assert.ok((await words(page)) < expected.split(/\s+/).length, "the reload happened mid-answer");
+        await page.reload();
+        assert.equal(await page.getByTestId("api").inputValue(), api, "the page reopens on the same API");
+        // the text received before the reload is back at once, and the answer goes on
+        await page.waitForFunction((sel) => (document.querySelector(sel)?.textContent ?? "").length > 0, ANSWER, { timeout: 10_000 });
+        assert.ok(expected.startsWith(await page.locator(ANSWER).textContent()));
+        assert.ok((await words(page)) < expected.split(/\s+/).length, "the reload happened mid-answer");
 
-      await waitForStatus(page, "done", 30_000);
-      assert.equal(await page.locator(ANSWER).textContent(), expected);
-      assert.equal(b.sent.length, 1, "the page did not ask again after the reload");
-      const after = await page.evaluate(() => JSON.parse(localStorage.getItem("tidegate-chat:v1")));
-      assert.equal(after.pending, null, "nothing left to resume");
-      assert.deepEqual(b.problems, []);
-    } finally {
-      await b.close();
-      gw.proc.kill("SIGKILL");
-    }
-  });
+        await waitForStatus(page, "done", 30_000);
+        assert.equal(await page.locator(ANSWER).textContent(), expected);
+        assert.equal(b.sent.length, 1, "the page did not ask again after the reload");
+        const after = await page.evaluate(() => JSON.parse(localStorage.getItem("tidegate-chat:v1")));
+        assert.equal(after.pending, null, "nothing left to resume");
+        assert.deepEqual(b.problems, []);
+      } finally {
+        await b.close();
+        gw.proc.kill("SIGKILL");
+      }
+    });
+  }
 });
