@@ -15,12 +15,13 @@ pub fn response(attached: Attached) -> Response {
     };
     let id = value(&attached.who().id);
     let token = value(&attached.who().resume_token);
-    let provider = attached.headers().clone();
-    let mut response = Response::new(Body::from_stream(attached.into_body()));
-    let h = response.headers_mut();
     // The provider's request id, rate limits and `retry-after` first: ours
-    // below cannot be overwritten by them.
-    h.extend(provider);
+    // below cannot be overwritten by them. (The provider's map becomes the
+    // head's map: its entries are not copied or hashed again.)
+    let (provider, body) = attached.into_parts();
+    let mut response = Response::new(Body::from_stream(body));
+    *response.headers_mut() = provider;
+    let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -174,11 +174,6 @@ impl Attached {
         &self.follow.who
     }
 
-    /// The provider's response headers the client's response carries.
-    pub fn headers(&self) -> &axum::http::HeaderMap {
-        &self.headers
-    }
-
     fn with_headers(mut self, headers: axum::http::HeaderMap) -> Attached {
         self.headers = headers;
         self
@@ -193,6 +188,16 @@ impl Attached {
     /// The SSE body: replay, then follow, then the end.
     pub fn into_body(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         subscriber::body(self.follow)
+    }
+
+    /// The provider's headers and the SSE body, for the client's response.
+    pub fn into_parts(
+        self,
+    ) -> (
+        axum::http::HeaderMap,
+        impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+    ) {
+        (self.headers, subscriber::body(self.follow))
     }
 }
 
