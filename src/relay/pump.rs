@@ -104,6 +104,20 @@ pub struct Continued {
     /// The plan in the next style, tried once when the provider refuses
     /// this one with a 400.
     pub fallback: Option<(Continuation, Vec<Leg>)>,
+    /// A re-attach's end when the provider refuses it for good and the
+    /// answer needs no continuation, or cannot have one.
+    pub refused: Option<Refused>,
+}
+
+/// How a stream ends when the provider refuses to re-attach to its
+/// background response (a 4xx) and there is no continuation to fall back
+/// to: as a resume without a re-attach would have ended it.
+pub enum Refused {
+    /// Every item was said whole: these events (stamped, numbered on from
+    /// the stored ones) end the answer.
+    Close(Vec<Event>),
+    /// The answer cannot be continued: it ends `incomplete`, saying why.
+    Incomplete(Option<String>),
 }
 
 /// How a read of one request's stream stops.
@@ -551,6 +565,7 @@ impl Pump {
             legs: legs.into(),
             style,
             fallback,
+            refused: None,
         });
         self.live.clear_detail();
         self.live
@@ -691,6 +706,63 @@ impl Pump {
     /// How a continuation request that did not start ends the stream: a
     /// provider's 4xx is final (with its message), anything else can be
     /// tried again.
+    /// A re-attach the provider refused for good, where the stored events
+    /// need only their end or cannot be continued ([`Refused`]): the end,
+    /// its status, and whether it is recorded. `None` for anything else.
+    async fn refused_reattach(
+        &mut self,
+        error: &StartError,
+    ) -> Option<(End, Option<Status>, bool)> {
+        let StartError::Upstream(UpstreamError::Status { status, body, .. }) = error else {
+            return None;
+        };
+        if self.attach.is_none() || !is_final_refusal(*status) {
+            return None;
+        }
+        let refused = self.continued.as_mut()?.refused.take()?;
+        let said = provider_message(self.protocol, body);
+        let (stream, upstream) = (&self.live.who.id, &self.upstream.config.name);
+        tracing::warn!(stream = %stream, upstream = %upstream, %status, provider_said = %said, "the provider cannot stream its background response again, and the answer needs no continuation or cannot have one");
+        self.attach = None;
+        self.record_reattach(None).await;
+        match refused {
+            Refused::Close(events) if events.is_empty() => {
+                Some((End::Done, Some(Status::Completed), false))
+            }
+            Refused::Close(events) => {
+                let relay = &self.relay;
+                let written = relay
+                    .store
+                    .append_final(
+                        &self.live.who.id,
+                        &events,
+                        Status::Completed,
+                        None,
+                        &relay.instance,
+                    )
+                    .await;
+                if let Err(e) = written {
+                    tracing::error!(stream = %self.live.who.id, error = %e, "could not record the end of the answer");
+                    relay.metrics.store_errors.inc();
+                    return Some((End::Abort(AbortKind::StoreFailed), None, false));
+                }
+                relay.metrics.events_relayed.add(events.len() as u64);
+                self.live.push(events);
+                Some((End::Done, Some(Status::Completed), true))
+            }
+            Refused::Incomplete(why) => {
+                if let Some(why) = why {
+                    self.live.set_detail(why);
+                }
+                Some((
+                    End::Abort(AbortKind::Incomplete),
+                    Some(Status::Failed),
+                    false,
+                ))
+            }
+        }
+    }
+
     fn continuation_failed(&self, error: &StartError) -> End {
         let kind = match error {
             StartError::Cancelled(kind) => return End::Abort(*kind),
@@ -794,6 +866,10 @@ impl Pump {
 
     async fn start_failed(&mut self, error: StartError, started: Started) {
         self.start_outcome(&error);
+        if let Some((end, status, recorded)) = self.refused_reattach(&error).await {
+            let _ = started.send(Err(error));
+            return self.finish(end, status, recorded).await;
+        }
         if self.continued.is_some() {
             // Nobody waits on a continuation's start: its clients learn
             // in-band. A 4xx is final; anything else stays resumable.

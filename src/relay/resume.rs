@@ -12,9 +12,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::live::LiveStream;
-use super::pump::{Continued, Pump, Route};
+use super::pump::{Continued, Pump, Refused, Route};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
-use crate::protocol::{Plan, Protocol};
+use crate::protocol::{Partial, Plan, Protocol, Wire};
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
 use crate::trace::{RunTrace, Scope};
 use crate::upstream::has_credential;
@@ -176,15 +176,7 @@ impl Relay {
             Some(Plan::AlreadyComplete) => {
                 // What ends the answer, when the stored events stop short of it.
                 let mut events = events;
-                let closing: Vec<Event> = wire
-                    .closing(&partial)
-                    .into_iter()
-                    .zip(partial.last_seq + 1..)
-                    .map(|((name, data), seq)| {
-                        let data = wire.stamp(id, seq, name.as_deref(), data);
-                        Event { seq, name, data }
-                    })
-                    .collect();
+                let closing = closing_events(wire, id, &partial);
                 if closing.is_empty() {
                     self.store
                         .set_status(id, Status::Completed, None, &self.instance)
@@ -230,13 +222,20 @@ impl Relay {
                 ended(&who, End::Abort(AbortKind::Incomplete), Some(events)).with_detail(Some(why))
             );
         }
-        let (body, splice, fallback) = if attach.is_some() {
-            // A 4xx to the re-attach falls back to the continuation.
-            let fallback = match plan {
-                Some(Plan::Continue(legs)) if !legs.is_empty() => Some((style, legs)),
-                _ => None,
+        let (body, splice, fallback, refused) = if attach.is_some() {
+            // A 4xx to the re-attach falls back to the continuation, or
+            // ends the stream as a resume without a re-attach would.
+            let (fallback, refused) = match plan {
+                Some(Plan::Continue(legs)) if !legs.is_empty() => (Some((style, legs)), None),
+                Some(Plan::Continue(_)) | None => (None, None),
+                Some(Plan::AlreadyComplete) => {
+                    let closing = closing_events(wire, id, &partial);
+                    (None, Some(Refused::Close(closing)))
+                }
+                Some(Plan::Unsupported) => (None, Some(Refused::Incomplete(None))),
+                Some(Plan::Impossible(why)) => (None, Some(Refused::Incomplete(Some(why)))),
             };
-            (Vec::new(), None, fallback)
+            (Vec::new(), None, fallback, refused)
         } else {
             // The next style, ready for a 400 refusing this one.
             let fallback = styles.get(1).and_then(|&next| {
@@ -247,7 +246,7 @@ impl Relay {
             });
             let first = legs.remove(0);
             let body = serde_json::to_vec(&first.body).map_err(RelayError::Encode)?;
-            (body, Some(first.splice), fallback)
+            (body, Some(first.splice), fallback, None)
         };
         // Continued by a re-ask, the events no longer come one for one from
         // the provider's background response: never re-attach to it again.
@@ -323,6 +322,7 @@ impl Relay {
                 legs: legs.into(),
                 style,
                 fallback,
+                refused,
             }),
             attach,
             sent_background: false,
@@ -362,4 +362,17 @@ fn continuation_headers(record: &StreamRecord, credential: &HeaderMap) -> Header
         }
     }
     out
+}
+
+/// The events that end an answer whose stored events stop short of its
+/// end ([`Plan::AlreadyComplete`]), numbered on from them and stamped.
+fn closing_events(wire: &dyn Wire, id: &str, partial: &Partial) -> Vec<Event> {
+    wire.closing(partial)
+        .into_iter()
+        .zip(partial.last_seq + 1..)
+        .map(|((name, data), seq)| {
+            let data = wire.stamp(id, seq, name.as_deref(), data);
+            Event { seq, name, data }
+        })
+        .collect()
 }

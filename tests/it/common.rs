@@ -200,10 +200,17 @@ impl Mock {
 
     /// A mock that demands `key`, like a real provider.
     pub async fn with_key(dir: &Path, key: &str) -> Mock {
+        Mock::with_key_at(dir, key, "127.0.0.1:0", "mock.log").await
+    }
+
+    /// [`with_key`](Self::with_key) on a given address, logging to `log`:
+    /// a provider restarted on the address it had, which has forgotten
+    /// every response it kept in memory.
+    pub async fn with_key_at(dir: &Path, key: &str, listen: &str, log: &str) -> Mock {
         let env = [("TIDEGATE_MOCK_API_KEY", key)];
-        let args = ["mock-upstream", "--listen", "127.0.0.1:0"];
+        let args = ["mock-upstream", "--listen", listen];
         Mock {
-            proc: spawn(&args, &env, &dir.join("mock.log")).await,
+            proc: spawn(&args, &env, &dir.join(log)).await,
         }
     }
 

@@ -487,3 +487,87 @@ async fn a_client_that_leaves_cancels_the_providers_background_response() {
     assert_eq!(gw.metric("tidegate_reattaches_total").await, 0.0);
     assert_eq!(gw.metric("tidegate_continuations_total").await, 1.0);
 }
+
+/// A stream made in the provider's background response is cut after its
+/// message is whole, while the function call after it is still held; the
+/// provider then restarts and no longer has the response, so it refuses
+/// the re-attach (404). The stored events need only their end: the resume
+/// ends the answer `completed` with what was said, as a resume without a
+/// re-attach would, not with the provider's refusal.
+#[tokio::test]
+async fn a_refused_reattach_ends_an_answer_that_needs_only_its_end() {
+    let dir = tempdir();
+    let mut mock = mock(&dir).await;
+    let cfg = provider_background_config(&mock, &dir, "1s");
+    let mut gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let mut req = request("refused", 4, 60);
+    req["stream"] = json!(true);
+    req["tools"] =
+        json!([{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]);
+    req["mock"] =
+        json!({"shape": "tools", "content_words": 4, "tool_words": 60, "token_interval_ms": 60});
+    let mut sse = Sse::from(create(&gw.url("/v1/responses"), &req, None).await).await;
+    assert_eq!(sse.status, 200);
+    let mut seen = Vec::new();
+    while let Some(event) = sse.next().await {
+        let v = event.json();
+        seen.push(event);
+        if v["type"] == "response.output_item.done" && v["item"]["type"] == "message" {
+            break;
+        }
+    }
+    let said = seen.last().unwrap().json();
+    assert_eq!(said["type"], "response.output_item.done", "{seen:?}");
+    let text = said["item"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(text.split_whitespace().count(), 4);
+    let id = seen[0].json()["response"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let last = said["sequence_number"].as_u64().unwrap();
+    // The gateway dies inside the function call; so does the provider.
+    gw.proc.kill().await;
+    drop(sse);
+    let listen = mock.proc.url().trim_start_matches("http://").to_owned();
+    mock.proc.kill().await;
+    let mock = Mock::with_key_at(&dir, PROVIDER.1, &listen, "mock-restarted.log").await;
+    let gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
+    let mut resumed = Sse::get(
+        &gw.url(&format!(
+            "/v1/responses/{id}?stream=true&starting_after={last}"
+        )),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    let rest = resumed.rest().await;
+    let end = rest.last().expect("the rest of the stream").json();
+    assert_eq!(end["type"], "response.completed", "{rest:?}");
+    assert_eq!(end["response"]["id"], id);
+    assert_eq!(end["response"]["status"], "completed");
+    assert_eq!(output_text(&end["response"]), text, "what was said, whole");
+    assert!(rest.iter().all(|e| e.json()["type"] != "error"), "{rest:?}");
+    let numbers: Vec<u64> = rest
+        .iter()
+        .map(|e| e.json()["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (last + 1..last + 1 + rest.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        mock.stat("requests_started").await,
+        0,
+        "no generation asked of the restarted provider"
+    );
+    assert!(
+        mock.stat("requests_rejected").await >= 1,
+        "the re-attach was refused"
+    );
+    assert_eq!(gw.metric("tidegate_reattaches_total").await, 1.0);
+    assert_eq!(gw.metric("tidegate_continuations_total").await, 0.0);
+    assert_eq!(retrieve(&gw, &id).await["status"], "completed");
+}
