@@ -345,6 +345,20 @@ fn provider_background_config(mock: &Mock, dir: &std::path::Path, grace: &str) -
     )
 }
 
+/// The SDKs' own resume: `GET /v1/responses/{id}?stream=true&starting_after=N`
+/// with the key that created the response; the events after `last`.
+async fn resume_after(gw: &Gateway, id: &str, last: u64) -> Vec<SseEvent> {
+    let mut resumed = Sse::get(
+        &gw.url(&format!(
+            "/v1/responses/{id}?stream=true&starting_after={last}"
+        )),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    assert_eq!(resumed.status, 200);
+    resumed.rest().await
+}
+
 /// The text of Responses events.
 fn deltas(events: &[SseEvent]) -> String {
     events
@@ -402,15 +416,7 @@ async fn reattaches_after(cut: &str) {
         .as_u64()
         .unwrap();
     let gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
-    let mut resumed = Sse::get(
-        &gw.url(&format!(
-            "/v1/responses/{id}?stream=true&starting_after={last}"
-        )),
-        &[("authorization", "Bearer sk-test")],
-    )
-    .await;
-    assert_eq!(resumed.status, 200);
-    let rest = resumed.rest().await;
+    let rest = resume_after(&gw, &id, last).await;
     let all: Vec<SseEvent> = numbered.into_iter().cloned().chain(rest).collect();
     assert_whole(&all, &want);
     assert!(
@@ -474,14 +480,7 @@ async fn a_client_that_leaves_cancels_the_providers_background_response() {
     let last = seen.last().unwrap().json()["sequence_number"]
         .as_u64()
         .unwrap();
-    let mut resumed = Sse::get(
-        &gw.url(&format!(
-            "/v1/responses/{id}?stream=true&starting_after={last}"
-        )),
-        &[("authorization", "Bearer sk-test")],
-    )
-    .await;
-    let rest = resumed.rest().await;
+    let rest = resume_after(&gw, &id, last).await;
     let all: Vec<SseEvent> = seen.into_iter().chain(rest).collect();
     assert_eq!(deltas(&all), want);
     assert_eq!(gw.metric("tidegate_reattaches_total").await, 0.0);
@@ -535,15 +534,7 @@ async fn a_refused_reattach_ends_an_answer_that_needs_only_its_end() {
     mock.proc.kill().await;
     let mock = Mock::with_key_at(&dir, PROVIDER.1, &listen, "mock-restarted.log").await;
     let gw = Gateway::start_with(&dir, &cfg, &[], &[SECRET, PROVIDER]).await;
-    let mut resumed = Sse::get(
-        &gw.url(&format!(
-            "/v1/responses/{id}?stream=true&starting_after={last}"
-        )),
-        &[("authorization", "Bearer sk-test")],
-    )
-    .await;
-    assert_eq!(resumed.status, 200);
-    let rest = resumed.rest().await;
+    let rest = resume_after(&gw, &id, last).await;
     let end = rest.last().expect("the rest of the stream").json();
     assert_eq!(end["type"], "response.completed", "{rest:?}");
     assert_eq!(end["response"]["id"], id);
