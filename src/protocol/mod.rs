@@ -224,11 +224,23 @@ pub trait Wire: Sync {
         false
     }
 
-    /// Event `seq` (named `name`) of stream `id` as its clients see it
-    /// (OpenAI Responses: numbered `seq - 1`, its response named `id`).
-    fn stamp(&self, _id: &str, _seq: u64, _name: Option<&str>, data: Bytes) -> Bytes {
+    /// Event `seq` (named `name`) of stream `to.id` as its clients see it
+    /// (OpenAI Responses: numbered `seq - 1`, its response named `to.id`
+    /// and in the background mode its client asked for).
+    fn stamp(&self, _to: &Stamp<'_>, _seq: u64, _name: Option<&str>, data: Bytes) -> Bytes {
         data
     }
+}
+
+/// What a stream's events are stamped with ([`Wire::stamp`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// The stream's id, which names its response.
+    pub id: &'a str,
+    /// The client asked for a background response (whatever the provider
+    /// was asked: tidegate runs a background response itself, and an
+    /// upstream with `provider_background` is asked for one of its own).
+    pub background: bool,
 }
 
 /// The header a client names its conversation with, so that routing keeps

@@ -28,7 +28,7 @@ use super::continuation::{
 };
 use super::request::{self, RequestError, Summary};
 use super::sse::{SseEvent, write_data};
-use super::{Continuation, ProviderError, Terminal, Wire};
+use super::{Continuation, ProviderError, Stamp, Terminal, Wire};
 use crate::stream::{Event, Status, StreamRecord};
 
 pub struct OpenAiResponses;
@@ -296,7 +296,7 @@ impl Wire for OpenAiResponses {
         true
     }
 
-    fn stamp(&self, id: &str, seq: u64, name: Option<&str>, data: Bytes) -> Bytes {
+    fn stamp(&self, to: &Stamp<'_>, seq: u64, name: Option<&str>, data: Bytes) -> Bytes {
         let number = seq.saturating_sub(1);
         let lifecycle = name.is_some_and(|n| LIFECYCLE.contains(&n));
         if !lifecycle && numbered(&data) == Some(number) {
@@ -307,10 +307,20 @@ impl Wire for OpenAiResponses {
         };
         v.insert("sequence_number".into(), json!(number));
         if let Some(response) = v.get_mut("response").and_then(Value::as_object_mut) {
-            response.insert("id".into(), json!(id));
+            response.insert("id".into(), json!(to.id));
+            response.insert("background".into(), json!(to.background));
         }
         Bytes::from(Value::Object(v).to_string())
     }
+}
+
+/// Whether a Responses request asks for a background response.
+pub fn asks_background(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        background: Option<bool>,
+    }
+    serde_json::from_slice::<Asked>(body).is_ok_and(|a| a.background == Some(true))
 }
 
 /// The body a background request's provider is sent: an ordinary stream
@@ -962,6 +972,12 @@ mod tests {
         json!({"model": "m", "input": "q", "stream": true, "max_output_tokens": 100})
     }
 
+    /// A stream the client did not ask to run in the background.
+    const TG: Stamp<'static> = Stamp {
+        id: "resp_tg",
+        background: false,
+    };
+
     #[test]
     fn the_gateway_numbers_events_and_names_the_response() {
         let w = OpenAiResponses;
@@ -970,30 +986,41 @@ mod tests {
         );
         // Numbered as the gateway numbers it: untouched.
         assert_eq!(
-            w.stamp(
-                "resp_tg",
-                5,
-                Some("response.output_text.delta"),
-                data.clone()
-            ),
+            w.stamp(&TG, 5, Some("response.output_text.delta"), data.clone()),
             data
         );
-        let v: Value = serde_json::from_slice(&w.stamp(
-            "resp_tg",
-            9,
-            Some("response.output_text.delta"),
-            data,
-        ))
-        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&w.stamp(&TG, 9, Some("response.output_text.delta"), data))
+                .unwrap();
         assert_eq!(v["sequence_number"], 8);
         let created = Bytes::from(json!({"type": "response.created", "sequence_number": 0, "response": response("in_progress")}).to_string());
         let v: Value =
-            serde_json::from_slice(&w.stamp("resp_tg", 1, Some("response.created"), created))
-                .unwrap();
+            serde_json::from_slice(&w.stamp(&TG, 1, Some("response.created"), created)).unwrap();
         assert_eq!(
             (v["response"]["id"].as_str(), v["sequence_number"].as_u64()),
             (Some("resp_tg"), Some(0))
         );
+        // The provider's background response (`provider_background`) is
+        // not the client's: it sees the mode it asked for, either way.
+        let queued = Bytes::from(json!({"type": "response.queued", "sequence_number": 0, "response": {"id": "resp_p", "status": "queued", "background": true}}).to_string());
+        let v: Value =
+            serde_json::from_slice(&w.stamp(&TG, 1, Some("response.queued"), queued.clone()))
+                .unwrap();
+        assert_eq!(v["response"]["background"], false);
+        let asked = Stamp {
+            background: true,
+            ..TG
+        };
+        let v: Value =
+            serde_json::from_slice(&w.stamp(&asked, 1, Some("response.queued"), queued)).unwrap();
+        assert_eq!(v["response"]["background"], true);
+        assert!(asks_background(
+            br#"{"model":"m","input":"q","background":true}"#
+        ));
+        assert!(!asks_background(
+            br#"{"model":"m","input":"q","background":false}"#
+        ));
+        assert!(!asks_background(br#"{"model":"m","input":"q"}"#));
     }
 
     #[test]

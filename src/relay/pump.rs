@@ -18,7 +18,7 @@ use super::live::LiveStream;
 use super::reattach::Track;
 use super::{Relay, RelayError};
 use crate::protocol::sse::{Overflow, SseDecoder, SseEvent};
-use crate::protocol::{Continuation, Hold, Leg, Plan, Protocol, Splice, Terminal};
+use crate::protocol::{Continuation, Hold, Leg, Plan, Protocol, Splice, Stamp, Terminal};
 use crate::store::StoreError;
 use crate::stream::{AbortKind, End, Event, Reattach, Status};
 use crate::trace::RunTrace;
@@ -145,9 +145,21 @@ struct Flow {
     spliced: Vec<crate::protocol::continuation::Out>,
     /// The protocol rewrites each event once numbered (`Wire::stamp`).
     stamp: bool,
+    /// The client asked for a background response (what the stamp says).
+    background: bool,
     /// The provider's background response the events come from, one for
     /// one, when the request asked for one.
     track: Option<Track>,
+}
+
+impl Flow {
+    /// What this run's events are stamped with, for stream `id`.
+    fn stamp_as<'a>(&self, id: &'a str) -> Stamp<'a> {
+        Stamp {
+            id,
+            background: self.background,
+        }
+    }
 }
 
 /// An SSE event name as stored (none for the default `message`).
@@ -264,6 +276,8 @@ impl Pump {
             released: Vec::new(),
             spliced: Vec::new(),
             stamp: self.protocol.wire().stamps(),
+            background: self.protocol == Protocol::OpenAiResponses
+                && crate::protocol::responses::asks_background(&self.route.original),
             track,
         };
         let mut headers = response.headers;
@@ -1117,7 +1131,12 @@ impl Pump {
                 track.observe(flow.seq, name.as_deref(), &event.data);
             }
             let data = if flow.stamp {
-                wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
+                wire.stamp(
+                    &flow.stamp_as(&self.live.who.id),
+                    flow.seq,
+                    name.as_deref(),
+                    event.data,
+                )
             } else {
                 event.data
             };
@@ -1156,6 +1175,7 @@ impl Pump {
     /// Number what the hold released into `batch`.
     fn number(&self, flow: &mut Flow, batch: &mut Vec<Event>) {
         let wire = self.protocol.wire();
+        let to = flow.stamp_as(&self.live.who.id);
         for event in flow.released.drain(..) {
             flow.seq += 1;
             let name = stored_name(event.name.as_deref());
@@ -1163,7 +1183,7 @@ impl Pump {
                 track.observe(flow.seq, name.as_deref(), &event.data);
             }
             let data = if flow.stamp {
-                wire.stamp(&self.live.who.id, flow.seq, name.as_deref(), event.data)
+                wire.stamp(&to, flow.seq, name.as_deref(), event.data)
             } else {
                 event.data
             };

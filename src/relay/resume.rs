@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::live::LiveStream;
 use super::pump::{Continued, Pump, Refused, Route};
 use super::{Access, Attached, Relay, RelayError, StreamIdentity, protocol_of};
-use crate::protocol::{Partial, Plan, Protocol, Wire};
+use crate::protocol::{Partial, Plan, Protocol, Stamp, Wire};
 use crate::stream::{AbortKind, End, Event, Status, StreamRecord, reason_detail};
 use crate::trace::{RunTrace, Scope};
 use crate::upstream::has_credential;
@@ -160,6 +160,9 @@ impl Relay {
         let events = self.store.events_after(id, 0).await?;
         let wire = who.protocol.wire();
         let partial = wire.partial(&events);
+        let background = who.protocol == Protocol::OpenAiResponses
+            && original.get("background").and_then(Value::as_bool) == Some(true);
+        let stamp = Stamp { id, background };
         let styles = upstream.styles(model);
         let style = styles[0];
         // Made in the provider's own background response: re-attach to it,
@@ -176,7 +179,7 @@ impl Relay {
             Some(Plan::AlreadyComplete) => {
                 // What ends the answer, when the stored events stop short of it.
                 let mut events = events;
-                let closing = closing_events(wire, id, &partial);
+                let closing = closing_events(wire, &stamp, &partial);
                 if closing.is_empty() {
                     self.store
                         .set_status(id, Status::Completed, None, &self.instance)
@@ -229,7 +232,7 @@ impl Relay {
                 Some(Plan::Continue(legs)) if !legs.is_empty() => (Some((style, legs)), None),
                 Some(Plan::Continue(_)) | None => (None, None),
                 Some(Plan::AlreadyComplete) => {
-                    let closing = closing_events(wire, id, &partial);
+                    let closing = closing_events(wire, &stamp, &partial);
                     (None, Some(Refused::Close(closing)))
                 }
                 Some(Plan::Unsupported) => (None, Some(Refused::Incomplete(None))),
@@ -257,8 +260,6 @@ impl Relay {
         // limits of the stream's owner like the run it continues (a place
         // taken by a resume that then joins another's run is given back).
         let permit = self.stream_permit(&record.owner)?;
-        let background = who.protocol == Protocol::OpenAiResponses
-            && original.get("background").and_then(Value::as_bool) == Some(true);
         let live = self.new_live(who.clone(), &record.owner, partial.last_seq, background);
         let (live, created) = self.registry.get_or_insert(id, || live);
         if !created {
@@ -366,12 +367,12 @@ fn continuation_headers(record: &StreamRecord, credential: &HeaderMap) -> Header
 
 /// The events that end an answer whose stored events stop short of its
 /// end ([`Plan::AlreadyComplete`]), numbered on from them and stamped.
-fn closing_events(wire: &dyn Wire, id: &str, partial: &Partial) -> Vec<Event> {
+fn closing_events(wire: &dyn Wire, to: &Stamp<'_>, partial: &Partial) -> Vec<Event> {
     wire.closing(partial)
         .into_iter()
         .zip(partial.last_seq + 1..)
         .map(|((name, data), seq)| {
-            let data = wire.stamp(id, seq, name.as_deref(), data);
+            let data = wire.stamp(to, seq, name.as_deref(), data);
             Event { seq, name, data }
         })
         .collect()

@@ -425,6 +425,12 @@ async fn reattaches_after(cut: &str) {
             .all(|r| r == id),
         "every response object is named by the gateway's id"
     );
+    assert!(
+        all.iter()
+            .filter(|e| e.json()["response"].is_object())
+            .all(|e| e.json()["response"]["background"] == false),
+        "the client did not ask for a background response: {all:?}"
+    );
     assert_eq!(
         mock.stat("requests_started").await - started,
         1,
