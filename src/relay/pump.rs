@@ -717,9 +717,6 @@ impl Pump {
         }
     }
 
-    /// How a continuation request that did not start ends the stream: a
-    /// provider's 4xx is final (with its message), anything else can be
-    /// tried again.
     /// A re-attach the provider refused for good, where the stored events
     /// need only their end or cannot be continued ([`Refused`]): the end,
     /// its status, and whether it is recorded. `None` for anything else.
@@ -777,6 +774,9 @@ impl Pump {
         }
     }
 
+    /// How a continuation request that did not start ends the stream: a
+    /// provider's 4xx is final (with its message), anything else can be
+    /// tried again.
     fn continuation_failed(&self, error: &StartError) -> End {
         let kind = match error {
             StartError::Cancelled(kind) => return End::Abort(*kind),
