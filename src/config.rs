@@ -403,6 +403,7 @@ struct RawConfig {
     listen: Option<Listen>,
     max_body_bytes: Option<u64>,
     worker_threads: Option<u64>,
+    scheduler: Option<Scheduler>,
     #[serde(default)]
     drain: RawDrain,
     #[serde(default)]
@@ -625,6 +626,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Runtime worker threads; `None` means one per CPU.
     pub worker_threads: Option<usize>,
+    /// How client connections are spread over those threads.
+    pub scheduler: Scheduler,
     pub drain: DrainConfig,
     pub store: StoreConfig,
     pub resume: ResumeConfig,
@@ -898,6 +901,7 @@ impl Config {
             listen,
             max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize,
             worker_threads,
+            scheduler: raw.scheduler.unwrap_or_default(),
             drain,
             store,
             resume,
@@ -1629,6 +1633,27 @@ fn canaries(
     Ok(out)
 }
 
+/// `scheduler`: how the runtime threads share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Each thread runs its own single-threaded runtime and serves the
+    /// connections handed to it, with every task they start (the default).
+    #[default]
+    ThreadPerCore,
+    /// One tokio runtime whose threads steal tasks from each other.
+    WorkStealing,
+}
+
+impl std::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scheduler::ThreadPerCore => "thread_per_core",
+            Scheduler::WorkStealing => "work_stealing",
+        })
+    }
+}
+
 /// Validates `worker_threads`: from 1 to 1024, or one per CPU when left out.
 fn worker_threads(raw: Option<u64>) -> Result<Option<usize>, ConfigError> {
     match raw {
@@ -1783,6 +1808,13 @@ pub fn describe(config: &Config) -> String {
     let mut out = String::new();
     out.push_str("config OK\n");
     out.push_str(&format!("listen: {}\n", config.listen));
+    out.push_str(&format!(
+        "threads: {} ({})\n",
+        config
+            .worker_threads
+            .map_or_else(|| "one per CPU".to_owned(), |n| n.to_string()),
+        config.scheduler
+    ));
     out.push_str(&format!(
         "store: {} (ttl {}{})\n",
         config.store.kind,
@@ -2082,6 +2114,21 @@ mod tests {
         assert!(!c.builtin_mock);
         assert_eq!(c.upstreams[0].base_url, "https://api.openai.com/v1");
         assert_eq!(format!("{:?}", c.upstreams[0].api_key), "Some(<redacted>)");
+    }
+
+    #[test]
+    fn the_scheduler_defaults_to_thread_per_core() {
+        let c = Config::from_toml("", &env(&[])).unwrap();
+        assert_eq!(c.scheduler, Scheduler::ThreadPerCore);
+        let c = Config::from_toml(
+            "scheduler = \"work_stealing\"\nworker_threads = 3",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.scheduler, Scheduler::WorkStealing);
+        assert!(describe(&c).contains("threads: 3 (work_stealing)"));
+        let err = Config::from_toml("scheduler = \"round_robin\"", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("scheduler"), "{err}");
     }
 
     #[test]
@@ -2494,6 +2541,7 @@ mod tests {
                 "listen",
                 "max_body_bytes",
                 "worker_threads",
+                "scheduler",
                 "drain",
                 "store",
                 "resume",
@@ -2536,17 +2584,18 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "config OK");
         assert_eq!(lines[1], "listen: 127.0.0.1:8080");
+        assert_eq!(lines[2], "threads: one per CPU (thread_per_core)");
         assert_eq!(
-            lines[2],
+            lines[3],
             "store: embedded (./tidegate-data) (ttl 15m, max 1 GiB)"
         );
-        assert_eq!(lines[3], "client keys: none (the gateway is open)");
+        assert_eq!(lines[4], "client keys: none (the gateway is open)");
         assert_eq!(
-            lines[4],
+            lines[5],
             "routing (the first match's glob makes the model group; weights split it):"
         );
         assert_eq!(
-            lines[5],
+            lines[6],
             "  llama-*                  -> v (http://127.0.0.1:1/v1, openai, continuation = none, credential from $V_KEY)"
         );
         assert!(text.contains(&describe_timeline(&c.drain, c.stop_budget())));

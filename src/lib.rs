@@ -28,6 +28,7 @@
 //! - [`relay`]: a stream's whole life — start, pump, follow, resume,
 //!   continue, cancel;
 //! - [`api`]: the HTTP routes and the one error type at the edge;
+//! - [`workers`]: the thread-per-core runtimes that serve client connections;
 //! - [`server`]: start-up, serving, and the orderly exit after a drain.
 //!
 //! See `ARCHITECTURE.md` for the life of a stream and the invariants.
@@ -46,3 +47,4 @@ pub mod stream;
 pub mod token;
 pub mod trace;
 pub mod upstream;
+pub mod workers;

@@ -149,11 +149,19 @@ fn load(path: Option<PathBuf>, listen: Option<String>) -> Result<Config, ExitCod
     Ok(config)
 }
 
-fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n);
-    }
+/// `threads`: the runtime's workers (`None`: one per CPU); `Some(0)` for
+/// a single-threaded runtime (the gateway's own when its client
+/// connections are served by thread-per-core workers).
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match threads {
+        Some(0) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().build().map_err(|e| {
         eprintln!("tidegate: cannot start the runtime: {e}");
         ExitCode::FAILURE
@@ -169,7 +177,13 @@ fn serve(path: Option<PathBuf>, listen: Option<String>, ui: bool) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
-    let runtime = match runtime(config.worker_threads) {
+    // Thread per core: this runtime keeps the listener and the drain's
+    // timeline; the workers `server::run` starts serve the connections.
+    let threads = match config.scheduler {
+        tidegate::config::Scheduler::ThreadPerCore => Some(0),
+        tidegate::config::Scheduler::WorkStealing => config.worker_threads,
+    };
+    let runtime = match runtime(threads) {
         Ok(r) => r,
         Err(code) => return code,
     };

@@ -18,13 +18,14 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::config::{Config, LimitsConfig, UpstreamConfig};
+use crate::config::{Config, LimitsConfig, Scheduler, UpstreamConfig};
 use crate::drain::Drain;
 use crate::relay::{Relay, Settings};
 use crate::store::{self, StoreError};
 use crate::stream::AbortKind;
 use crate::token::{TokenSigner, hash_hex, random_string};
 use crate::upstream::{BuildError, Upstream, Upstreams};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -131,6 +132,15 @@ pub async fn run(
     relay.tracing = traces.clone();
     let relay = Arc::new(relay);
     log_startup(&config, &listener, store.name());
+    let workers = match config.scheduler {
+        Scheduler::ThreadPerCore => {
+            let threads = config.worker_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            Some(Arc::new(Workers::start(threads)?))
+        }
+        Scheduler::WorkStealing => None,
+    };
     let drain_config = config.drain;
     let limits = config.limits;
     let lease_every = config.store.lease_ttl / 3;
@@ -185,6 +195,7 @@ pub async fn run(
         drain.clone(),
         limits,
         max_connections,
+        workers,
     );
     tokio::pin!(serve);
     let aborted_before = relay.metrics.aborted(AbortKind::ServerRestarting);
@@ -334,6 +345,7 @@ async fn serve(
     drain: Arc<Drain>,
     limits: LimitsConfig,
     max_connections: usize,
+    workers: Option<Arc<Workers>>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(Tracked(drain.tracker.clone()));
     builder
@@ -389,7 +401,7 @@ async fn serve(
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
         let close = close.clone();
-        drain.tracker.spawn(async move {
+        let serve_one = async move |stream: TcpStream| {
             let _slot = slot;
             let spoke = tokio::select! {
                 spoke = crate::net::wait_for_preface(&stream, limits.header_read_timeout) => spoke,
@@ -403,7 +415,21 @@ async fn serve(
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
-        });
+        };
+        let Some(workers) = &workers else {
+            drain.tracker.spawn(serve_one(stream));
+            continue;
+        };
+        // Registered again with the worker's reactor, on its thread.
+        match stream.into_std() {
+            Ok(socket) => workers.spawn(drain.tracker.track_future(async move {
+                match TcpStream::from_std(socket) {
+                    Ok(stream) => serve_one(stream).await,
+                    Err(e) => tracing::debug!(error = %e, "cannot hand a connection to a worker"),
+                }
+            })),
+            Err(e) => tracing::debug!(error = %e, "cannot hand a connection to a worker"),
+        }
     }
     drop(listener);
     graceful.shutdown().await;

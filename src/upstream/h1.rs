@@ -104,7 +104,17 @@ pub struct Pool {
     /// `Host:` header value.
     authority: String,
     connect_timeout: Duration,
-    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+/// An idle connection, when it was checked in, and the runtime whose
+/// reactor it is registered with: with thread-per-core workers a
+/// connection is only reused on its own thread, where its reads wake no
+/// other (see `workers`).
+type Idle = (TcpStream, Instant, Option<tokio::runtime::Id>);
+
+fn runtime_id() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
 
 impl Pool {
@@ -131,15 +141,20 @@ impl Pool {
         }))
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(TcpStream, Instant)>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         // Only pushes and pops happen under this lock.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The newest idle connection that is still open.
+    /// The newest idle connection of this runtime that is still open.
     fn checkout(&self) -> Option<TcpStream> {
+        let here = runtime_id();
         loop {
-            let (stream, since) = self.idle().pop_back()?;
+            let (stream, since, _) = {
+                let mut idle = self.idle();
+                let at = idle.iter().rposition(|(_, _, on)| *on == here)?;
+                idle.remove(at)?
+            };
             if since.elapsed() < IDLE_FOR && still_open(&stream) {
                 return Some(stream);
             }
@@ -150,12 +165,12 @@ impl Pool {
         let mut idle = self.idle();
         while idle
             .front()
-            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+            .is_some_and(|(_, since, _)| since.elapsed() >= IDLE_FOR)
         {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back((stream, Instant::now()));
+            idle.push_back((stream, Instant::now(), runtime_id()));
         }
     }
 

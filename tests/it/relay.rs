@@ -68,6 +68,9 @@ async fn http2_upstream_carries_every_stream_on_few_connections() {
             .unwrap()
             .count()
     };
+    // Once it serves (its worker threads and their runtimes are up).
+    let ready = client().get(gw.url("/healthz/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
     let before = fds();
     let requests: Vec<Value> = (0..20).map(|i| chat(40, 25, &format!("h2-{i}"))).collect();
     let mut streams = Vec::new();

@@ -1,0 +1,147 @@
+//! Thread per core: the client connections are served by N single-threaded
+//! runtimes, one per OS thread, the way nginx runs a worker per core. A
+//! connection lives on one of them with every task it spawns (its
+//! streams' pumps and their provider connections), so a stream's wake-ups
+//! never cross a thread: with tokio's work-stealing runtime every event of
+//! a paced stream woke the other, idle worker (a `futex` pair and a
+//! context switch per event; benches/OPTIMISATIONS.md, "thread per core").
+//!
+//! The process's own runtime keeps the listener, the drain's timeline and
+//! the background tasks; each accepted socket is handed to the worker
+//! serving the fewest connections.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// The worker runtimes, running until [`Workers::stop`] (or drop).
+pub struct Workers {
+    workers: Vec<Worker>,
+    stop: CancellationToken,
+}
+
+struct Worker {
+    handle: Handle,
+    /// Connections it serves now.
+    connections: Arc<AtomicUsize>,
+}
+
+/// Counts a connection on its worker while it lives.
+struct Serving(Arc<AtomicUsize>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Workers {
+    /// Start `n` worker threads (at least one), each with its own runtime.
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut workers = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let until = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("tidegate-worker-{i}"))
+                .spawn(move || runtime.block_on(until.cancelled()))?;
+            workers.push(Worker {
+                handle,
+                connections: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        Ok(Workers { workers, stop })
+    }
+
+    /// How many worker threads there are.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Always false: there is at least one worker.
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Run `serve` on the worker with the fewest connections; it counts
+    /// as one of that worker's connections until it ends. `serve` must
+    /// make its sockets there (`TcpStream::from_std`), so that they are
+    /// registered with that worker's reactor.
+    pub fn spawn<F>(&self, serve: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Some(worker) = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.connections.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        worker.connections.fetch_add(1, Ordering::Relaxed);
+        let serving = Serving(worker.connections.clone());
+        worker.handle.spawn(async move {
+            let _serving = serving;
+            serve.await;
+        });
+    }
+
+    /// End the worker runtimes: what still runs on them is dropped.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_go_to_the_least_busy_worker_and_stay_on_its_thread() {
+        let workers = Workers::start(2).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let release = CancellationToken::new();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            let release = release.clone();
+            workers.spawn(async move {
+                let before = std::thread::current().id();
+                // A task it spawns runs on the same thread.
+                let spawned = tokio_util::task::TaskTracker::new()
+                    .spawn(async { std::thread::current().id() })
+                    .await
+                    .unwrap();
+                tx.send((before, spawned)).unwrap();
+                release.cancelled().await;
+            });
+        }
+        let mut threads = std::collections::HashMap::new();
+        for _ in 0..4 {
+            let (at, spawned) = rx.recv().await.unwrap();
+            assert_eq!(at, spawned, "a connection's tasks stay on its thread");
+            *threads.entry(at).or_insert(0) += 1;
+        }
+        assert_eq!(threads.len(), 2, "{threads:?}");
+        assert!(threads.values().all(|&n| n == 2), "{threads:?}");
+        assert_ne!(
+            threads.keys().next(),
+            Some(&std::thread::current().id()),
+            "served off the caller's runtime"
+        );
+        release.cancel();
+        workers.stop();
+    }
+}
