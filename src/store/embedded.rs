@@ -82,6 +82,8 @@ const RELEASE: u8 = 7;
 
 /// An entry's header: body length and CRC-32.
 const HEADER: usize = 8;
+/// What a status entry usually takes (more only grows the buffer).
+const STATUS_ROOM: usize = 512;
 /// The largest segment; smaller when `store.max_bytes` is small, so that
 /// room is freed in steps of a sixteenth of it.
 const SEGMENT_MAX: u64 = 64 << 20;
@@ -1178,7 +1180,9 @@ impl EmbeddedStore {
         // The batch's last seq, and where its payload is in `bytes`.
         let mut batch = None;
         if let Some(last) = events.last() {
-            let mut entry = Entry::new(BATCH, batch_size(events) + stream_id.len() + 10);
+            // With room for the status entry, which goes in the same write.
+            let room = if status.is_some() { STATUS_ROOM } else { 0 };
+            let mut entry = Entry::new(BATCH, batch_size(events) + stream_id.len() + 10 + room);
             entry.name(stream_id.as_bytes())?.u64(last.seq);
             let batch_at = entry.here();
             super::put_batch(&mut entry.0, events);
