@@ -422,12 +422,20 @@ async fn serve(
         };
         // Registered again with the worker's reactor, on its thread.
         match stream.into_std() {
-            Ok(socket) => workers.spawn(drain.tracker.track_future(async move {
-                match TcpStream::from_std(socket) {
-                    Ok(stream) => serve_one(stream).await,
-                    Err(e) => tracing::debug!(error = %e, "cannot hand a connection to a worker"),
-                }
-            })),
+            Ok(socket) => {
+                let tracker = drain.tracker.clone();
+                workers.spawn(move |counted| {
+                    tracker.spawn(async move {
+                        let _counted = counted;
+                        match TcpStream::from_std(socket) {
+                            Ok(stream) => serve_one(stream).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "cannot hand a connection to a worker")
+                            }
+                        }
+                    });
+                });
+            }
             Err(e) => tracing::debug!(error = %e, "cannot hand a connection to a worker"),
         }
     }

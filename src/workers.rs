@@ -10,11 +10,10 @@
 //! the background tasks; each accepted socket is handed to the worker
 //! serving the fewest connections.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The worker runtimes, running until [`Workers::stop`] (or drop).
@@ -24,15 +23,19 @@ pub struct Workers {
 }
 
 struct Worker {
-    handle: Handle,
+    /// Work to start on the worker's thread: what it spawns is allocated
+    /// there, not on the thread that accepted.
+    jobs: mpsc::UnboundedSender<Job>,
     /// Connections it serves now.
     connections: Arc<AtomicUsize>,
 }
 
-/// Counts a connection on its worker while it lives.
-struct Serving(Arc<AtomicUsize>);
+type Job = Box<dyn FnOnce() + Send>;
 
-impl Drop for Serving {
+/// Counts a connection on its worker while it lives.
+pub struct Connection(Arc<AtomicUsize>);
+
+impl Drop for Connection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -47,13 +50,25 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let handle = runtime.handle().clone();
+            let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
             let until = stop.clone();
             std::thread::Builder::new()
                 .name(format!("tidegate-worker-{i}"))
-                .spawn(move || runtime.block_on(until.cancelled()))?;
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        loop {
+                            tokio::select! {
+                                job = queue.recv() => match job {
+                                    Some(job) => job(),
+                                    None => break,
+                                },
+                                _ = until.cancelled() => break,
+                            }
+                        }
+                    })
+                })?;
             workers.push(Worker {
-                handle,
+                jobs,
                 connections: Arc::new(AtomicUsize::new(0)),
             });
         }
@@ -70,14 +85,12 @@ impl Workers {
         self.workers.is_empty()
     }
 
-    /// Run `serve` on the worker with the fewest connections; it counts
-    /// as one of that worker's connections until it ends. `serve` must
-    /// make its sockets there (`TcpStream::from_std`), so that they are
-    /// registered with that worker's reactor.
-    pub fn spawn<F>(&self, serve: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
+    /// Call `start` on the thread of the worker with the fewest
+    /// connections, with a guard that counts one connection there while
+    /// it lives. `start` spawns the connection's task (on that worker's
+    /// runtime) and makes its sockets there (`TcpStream::from_std`), so
+    /// that they are registered with that worker's reactor.
+    pub fn spawn(&self, start: impl FnOnce(Connection) + Send + 'static) {
         let Some(worker) = self
             .workers
             .iter()
@@ -86,11 +99,9 @@ impl Workers {
             return;
         };
         worker.connections.fetch_add(1, Ordering::Relaxed);
-        let serving = Serving(worker.connections.clone());
-        worker.handle.spawn(async move {
-            let _serving = serving;
-            serve.await;
-        });
+        let counted = Connection(worker.connections.clone());
+        // Only fails once the worker has stopped, at exit.
+        let _ = worker.jobs.send(Box::new(move || start(counted)));
     }
 
     /// End the worker runtimes: what still runs on them is dropped.
@@ -117,15 +128,18 @@ mod tests {
         for _ in 0..4 {
             let tx = tx.clone();
             let release = release.clone();
-            workers.spawn(async move {
-                let before = std::thread::current().id();
-                // A task it spawns runs on the same thread.
-                let spawned = tokio_util::task::TaskTracker::new()
-                    .spawn(async { std::thread::current().id() })
-                    .await
-                    .unwrap();
-                tx.send((before, spawned)).unwrap();
-                release.cancelled().await;
+            workers.spawn(move |counted| {
+                tokio_util::task::TaskTracker::new().spawn(async move {
+                    let _counted = counted;
+                    let before = std::thread::current().id();
+                    // A task it spawns runs on the same thread.
+                    let spawned = tokio_util::task::TaskTracker::new()
+                        .spawn(async { std::thread::current().id() })
+                        .await
+                        .unwrap();
+                    tx.send((before, spawned)).unwrap();
+                    release.cancelled().await;
+                });
             });
         }
         let mut threads = std::collections::HashMap::new();
