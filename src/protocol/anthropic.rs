@@ -492,7 +492,12 @@ impl Splice for BlockSplice {
         match kind {
             "message_start" if self.started => {}
             "content_block_start" | "content_block_delta" | "content_block_stop" => {
-                let Ok(mut v) = serde_json::from_slice::<Value>(&event.data) else {
+                // Not a JSON object (not a block event a client can read):
+                // relayed as it came, and it takes no block index.
+                let v = serde_json::from_slice::<Value>(&event.data)
+                    .ok()
+                    .filter(Value::is_object);
+                let Some(mut v) = v else {
                     out.push((name, event.data));
                     return;
                 };
@@ -729,6 +734,17 @@ mod tests {
         for (_, data) in &out {
             assert!(serde_json::from_slice::<Value>(data).is_ok());
         }
+        // They take no block index (found by the fuzz target in CI: the
+        // next real block was numbered 3 where the client expects 1).
+        legs[0].splice.event(
+            sse(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+            ),
+            &mut out,
+        );
+        let last: Value = serde_json::from_slice(&out.last().unwrap().1).unwrap();
+        assert_eq!(last["index"], 1, "{last}");
     }
 
     #[test]
