@@ -75,16 +75,6 @@ impl Workers {
         Ok(Workers { workers, stop })
     }
 
-    /// How many worker threads there are.
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    /// Always false: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// Call `start` on the thread of the worker with the fewest
     /// connections, with a guard that counts one connection there while
     /// it lives. `start` spawns the connection's task (on that worker's

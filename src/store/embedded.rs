@@ -1176,6 +1176,9 @@ impl EmbeddedStore {
         events: &[Event],
         status: Option<(Status, Option<&str>, &str)>,
     ) -> Result<(), StoreError> {
+        if events.is_empty() && status.is_none() {
+            return Ok(());
+        }
         let mut bytes = Vec::new();
         // The batch's last seq, and where its payload is in `bytes`.
         let mut batch = None;
