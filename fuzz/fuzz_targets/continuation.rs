@@ -114,12 +114,18 @@ fn blocks_well_formed(events: &[SseEvent]) -> bool {
     for e in events {
         let Some(v) = json(&e.data) else { continue };
         let index = v.get("index").and_then(Value::as_u64);
-        if e.name_is("content_block_start") {
+        // An event without a name is read by its data's type, as the SDK
+        // accumulates it.
+        let is = |kind: &str| match &e.name {
+            Some(_) => e.name_is(kind),
+            None => v.get("type").and_then(Value::as_str) == Some(kind),
+        };
+        if is("content_block_start") {
             match index {
                 Some(i) if started.insert(i) => {}
                 _ => return false,
             }
-        } else if (e.name_is("content_block_delta") || e.name_is("content_block_stop"))
+        } else if (is("content_block_delta") || is("content_block_stop"))
             && !index.is_some_and(|i| started.contains(&i))
         {
             return false;
