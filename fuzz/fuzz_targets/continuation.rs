@@ -114,11 +114,11 @@ fn blocks_well_formed(events: &[SseEvent]) -> bool {
     for e in events {
         let Some(v) = json(&e.data) else { continue };
         let index = v.get("index").and_then(Value::as_u64);
-        // An event without a name is read by its data's type, as the SDK
-        // accumulates it.
-        let is = |kind: &str| match &e.name {
-            Some(_) => e.name_is(kind),
-            None => v.get("type").and_then(Value::as_str) == Some(kind),
+        // Read by the data's type, else by the name, as the SDK's
+        // accumulation (and the splice) read it.
+        let is = |kind: &str| match v.get("type").and_then(Value::as_str) {
+            Some(t) => t == kind,
+            None => e.name_is(kind),
         };
         if is("content_block_start") {
             match index {
@@ -380,10 +380,20 @@ fuzz_target!(|input: &[u8]| {
                             "{style:?}: a second message_start"
                         );
                     }
-                    if name.as_deref() == Some("content_block_start") {
-                        // (A start that is not JSON is relayed as it came.)
-                        if let Some(index) =
-                            json(data).and_then(|v| v.get("index").and_then(Value::as_u64))
+                    // Read by the data's type, else by the name, as the SDK
+                    // accumulates it (a start that is not JSON is relayed as
+                    // it came, and numbered by no one).
+                    let v = json(data);
+                    let kind = v
+                        .as_ref()
+                        .and_then(|v| v.get("type"))
+                        .and_then(Value::as_str)
+                        .or(name.as_deref());
+                    if kind == Some("content_block_start") {
+                        if let Some(index) = v
+                            .as_ref()
+                            .and_then(|v| v.get("index"))
+                            .and_then(Value::as_u64)
                         {
                             assert_eq!(
                                 index,

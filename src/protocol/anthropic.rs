@@ -488,15 +488,28 @@ impl Splice for BlockSplice {
             .name
             .as_deref()
             .map(|n| String::from_utf8_lossy(n).into());
-        let kind = name.as_deref().unwrap_or("");
+        // Read as the SDK's accumulation reads it (and as `partial` does):
+        // by the data's `type`, else by the event's name. An unnamed block
+        // event is still numbered the client's way.
+        let v = serde_json::from_slice::<Value>(&event.data)
+            .ok()
+            .filter(Value::is_object);
+        let kind: Box<str> = v
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str)
+            .or(name.as_deref())
+            .unwrap_or("")
+            .into();
+        let kind = &*kind;
+        if self.started && (kind == "message_start" || event.name_is("message_start")) {
+            // The client holds the message's start: never a second one.
+            return;
+        }
         match kind {
-            "message_start" if self.started => {}
             "content_block_start" | "content_block_delta" | "content_block_stop" => {
                 // Not a JSON object (not a block event a client can read):
                 // relayed as it came, and it takes no block index.
-                let v = serde_json::from_slice::<Value>(&event.data)
-                    .ok()
-                    .filter(Value::is_object);
                 let Some(mut v) = v else {
                     out.push((name, event.data));
                     return;
@@ -588,15 +601,17 @@ impl Splice for BlockSplice {
             "message_delta" => {
                 self.close_open(out);
                 // The whole message's output, as an uncut answer reports it.
-                let data = match serde_json::from_slice::<Value>(&event.data) {
-                    Ok(mut v) => match v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
-                        Some(n) => {
-                            v["usage"]["output_tokens"] = json!(n + self.used);
-                            Bytes::from(v.to_string())
+                let data = match v {
+                    Some(mut v) => {
+                        match v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                            Some(n) => {
+                                v["usage"]["output_tokens"] = json!(n.saturating_add(self.used));
+                                Bytes::from(v.to_string())
+                            }
+                            None => event.data,
                         }
-                        None => event.data,
-                    },
-                    Err(_) => event.data,
+                    }
+                    None => event.data,
                 };
                 out.push((name, data));
             }
@@ -745,6 +760,51 @@ mod tests {
         );
         let last: Value = serde_json::from_slice(&out.last().unwrap().1).unwrap();
         assert_eq!(last["index"], 1, "{last}");
+    }
+
+    #[test]
+    fn a_block_event_without_a_name_is_numbered_the_clients_way() {
+        // Found by the continuation fuzz target in CI: an unnamed event
+        // whose data is a delta for continued block 0 was relayed with
+        // index 0, so it appended to the client's closed block 0.
+        let p = AnthropicMessages.partial(&[
+            event(
+                1,
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "m"}}),
+            ),
+            start(2, 0, json!({"type": "text", "text": "a"})),
+        ]);
+        let Plan::Continue(mut legs) =
+            AnthropicMessages.continuation(&original(), Continuation::AssistantPrefix, &p)
+        else {
+            panic!()
+        };
+        let mut out = Vec::new();
+        legs[0].splice.event(
+            sse(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "u", "name": "g", "input": {}}}),
+            ),
+            &mut out,
+        );
+        legs[0].splice.event(
+            SseEvent {
+                name: None,
+                data: Bytes::from(
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{}"}})
+                        .to_string(),
+                ),
+            },
+            &mut out,
+        );
+        let indices: Vec<Value> = out
+            .iter()
+            .map(|(_, d)| serde_json::from_slice::<Value>(d).unwrap()["index"].clone())
+            .collect();
+        // The client's open block 0 closed, the tool call opened as 1.
+        assert_eq!(indices, [json!(0), json!(1), json!(1)], "{out:?}");
+        assert_eq!(out[2].0, None, "the event keeps its (lack of a) name");
     }
 
     #[test]

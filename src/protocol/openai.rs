@@ -409,7 +409,7 @@ impl Splice for ChunkSplice {
                 if let Some(usage) = chunk.get_mut("usage").and_then(Value::as_object_mut) {
                     for key in ["completion_tokens", "total_tokens"] {
                         if let Some(n) = usage.get(key).and_then(Value::as_u64) {
-                            usage.insert(key.into(), json!(n + self.used));
+                            usage.insert(key.into(), json!(n.saturating_add(self.used)));
                         }
                     }
                 }

@@ -812,7 +812,7 @@ impl Splice for ItemSplice {
                     if let Some(usage) = response.get_mut("usage").and_then(Value::as_object_mut) {
                         for key in ["output_tokens", "total_tokens"] {
                             if let Some(n) = usage.get(key).and_then(Value::as_u64) {
-                                usage.insert(key.into(), json!(n + self.used));
+                                usage.insert(key.into(), json!(n.saturating_add(self.used)));
                             }
                         }
                     }
