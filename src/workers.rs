@@ -32,6 +32,13 @@ struct Worker {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The runtime this code runs on (`None` outside one): what a resource
+/// registered with a runtime's reactor is kept per, so a worker uses only
+/// its own.
+pub fn current_runtime() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
+}
+
 /// Counts a connection on its worker while it lives.
 pub struct Connection(Arc<AtomicUsize>);
 

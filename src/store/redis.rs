@@ -13,9 +13,11 @@
 //! - `tg:{id}:cancel`: a `DELETE` that arrived at another replica.
 //!
 //! Idempotency keys live under `tg:idem:{<owner>:<key>}`. Every key has a
-//! TTL. Appends from all streams share one multiplexed connection (on a
-//! cluster, one per master), which pipelines whatever is in flight: that
-//! is the group commit.
+//! TTL. Appends from all streams on one runtime share one multiplexed
+//! connection (on a cluster, one per master), which pipelines whatever is
+//! in flight: that is the group commit. With thread-per-core workers each
+//! worker runtime has its own, made on its first command, so a command and
+//! its reply never cross threads (see `Connections`).
 //!
 //! **Slots:** a pipeline or a script only ever touches the keys of one
 //! stream (one hash tag, one slot). Calls about many streams at once
@@ -24,10 +26,12 @@
 //! cluster routes each to its own master, where one pipeline across
 //! streams would fail with CROSSSLOT.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::future::try_join_all;
+use futures_util::future::{BoxFuture, try_join_all};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionLike, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -36,6 +40,7 @@ use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 use super::{Corruption, SharedStore, Store, StoreError, decode_batch, encode_batch};
 use crate::config::StoreConfig;
 use crate::stream::{Event, IdempotencyEntry, Reattach, Status, StreamRecord, now_ms};
+use crate::workers::current_runtime;
 
 /// How long one Redis command may take before the store reports itself
 /// unavailable (a stream then ends with `store_failed`, never hangs).
@@ -54,10 +59,30 @@ const FOLLOW_POLL_MAX: Duration = Duration::from_millis(50);
 /// Redis Cluster (`C` = [`redis::cluster_async::ClusterConnection`]): the
 /// same commands on either.
 pub struct RedisStore<C> {
-    conn: C,
+    conns: Connections<C>,
     ttl_ms: u64,
     lease_ms: u64,
     url_for_errors: String,
+}
+
+/// Makes another connection like the first (same URL or seed nodes, same
+/// timeouts and retries), driven by the runtime it is made on.
+type Connect<C> = Arc<dyn Fn() -> BoxFuture<'static, redis::RedisResult<C>> + Send + Sync>;
+
+/// One connection per runtime. A connection's reads and writes are driven
+/// by a task on the runtime it was made on: a command sent from a worker
+/// to the process runtime's connection is handed over to that thread, and
+/// its reply wakes the worker back (two cross-thread wake-ups per command).
+/// Each worker's commands go out on a connection of its own runtime
+/// instead, made on its first command; under the work-stealing scheduler
+/// there is one runtime and this is the one connection made at startup.
+/// At most one connection per runtime that ever used the store (the
+/// process's and one per worker).
+struct Connections<C> {
+    first: C,
+    first_runtime: Option<tokio::runtime::Id>,
+    connect: Connect<C>,
+    others: Mutex<HashMap<tokio::runtime::Id, Arc<tokio::sync::OnceCell<C>>>>,
 }
 
 fn events_key(id: &str) -> String {
@@ -93,13 +118,18 @@ pub async fn connect(url: &str, config: &StoreConfig) -> Result<SharedStore, Sto
         .set_response_timeout(Some(COMMAND_TIMEOUT))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_millis(500));
-    let conn = connected(
-        &shown,
-        client.get_connection_manager_with_config(manager_config),
-    )
-    .await?;
-    Ok(std::sync::Arc::new(
-        RedisStore::ready(conn, config, shown).await?,
+    let connect: Connect<redis::aio::ConnectionManager> = Arc::new(move || {
+        let client = client.clone();
+        let manager_config = manager_config.clone();
+        Box::pin(async move {
+            client
+                .get_connection_manager_with_config(manager_config)
+                .await
+        })
+    });
+    let conn = connected(&shown, connect()).await?;
+    Ok(Arc::new(
+        RedisStore::ready(conn, connect, config, shown).await?,
     ))
 }
 
@@ -126,9 +156,13 @@ pub async fn connect_cluster(
             what: "invalid cluster seed nodes",
             source,
         })?;
-    let conn = connected(&shown, client.get_async_connection()).await?;
-    Ok(std::sync::Arc::new(
-        RedisStore::ready(conn, config, shown).await?,
+    let connect: Connect<redis::cluster_async::ClusterConnection> = Arc::new(move || {
+        let client = client.clone();
+        Box::pin(async move { client.get_async_connection().await })
+    });
+    let conn = connected(&shown, connect()).await?;
+    Ok(Arc::new(
+        RedisStore::ready(conn, connect, config, shown).await?,
     ))
 }
 
@@ -155,6 +189,7 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
     /// The store on `conn`, once it answers PING.
     async fn ready(
         mut conn: C,
+        connect: Connect<C>,
         config: &StoreConfig,
         shown: String,
     ) -> Result<RedisStore<C>, StoreError> {
@@ -167,11 +202,42 @@ impl<C: ConnectionLike + Clone + Send + Sync> RedisStore<C> {
                 source,
             })?;
         Ok(RedisStore {
-            conn,
+            conns: Connections {
+                first: conn,
+                first_runtime: current_runtime(),
+                connect,
+                others: Mutex::new(HashMap::new()),
+            },
             ttl_ms: config.ttl.as_millis() as u64,
             lease_ms: config.lease_ttl.as_millis() as u64,
             url_for_errors: shown,
         })
+    }
+
+    /// The connection for the runtime this runs on (see [`Connections`]).
+    async fn conn(&self) -> Result<C, StoreError> {
+        let conns = &self.conns;
+        let Some(here) = current_runtime().filter(|r| Some(*r) != conns.first_runtime) else {
+            return Ok(conns.first.clone());
+        };
+        let cell = conns
+            .others
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(here)
+            .or_default()
+            .clone();
+        // Failing (Redis unreachable just then) leaves the cell empty: the
+        // command fails like any other, and the next one tries again.
+        cell.get_or_try_init(|| async {
+            match tokio::time::timeout(COMMAND_TIMEOUT, (conns.connect)()).await {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(source)) => Err(self.failed("cannot connect", source)),
+                Err(_) => Err(self.timed_out("connecting", COMMAND_TIMEOUT)),
+            }
+        })
+        .await
+        .cloned()
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -259,7 +325,7 @@ where
             .arg(events_key(stream_id))
             .arg(self.ttl_ms)
             .ignore();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
 }
@@ -271,7 +337,7 @@ where
 {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_string(record).map_err(StoreError::Encode)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms))
             .await
     }
@@ -289,7 +355,7 @@ where
             .arg(encode_batch(events))
             .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
 
@@ -333,7 +399,7 @@ where
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let value: Option<String> = self.run(conn.get(record_key(stream_id))).await?;
         value
             .map(|v| {
@@ -346,7 +412,7 @@ where
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let reply: StreamRangeReply = self
             .run(conn.xrange(
                 events_key(stream_id),
@@ -363,7 +429,7 @@ where
         after: u64,
         max: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let reply: StreamRangeReply = self
             .run(conn.xrange_count(
                 events_key(stream_id),
@@ -383,7 +449,7 @@ where
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
         let redis_key = format!("tg:idem:{{{owner}:{key}}}");
         let value = serde_json::to_string(entry).map_err(StoreError::Encode)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let set: Option<String> = self
             .run(
                 redis::cmd("SET")
@@ -409,7 +475,7 @@ where
         stream_id: &str,
     ) -> Result<(), StoreError> {
         let redis_key = format!("tg:idem:{{{owner}:{key}}}");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let existing: Option<String> = self.run(conn.get(&redis_key)).await?;
         // Nobody else can claim the key while it is held, so between this
         // read and the delete it stays ours.
@@ -423,7 +489,7 @@ where
     }
 
     async fn try_lease(&self, stream_id: &str, instance: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let set: Option<String> = self
             .run(
                 redis::cmd("SET")
@@ -443,7 +509,7 @@ where
     }
 
     async fn lease_alive(&self, stream_id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(conn.exists(lease_key(stream_id))).await
     }
 
@@ -453,8 +519,9 @@ where
         }
         // One script per stream, each on its stream's slot (see the
         // module's note on slots).
+        let conn = self.conn().await?;
         let renewals = stream_ids.iter().map(|id| {
-            let mut conn = self.conn.clone();
+            let mut conn = conn.clone();
             async move {
                 redis::cmd("EVAL")
                     .arg(RENEW)
@@ -470,7 +537,7 @@ where
     }
 
     async fn release_lease(&self, stream_id: &str, instance: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(
             redis::cmd("EVAL")
                 .arg(RELEASE)
@@ -507,7 +574,7 @@ where
         let until = tokio::time::Instant::now() + wait;
         let mut pause = FOLLOW_POLL_FIRST;
         loop {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let reply: Option<StreamReadReply> =
                 self.run(conn.xread_options(&key, &from, &options)).await?;
             let ids: Vec<_> = reply
@@ -523,7 +590,7 @@ where
     }
 
     async fn request_cancel(&self, stream_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(conn.pset_ex::<_, _, ()>(cancel_key(stream_id), 1, 60_000))
             .await
     }
@@ -533,8 +600,9 @@ where
             return Ok(Vec::new());
         }
         // One EXISTS per stream, each on its stream's slot.
+        let conn = self.conn().await?;
         let checks = stream_ids.iter().map(|id| {
-            let mut conn = self.conn.clone();
+            let mut conn = conn.clone();
             async move { conn.exists::<_, bool>(cancel_key(id)).await }
         });
         let flags: Vec<bool> = self.run(try_join_all(checks)).await?;
@@ -551,7 +619,7 @@ where
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(
             redis::cmd("GET")
                 .arg(format!("tg:meta:{key}"))
@@ -561,7 +629,7 @@ where
     }
 
     async fn put_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(
             redis::cmd("SET")
                 .arg(format!("tg:meta:{key}"))
@@ -572,7 +640,7 @@ where
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: () = self
             .run(
                 redis::cmd("SET")
@@ -592,7 +660,7 @@ where
 
     /// One set every replica reads: `SADD` / `SREM` race with no one.
     async fn add_background(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let count: u64 = self
             .run(
                 redis::cmd("SCARD")
@@ -615,7 +683,7 @@ where
     }
 
     async fn remove_background(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: u64 = self
             .run(
                 redis::cmd("SREM")
@@ -628,7 +696,7 @@ where
     }
 
     async fn background(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.run(
             redis::cmd("SMEMBERS")
                 .arg(BACKGROUND_SET)

@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Sink;
+use crate::workers::current_runtime;
 
 /// A provider's response head is rarely over a kilobyte; this bounds a
 /// broken one.
@@ -113,10 +114,6 @@ pub struct Pool {
 /// other (see `workers`).
 type Idle = (TcpStream, Instant, Option<tokio::runtime::Id>);
 
-fn runtime_id() -> Option<tokio::runtime::Id> {
-    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
-}
-
 impl Pool {
     /// For `http://` URLs only; `None` for any other scheme.
     pub fn for_url(url: &reqwest::Url, connect_timeout: Duration) -> Option<Arc<Pool>> {
@@ -148,7 +145,7 @@ impl Pool {
 
     /// The newest idle connection of this runtime that is still open.
     fn checkout(&self) -> Option<TcpStream> {
-        let here = runtime_id();
+        let here = current_runtime();
         loop {
             let (stream, since, _) = {
                 let mut idle = self.idle();
@@ -170,7 +167,7 @@ impl Pool {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back((stream, Instant::now(), runtime_id()));
+            idle.push_back((stream, Instant::now(), current_runtime()));
         }
     }
 
