@@ -171,7 +171,16 @@ impl Wire for OpenAiChat {
             .get("n")
             .and_then(Value::as_u64)
             .unwrap_or(1)
-            .max(1) as u32;
+            .max(1);
+        // Validation refuses more; a record from before it did is not
+        // asked again choice by choice.
+        if n > super::request::MAX_CHOICES {
+            return Plan::Impossible(format!(
+                "the request asked for {n} choices, more than the {} a continuation asks for",
+                super::request::MAX_CHOICES
+            ));
+        }
+        let n = n as u32;
         let unfinished: Vec<u32> = (0..n)
             .filter(|i| {
                 partial
@@ -713,6 +722,20 @@ mod tests {
         );
         let v: Value = serde_json::from_slice(&out[0].1).unwrap();
         assert_eq!(v["choices"][0]["index"], 2);
+    }
+
+    #[test]
+    fn more_choices_than_validation_allows_are_not_asked_again_one_by_one() {
+        // The input the continuation fuzz target found: n = 1.7e9 built a
+        // leg per choice until the process ran out of memory.
+        let p = OpenAiChat.partial(&[role(1, 0), text(2, 0, "a")]);
+        for n in [129u64, 1_700_000_000, u64::MAX] {
+            let plan =
+                OpenAiChat.continuation(&original(json!({"n": n})), Continuation::Prefix, &p);
+            assert!(matches!(plan, Plan::Impossible(_)), "n={n}: {plan:?}");
+        }
+        let plan = OpenAiChat.continuation(&original(json!({"n": 128})), Continuation::Prefix, &p);
+        assert!(matches!(plan, Plan::Continue(ref legs) if legs.len() == 128));
     }
 
     #[test]

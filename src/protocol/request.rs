@@ -5,6 +5,10 @@ use std::borrow::Cow;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+/// The most choices (`n`) a chat request may ask for: OpenAI's own limit.
+/// A continuation asks again for each unfinished one.
+pub const MAX_CHOICES: u64 = 128;
+
 /// What the relay needs from a valid request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary<'a> {
@@ -94,6 +98,7 @@ pub fn chat(body: &[u8], max_tokens_required: bool) -> Result<Summary<'_>, Reque
     if max_tokens_required {
         fields.require_max_tokens()?;
     }
+    fields.check_choices()?;
     let stream = fields.stream()?;
     let tools = matches!(fields.tools, Some(Shape::Array { empty: false }));
     Ok(Summary {
@@ -162,8 +167,19 @@ impl<'a> Fields<'a> {
     /// `max_tokens`: a whole number.
     pub fn require_max_tokens(&self) -> Result<(), RequestError> {
         match self.max_tokens {
-            Some(Shape::Unsigned) => Ok(()),
+            Some(Shape::Unsigned(_)) => Ok(()),
             _ => Err(RequestError::Invalid("missing required field `max_tokens`")),
+        }
+    }
+
+    /// `n`: absent, `null`, or a whole number from 1 to [`MAX_CHOICES`].
+    pub fn check_choices(&self) -> Result<(), RequestError> {
+        match self.n {
+            None | Some(Shape::Null) => Ok(()),
+            Some(Shape::Unsigned(n)) if (1..=MAX_CHOICES).contains(&n) => Ok(()),
+            Some(_) => Err(RequestError::Invalid(
+                "`n` must be a whole number from 1 to 128",
+            )),
         }
     }
 
@@ -192,6 +208,7 @@ pub struct Fields<'a> {
     tools: Option<Shape<'a>>,
     input: Option<Shape<'a>>,
     background: Option<Shape<'a>>,
+    n: Option<Shape<'a>>,
 }
 
 /// What validation needs to know of a JSON value.
@@ -202,7 +219,7 @@ enum Shape<'a> {
     },
     Bool(bool),
     /// An integer that fits `u64`.
-    Unsigned,
+    Unsigned(u64),
     Null,
     /// The body's own object (only at the top: a nested one is `Other`).
     Object(Box<Fields<'a>>),
@@ -230,6 +247,7 @@ enum Key {
     Tools,
     Input,
     Background,
+    N,
     Other,
 }
 
@@ -250,6 +268,7 @@ impl<'de> Deserialize<'de> for Key {
                     "tools" | "functions" => Key::Tools,
                     "input" => Key::Input,
                     "background" => Key::Background,
+                    "n" => Key::N,
                     _ => Key::Other,
                 })
             }
@@ -273,14 +292,14 @@ impl<'de> Visitor<'de> for ShapeVisitor {
         Ok(Shape::Bool(b))
     }
     fn visit_i64<E>(self, n: i64) -> Result<Shape<'de>, E> {
-        Ok(if n >= 0 {
-            Shape::Unsigned
+        Ok(if let Ok(n) = u64::try_from(n) {
+            Shape::Unsigned(n)
         } else {
             Shape::Other
         })
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Shape<'de>, E> {
-        Ok(Shape::Unsigned)
+    fn visit_u64<E>(self, n: u64) -> Result<Shape<'de>, E> {
+        Ok(Shape::Unsigned(n))
     }
     fn visit_f64<E>(self, _: f64) -> Result<Shape<'de>, E> {
         Ok(Shape::Other)
@@ -313,6 +332,7 @@ impl<'de> Visitor<'de> for ShapeVisitor {
                 Key::Tools => &mut fields.tools,
                 Key::Input => &mut fields.input,
                 Key::Background => &mut fields.background,
+                Key::N => &mut fields.n,
                 Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -364,7 +384,7 @@ mod tests {
                 Some(Shape::Str(s)) => format!("str {s}"),
                 Some(Shape::Array { empty }) => format!("array empty={empty}"),
                 Some(Shape::Bool(b)) => format!("bool {b}"),
-                Some(Shape::Unsigned) => "unsigned".into(),
+                Some(Shape::Unsigned(_)) => "unsigned".into(),
                 Some(Shape::Null) => "null".into(),
                 Some(Shape::Object(_)) => "object".into(),
                 Some(Shape::Other) => "other".into(),
@@ -434,6 +454,28 @@ mod tests {
                 "-".into()
             ]))
         );
+    }
+
+    #[test]
+    fn n_is_a_whole_number_from_1_to_128() {
+        let body = |n: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"q"}}],"n":{n}}}"#)
+        };
+        for n in ["1", "128", "null"] {
+            assert!(chat(body(n).as_bytes(), false).is_ok(), "n={n}");
+        }
+        for n in [
+            "0",
+            "129",
+            "1700000000",
+            "18446744073709551615",
+            "-1",
+            "2.5",
+            "\"2\"",
+        ] {
+            let err = chat(body(n).as_bytes(), false).unwrap_err();
+            assert!(err.to_string().contains("`n`"), "n={n}: {err}");
+        }
     }
 
     #[test]
