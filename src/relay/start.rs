@@ -127,11 +127,10 @@ impl Relay {
         // In the registry before the record exists: whoever finds the record
         // (an idempotent retry) finds this run too, and never starts another.
         self.registry.get_or_insert(&id, || live.clone());
-        let (store, instance) = (self.store.clone(), self.instance.clone());
+        let store = self.store.clone();
         let background = new.background;
         let recording: Recording = Box::pin(async move {
             store.create(&record).await?;
-            store.try_lease(&record.id, &instance).await?;
             if background {
                 store.add_background(&record.id).await?;
             }

@@ -154,7 +154,8 @@ pub trait Store: Send + Sync {
     async fn admit(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// Store a new record, replacing none.
+    /// Store a new record, replacing none, and (in a shared store) lease
+    /// it to `record.instance`, the replica that will run it.
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError>;
     /// Append events (in order, one stream); durable when this returns.
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError>;

@@ -17,7 +17,8 @@
 //! connection (on a cluster, one per master), which pipelines whatever is
 //! in flight: that is the group commit. With thread-per-core workers each
 //! worker runtime has its own, made on its first command, so a command and
-//! its reply never cross threads (see `Connections`).
+//! its reply never cross threads (see `Connections`; benches/OPTIMISATIONS.md,
+//! "Redis connections").
 //!
 //! **Slots:** a pipeline or a script only ever touches the keys of one
 //! stream (one hash tag, one slot). Calls about many streams at once
@@ -304,12 +305,20 @@ where
     /// Read a stream's record, `change` it, and write it back with a fresh
     /// TTL (its events' too). The pump that runs the stream is the record's
     /// only writer.
+    ///
+    /// `first` goes out in the same round trip as the read, before it (the
+    /// last events of a stream that is ending).
     async fn rewrite(
         &self,
         stream_id: &str,
+        first: Option<redis::Pipeline>,
         change: impl FnOnce(&mut StreamRecord) + Send,
     ) -> Result<(), StoreError> {
-        let Some(mut record) = self.get(stream_id).await? else {
+        let mut conn = self.conn().await?;
+        let mut read = first.unwrap_or_else(redis::pipe);
+        read.cmd("GET").arg(record_key(stream_id));
+        let (value,): (Option<String>,) = self.run(read.query_async(&mut conn)).await?;
+        let Some(mut record) = value.map(|v| parse_record(&v)).transpose()? else {
             return Ok(());
         };
         change(&mut record);
@@ -325,9 +334,46 @@ where
             .arg(events_key(stream_id))
             .arg(self.ttl_ms)
             .ignore();
-        let mut conn = self.conn().await?;
         self.run(pipe.query_async::<()>(&mut conn)).await
     }
+
+    /// `events` appended with a fresh TTL, as commands of `pipe`.
+    fn append_to(&self, pipe: &mut redis::Pipeline, stream_id: &str, events: &[Event]) {
+        let Some(last) = events.last() else {
+            return;
+        };
+        let key = events_key(stream_id);
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg(format!("{}-0", last.seq))
+            .arg("b")
+            .arg(encode_batch(events))
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
+    }
+
+    /// How a stream ended, written into its record.
+    fn ended(
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> impl FnOnce(&mut StreamRecord) + Send {
+        let reason = reason.map(str::to_owned);
+        let instance = instance.to_owned();
+        move |record| {
+            record.status = status;
+            record.reason = reason;
+            record.updated_ms = now_ms();
+            record.instance = instance;
+        }
+    }
+}
+
+fn parse_record(value: &str) -> Result<StreamRecord, StoreError> {
+    serde_json::from_str(value).map_err(|source| StoreError::Decode {
+        what: "stream record",
+        source,
+    })
 }
 
 #[async_trait]
@@ -337,26 +383,54 @@ where
 {
     async fn create(&self, record: &StreamRecord) -> Result<(), StoreError> {
         let value = serde_json::to_string(record).map_err(StoreError::Encode)?;
+        // The record and its lease in one round trip. A lease someone else
+        // holds is left as it is (a new id has none).
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(record_key(&record.id))
+            .arg(value)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .ignore()
+            .cmd("SET")
+            .arg(lease_key(&record.id))
+            .arg(&record.instance)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.lease_ms)
+            .ignore();
         let mut conn = self.conn().await?;
-        self.run(conn.pset_ex::<_, _, ()>(record_key(&record.id), value, self.ttl_ms))
-            .await
+        self.run(pipe.query_async::<()>(&mut conn)).await
     }
 
     async fn append(&self, stream_id: &str, events: &[Event]) -> Result<(), StoreError> {
-        let Some(last) = events.last() else {
+        if events.is_empty() {
             return Ok(());
-        };
-        let key = events_key(stream_id);
+        }
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(&key)
-            .arg(format!("{}-0", last.seq))
-            .arg("b")
-            .arg(encode_batch(events))
-            .ignore();
-        pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
+        self.append_to(&mut pipe, stream_id, events);
         let mut conn = self.conn().await?;
         self.run(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    async fn append_final(
+        &self,
+        stream_id: &str,
+        events: &[Event],
+        status: Status,
+        reason: Option<&str>,
+        instance: &str,
+    ) -> Result<(), StoreError> {
+        // The events go out with the record's read: two round trips, not
+        // three. The status is written only once the events are.
+        let mut first = redis::pipe();
+        self.append_to(&mut first, stream_id, events);
+        self.rewrite(
+            stream_id,
+            Some(first),
+            Self::ended(status, reason, instance),
+        )
+        .await
     }
 
     async fn set_status(
@@ -366,13 +440,8 @@ where
         reason: Option<&str>,
         instance: &str,
     ) -> Result<(), StoreError> {
-        self.rewrite(stream_id, |record| {
-            record.status = status;
-            record.reason = reason.map(str::to_owned);
-            record.updated_ms = now_ms();
-            record.instance = instance.to_owned();
-        })
-        .await
+        self.rewrite(stream_id, None, Self::ended(status, reason, instance))
+            .await
     }
 
     async fn set_upstream(
@@ -381,7 +450,7 @@ where
         upstream: &str,
         instance: &str,
     ) -> Result<(), StoreError> {
-        self.rewrite(stream_id, |record| {
+        self.rewrite(stream_id, None, |record| {
             record.upstream = upstream.to_owned();
             record.instance = instance.to_owned();
         })
@@ -394,21 +463,16 @@ where
         reattach: Option<&Reattach>,
         _instance: &str,
     ) -> Result<(), StoreError> {
-        self.rewrite(stream_id, |record| record.reattach = reattach.cloned())
-            .await
+        self.rewrite(stream_id, None, |record| {
+            record.reattach = reattach.cloned()
+        })
+        .await
     }
 
     async fn get(&self, stream_id: &str) -> Result<Option<StreamRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let value: Option<String> = self.run(conn.get(record_key(stream_id))).await?;
-        value
-            .map(|v| {
-                serde_json::from_str(&v).map_err(|source| StoreError::Decode {
-                    what: "stream record",
-                    source,
-                })
-            })
-            .transpose()
+        value.map(|v| parse_record(&v)).transpose()
     }
 
     async fn events_after(&self, stream_id: &str, after: u64) -> Result<Vec<Event>, StoreError> {
