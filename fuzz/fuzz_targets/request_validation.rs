@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use tidegate::protocol::Protocol;
-use tidegate::protocol::request::check_structure;
+use tidegate::protocol::request::{MAX_CHOICES, check_structure};
 
 /// The default `limits.max_json_depth`.
 const MAX_DEPTH: usize = 64;
@@ -20,6 +20,12 @@ fn reference(v: &Value, max_tokens_required: bool) -> Option<(String, bool, bool
     o.get("messages")?.as_array().filter(|m| !m.is_empty())?;
     if max_tokens_required {
         o.get("max_tokens")?.as_u64()?;
+    }
+    match o.get("n") {
+        None | Some(Value::Null) => {}
+        Some(n) => {
+            n.as_u64().filter(|n| (1..=MAX_CHOICES).contains(n))?;
+        }
     }
     let stream = match o.get("stream") {
         None | Some(Value::Null) => false,
