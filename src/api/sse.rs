@@ -22,6 +22,8 @@ pub fn response(attached: Attached) -> Response {
     let mut response = Response::new(Body::from_stream(body));
     *response.headers_mut() = provider;
     let h = response.headers_mut();
+    // The five below in one growth of the map, not one per insert.
+    h.reserve(5);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Sink;
@@ -267,9 +267,21 @@ impl Pool {
                 Err(e) => return Err(Failed::Sent(e.into())),
             }
         }
+        // Read straight into the head's buffer: an unpaced answer often
+        // comes whole with its head, and its body is then a slice of this
+        // buffer instead of a copy of it (benches/OPTIMISATIONS.md, "The
+        // pump's own connections").
         let mut head = BytesMut::new();
         loop {
-            match read_once(&mut stream, |bytes| head.extend_from_slice(bytes)).await {
+            if head.capacity() - head.len() < READ_SIZE / 4 {
+                head.reserve(READ_SIZE);
+            }
+            let read = match stream.read_buf(&mut head).await {
+                Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match read {
                 Ok(()) => {}
                 Err(e) if head.is_empty() && is_closed(&e) => {
                     return Err(Failed::Sent(H1Error::ClosedBeforeAnswer));
@@ -375,7 +387,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::protocol(format!("status {code}")))?;
     let mut content_type = None;
-    let mut passed = axum::http::HeaderMap::new();
+    // Sized once: growing a header map rehashes every entry.
+    let passing = response
+        .headers
+        .iter()
+        .filter(|h| super::passes_to_client(h.name))
+        .count();
+    let mut passed = axum::http::HeaderMap::with_capacity(passing);
     let mut length = None;
     let mut chunked = false;
     let mut keep_alive = response.version == Some(1);
