@@ -249,7 +249,11 @@ impl Pump {
     /// written. The provider is asked in the meantime (the two waits overlap
     /// instead of adding up); nothing is relayed before the record is there,
     /// and a failed write drops the provider call.
-    pub async fn run(mut self, started: Started, recording: Option<Recording>) {
+    ///
+    /// Boxed (benches/OPTIMISATIONS.md, "Held streams"): an async fn keeps
+    /// its by-value `self` twice in its state, once as the argument and once
+    /// moved into the body.
+    pub async fn run(mut self: Box<Self>, started: Started, recording: Option<Recording>) {
         self.relay.metrics.upstream_requests.inc();
         let first = if self.continued.is_some() {
             "continuation"
@@ -290,7 +294,8 @@ impl Pump {
             let (stop, recorded) = self.relay(&mut body, &mut started, &mut flow).await;
             let end = match stop {
                 Stop::End(End::Abort(AbortKind::UpstreamFailed)) => {
-                    match self.failover(&mut flow, recorded).await {
+                    // Boxed: rare, and inline it would be the largest state.
+                    match Box::pin(self.failover(&mut flow, recorded)).await {
                         Some(next) => {
                             body = next;
                             continue;
@@ -641,8 +646,19 @@ impl Pump {
     }
 
     /// Send the request unless the stream is cancelled first. `why`: what
-    /// this request is, for its span.
-    async fn send_cancellable(
+    /// this request is, for its span. Boxed (benches/OPTIMISATIONS.md,
+    /// "Held streams"): the send's state (3.2 KiB) is over once the head is
+    /// in, and inline it would size the pump's task for the stream's life.
+    fn send_cancellable(
+        &mut self,
+        recording: Option<Recording>,
+        why: &'static str,
+    ) -> std::pin::Pin<Box<impl Future<Output = Result<StreamResponse, StartError>> + Send + '_>>
+    {
+        Box::pin(self.send_cancellable_inline(recording, why))
+    }
+
+    async fn send_cancellable_inline(
         &mut self,
         recording: Option<Recording>,
         why: &'static str,
@@ -860,10 +876,12 @@ impl Pump {
                 None => self.upstream.open_stream(body, &self.client_headers).await,
             }
         };
+        // Pinned before either branch: one place for the send's state in
+        // this future, not one per branch (rustc lays them out apart).
+        tokio::pin!(send);
         let Some(mut recording) = recording else {
             return send.await.map_err(StartError::Upstream);
         };
-        tokio::pin!(send);
         tokio::select! {
             recorded = &mut recording => match recorded {
                 Ok(()) => send.await.map_err(StartError::Upstream),

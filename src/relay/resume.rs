@@ -331,7 +331,7 @@ impl Relay {
         };
         // Nobody waits for the start: a failure reaches the clients in-band.
         let (started, _) = tokio::sync::oneshot::channel();
-        self.drain.tracker.spawn(pump.run(started, None));
+        self.drain.tracker.spawn(Box::new(pump).run(started, None));
         Ok(self.follow_live(live, cursor, Some(events), is_resume))
     }
 

@@ -176,7 +176,7 @@ impl Relay {
         };
         self.drain
             .tracker
-            .spawn(pump.run(started_tx, Some(recording)));
+            .spawn(Box::new(pump).run(started_tx, Some(recording)));
         match started_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e.into()),
