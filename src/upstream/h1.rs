@@ -387,19 +387,21 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
     let status =
         StatusCode::from_u16(code).map_err(|_| H1Error::protocol(format!("status {code}")))?;
     let mut content_type = None;
-    // Sized once: growing a header map rehashes every entry.
+    // Sized once (growing a header map rehashes every entry): which of the
+    // (at most 64) headers pass, a bit each.
     let passing = response
         .headers
         .iter()
-        .filter(|h| super::passes_to_client(h.name))
-        .count();
-    let mut passed = axum::http::HeaderMap::with_capacity(passing);
+        .enumerate()
+        .filter(|(_, h)| super::passes_to_client(h.name))
+        .fold(0u64, |bits, (i, _)| bits | (1 << i));
+    let mut passed = axum::http::HeaderMap::with_capacity(passing.count_ones() as usize);
     let mut length = None;
     let mut chunked = false;
     let mut keep_alive = response.version == Some(1);
-    for h in response.headers.iter() {
+    for (i, h) in response.headers.iter().enumerate() {
         let value = h.value;
-        if super::passes_to_client(h.name)
+        if passing & (1 << i) != 0
             && let (Ok(name), Ok(value)) = (
                 axum::http::HeaderName::from_bytes(h.name.as_bytes()),
                 HeaderValue::from_bytes(value),
