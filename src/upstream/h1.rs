@@ -375,8 +375,13 @@ struct Head {
     keep_alive: bool,
 }
 
+/// The most header lines a provider's response head may have: each gets
+/// a bit of a `u64` in [`parse_head`].
+const MAX_HEADERS: usize = 64;
+const _: () = assert!(MAX_HEADERS <= u64::BITS as usize);
+
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -388,7 +393,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, H1Error> {
         StatusCode::from_u16(code).map_err(|_| H1Error::protocol(format!("status {code}")))?;
     let mut content_type = None;
     // Sized once (growing a header map rehashes every entry): which of the
-    // (at most 64) headers pass, a bit each.
+    // (at most `MAX_HEADERS`) headers pass, a bit each.
     let passing = response
         .headers
         .iter()
